@@ -1,0 +1,8 @@
+#!/usr/bin/env python3
+"""Llama 3 batch generation with the paged KV cache. Run with --help for the flags."""
+import sys
+
+from pagedllama.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("paged"))

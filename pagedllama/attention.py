@@ -1,0 +1,173 @@
+"""Attention over a block-table KV cache: three interchangeable backends.
+
+Every backend stores this step's K/V into the cache, then attends each query to its
+sequence's keys (the causal mask aligned bottom-right: a sequence's new tokens are the
+last ones of its context). They differ only in who reads the block table:
+
+- `torch`: gathers each sequence's blocks into a dense tensor, then PyTorch's SDPA. Runs anywhere.
+- `triton`: the project's own kernel, which follows the block table itself (CUDA).
+- `flash-attn`: FlashAttention's paged kernels (CUDA, block size a multiple of 256).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .kv_cache import StepMetadata
+
+BACKENDS = ("auto", "flash-attn", "triton", "torch")
+FLASH_ATTN_PAGE_MULTIPLE = 256  # flash_api.cpp rejects other page sizes in every 2.x release
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
+        """q (T, H, D), new k/v (T, Hkv, D), caches (num_blocks, block_size, Hkv, D) -> (T, H, D)."""
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V rows into their flat slots (block * block_size + offset)."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Each sequence's first `max_len` slots as a dense (B, max_len, Hkv, D) tensor.
+
+    When the context fits in one block (always so for the naive twin, whose single block is
+    the whole preallocated row), this reads the rows directly with no block indirection.
+    """
+    block_size = cache.shape[1]
+    if max_len <= block_size:
+        return cache[block_tables[:, 0], :max_len]
+    num_blocks = -(-max_len // block_size)
+    return cache[block_tables[:, :num_blocks]].flatten(1, 2)[:, :max_len]
+
+
+class TorchAttention:
+    name = "torch"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if meta.is_prefill:
+            return self._prefill(q, k, v, k_cache, v_cache, meta, scale)
+        keys = gather_kv(k_cache, meta.block_tables, meta.max_context_len).transpose(1, 2)
+        values = gather_kv(v_cache, meta.block_tables, meta.max_context_len).transpose(1, 2)
+        valid = torch.arange(meta.max_context_len, device=q.device) < meta.context_lens[:, None]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=valid[:, None, None, :],
+                                             scale=scale, enable_gqa=True)
+        return out.squeeze(2)
+
+    @staticmethod
+    def _prefill(q, k, v, k_cache, v_cache, meta, scale):
+        """One SDPA call per sequence: prompt lengths vary too much for padding to pay."""
+        out = torch.empty_like(q)
+        start = 0
+        for i, (q_len, cached) in enumerate(zip(meta.query_lens, meta.cached_lens)):
+            end = start + q_len
+            qi = q[start:end].transpose(0, 1)
+            if cached == 0:  # nothing earlier in the cache: attend to the fresh K/V directly
+                ki, vi = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
+                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
+            else:  # a chunk after earlier context: SDPA's is_causal is top-left, so build the mask
+                ctx = cached + q_len
+                ki = gather_kv(k_cache, meta.block_tables[i:i + 1], ctx)[0].transpose(0, 1)
+                vi = gather_kv(v_cache, meta.block_tables[i:i + 1], ctx)[0].transpose(0, 1)
+                mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(diagonal=cached)
+                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[start:end] = oi.transpose(0, 1)
+            start = end
+        return out
+
+
+class TritonAttention:
+    name = "triton"
+
+    def __init__(self):
+        from .triton_attention import paged_attention
+
+        self._paged_attention = paged_attention
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        return self._paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                     meta.query_start_loc, meta.max_query_len, meta.max_context_len, scale)
+
+
+class FlashAttention:
+    """FlashAttention 2's paged API, called as its documentation specifies.
+
+    Decode passes the new K/V to `flash_attn_with_kvcache`, which appends them in place at
+    `cache_seqlens` through the block table (and does not advance `cache_seqlens`). Prefill
+    stores K/V itself, then runs `flash_attn_varlen_func` over the paged cache.
+    """
+
+    name = "flash-attn"
+
+    def __init__(self):
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+        self._with_kvcache = flash_attn_with_kvcache
+        self._varlen = flash_attn_varlen_func
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        if meta.is_prefill:
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            return self._varlen(q, k_cache, v_cache, cu_seqlens_q=meta.query_start_loc,
+                                cu_seqlens_k=meta.context_start_loc, max_seqlen_q=meta.max_query_len,
+                                max_seqlen_k=meta.max_context_len, softmax_scale=scale, causal=True,
+                                block_table=meta.block_tables)
+        out = self._with_kvcache(q.unsqueeze(1), k_cache, v_cache, k=k.unsqueeze(1), v=v.unsqueeze(1),
+                                 cache_seqlens=meta.cache_seqlens, block_table=meta.block_tables,
+                                 softmax_scale=scale, causal=True)
+        return out.squeeze(1)
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_size: int) -> AttentionBackend:
+    """The backend asked for, or a clear error saying why it cannot run here and what to use."""
+    cuda = device.type == "cuda"
+    if name == "auto":
+        if cuda and _importable("flash_attn") and block_size % FLASH_ATTN_PAGE_MULTIPLE == 0 \
+                and dtype in (torch.float16, torch.bfloat16):
+            name = "flash-attn"
+        elif cuda and _importable("triton"):
+            name = "triton"
+        else:
+            name = "torch"
+    if name == "flash-attn":
+        if not cuda:
+            raise UsageError("--attention flash-attn needs a CUDA GPU; use --attention torch here")
+        if not _importable("flash_attn"):
+            raise UsageError("flash-attn is not installed; `pip install flash-attn --no-build-isolation`, "
+                             "or use --attention triton")
+        if block_size % FLASH_ATTN_PAGE_MULTIPLE:
+            raise UsageError(f"flash-attn's paged kernel needs a block size that is a multiple of "
+                             f"{FLASH_ATTN_PAGE_MULTIPLE}, not {block_size}; use --block-size 256 or "
+                             "--attention triton")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise UsageError("flash-attn runs in float16 or bfloat16 only; use --dtype bfloat16")
+        return FlashAttention()
+    if name == "triton":
+        if not _importable("triton"):
+            raise UsageError("triton is not installed; `pip install triton`, or use --attention torch")
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError("--attention triton needs a CUDA GPU (or TRITON_INTERPRET=1, very slow); "
+                             "use --attention torch here")
+        return TritonAttention()
+    if name == "torch":
+        return TorchAttention()
+    raise UsageError(f"unknown --attention {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,45 @@
+"""The pool of physical KV blocks: which are free, and how many tables point at each."""
+from __future__ import annotations
+
+from collections import deque
+
+
+class BlockAllocator:
+    """Hands out physical block ids from a fixed pool.
+
+    A block is free when no block table references it. Reference counts are what lets
+    several sequences share a block (forked samples, a common prefix); a plain request
+    holds each of its blocks once.
+    """
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.ref_counts = [0] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free KV block")  # callers check num_free first
+        block = self._free.popleft()
+        self.ref_counts[block] = 1
+        return block
+
+    def share(self, block: int) -> None:
+        """One more table points at `block`."""
+        assert self.ref_counts[block] > 0, f"sharing free block {block}"
+        self.ref_counts[block] += 1
+
+    def free(self, block: int) -> None:
+        """One table lets go of `block`; it returns to the pool when none hold it."""
+        assert self.ref_counts[block] > 0, f"double free of block {block}"
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self._free.append(block)

@@ -1,0 +1,99 @@
+"""One KV memory budget for both twins, and what it buys each of them.
+
+On CUDA the default budget is what vLLM gives its cache: total memory x utilization, minus
+the weights and the peak of a warm-up forward. A GPU that is not there can be planned
+for: weights and activations are computed from the model's shape. On CPU the default
+scales the demo to the classic case, Llama 3 8B on a 24 GB GPU, so the demo runs out of
+memory where that GPU would: it buys the same number of max_seq_len-long preallocations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, ModelArgs
+from .errors import OutOfKVMemory, UsageError
+from .report import GB, human_bytes
+
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+MAX_PREFILL_TOKENS = 4096  # tokens in one prefill step; bounds activation memory
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Where the KV budget came from, line by line, so the user can check it."""
+
+    kv_bytes: int
+    explanation: str
+
+
+def weights_bytes(args: ModelArgs, dtype_bytes: int) -> int:
+    return args.num_params() * dtype_bytes
+
+
+def activation_allowance(args: ModelArgs, dtype_bytes: int, tokens: int = MAX_PREFILL_TOKENS) -> int:
+    """Peak activations of one prefill step: residual, norms, q/k/v/o (~4 x dim) and SwiGLU (3 x hidden)."""
+    return tokens * (4 * args.dim + 3 * args.hidden_dim) * dtype_bytes
+
+
+def simulated_budget(args: ModelArgs, gpu_memory_gb: float, utilization: float, dtype_bytes: int) -> Budget:
+    """The KV budget a GPU of `gpu_memory_gb` would leave after weights and activations."""
+    check_utilization(utilization)
+    if not 0 < gpu_memory_gb <= 100_000:
+        raise UsageError(f"--gpu-memory-gb {gpu_memory_gb} is not a plausible GPU size; give it in GB, e.g. 24")
+    usable = int(gpu_memory_gb * GB * utilization)
+    weights = weights_bytes(args, dtype_bytes)
+    acts = activation_allowance(args, dtype_bytes)
+    kv = usable - weights - acts
+    explanation = (f"{gpu_memory_gb:g} GB x {utilization:g} utilization = {human_bytes(usable)}, minus weights "
+                   f"{human_bytes(weights)} ({args.num_params() / 1e9:.2f}B params x {dtype_bytes} bytes), minus "
+                   f"activations {human_bytes(acts)} ({MAX_PREFILL_TOKENS}-token prefill step)")
+    if kv <= 0:
+        raise OutOfKVMemory(f"no memory left for the KV cache: {explanation} leaves {human_bytes(kv)}; "
+                            "use a larger GPU or a smaller model")
+    return Budget(kv, explanation)
+
+
+def reference_preallocations() -> float:
+    """How many 8192-token preallocations Llama 3 8B (bf16) fits on a 24 GB GPU."""
+    args = NAMED_SHAPES["llama3-8b"]
+    budget = simulated_budget(args, 24, DEFAULT_GPU_MEMORY_UTILIZATION, 2)
+    return budget.kv_bytes / (DEFAULT_MAX_SEQ_LEN * args.kv_bytes_per_token(2))
+
+
+def cpu_default_budget(bytes_per_token: int, max_seq_len: int) -> Budget:
+    rows = reference_preallocations()
+    kv = int(rows * max_seq_len * bytes_per_token)
+    return Budget(kv, f"CPU default: room for {rows:.2f} preallocations of {max_seq_len} tokens, as Llama 3 8B "
+                      f"has on a 24 GB GPU (see --simulate llama3-8b --gpu-memory-gb 24)")
+
+
+def cuda_default_budget(utilization: float, peak_after_warmup: int, total: int) -> Budget:
+    """vLLM's rule, from the peak memory PyTorch saw during a warm-up at the largest step."""
+    check_utilization(utilization)
+    kv = int(total * utilization) - peak_after_warmup
+    explanation = (f"GPU {human_bytes(total)} x {utilization:g} utilization minus {human_bytes(peak_after_warmup)} "
+                   "peak for weights and a warm-up forward")
+    if kv <= 0:
+        raise OutOfKVMemory(f"no GPU memory left for the KV cache: {explanation}; raise "
+                            "--gpu-memory-utilization or use a smaller model")
+    return Budget(kv, explanation)
+
+
+def user_budget(kv_cache_gb: float) -> Budget:
+    if not 0 < kv_cache_gb <= 100_000:
+        raise UsageError(f"--kv-cache-gb {kv_cache_gb} is not a usable budget; give a positive size in GB")
+    return Budget(int(kv_cache_gb * GB), f"--kv-cache-gb {kv_cache_gb:g}")
+
+
+def check_utilization(utilization: float) -> None:
+    if not 0 < utilization <= 1:
+        raise UsageError(f"--gpu-memory-utilization {utilization} must be in (0, 1], e.g. 0.9")
+
+
+def naive_max_rows(budget_bytes: int, max_seq_len: int, bytes_per_token: int) -> int:
+    """Requests the naive twin can hold: whole max_seq_len rows."""
+    return budget_bytes // (max_seq_len * bytes_per_token)
+
+
+def paged_num_blocks(budget_bytes: int, block_size: int, bytes_per_token: int) -> int:
+    return budget_bytes // (block_size * bytes_per_token)

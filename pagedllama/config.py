@@ -1,0 +1,185 @@
+"""Model shapes: Llama 3 hyper-parameters from Meta's params.json, HF's config.json or a name."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1/3.2 frequency scaling ("rope_type": "llama3")."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    hidden_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V of one token across all layers."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
+    def num_params(self) -> int:
+        hd = self.head_dim
+        attn = self.dim * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+        ffn = 3 * self.dim * self.hidden_dim
+        per_layer = attn + ffn + 2 * self.dim
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
+        return self.n_layers * per_layer + self.vocab_size * self.dim + head + self.dim
+
+    def validate(self) -> None:
+        if min(self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.vocab_size, self.hidden_dim) <= 0:
+            raise UserError(f"model config has a non-positive size: {self}; check the config file")
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise UserError(
+                f"model config is inconsistent: dim {self.dim}, n_heads {self.n_heads}, n_kv_heads "
+                f"{self.n_kv_heads} (dim must divide by n_heads, n_heads by n_kv_heads)")
+        if self.head_dim % 2:
+            raise UserError(f"model config has an odd head_dim {self.head_dim}; RoPE needs an even one")
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's rule: 2/3 of 4*dim, times the multiplier, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def from_meta_params(params: dict) -> ModelArgs:
+    """Parse Meta's `params.json`."""
+    try:
+        dim, n_heads = int(params["dim"]), int(params["n_heads"])
+        scaling = None
+        if params.get("use_scaled_rope"):
+            # params.json carries no factor: 3.2 1B/3B (dim 2048/3072) use 32, 3.1 uses 8.
+            scaling = RopeScaling(factor=32.0 if dim in (2048, 3072) else 8.0)
+        return ModelArgs(
+            dim=dim,
+            n_layers=int(params["n_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
+            vocab_size=int(params["vocab_size"]),
+            hidden_dim=ffn_hidden_dim(dim, int(params.get("multiple_of", 256)),
+                                      params.get("ffn_dim_multiplier")),
+            norm_eps=float(params.get("norm_eps", 1e-5)),
+            rope_theta=float(params.get("rope_theta", 500000.0)),
+            rope_scaling=scaling,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"params.json is not a Llama params file (missing or bad field {e}); "
+                        "point --model at a Llama 3 checkpoint directory") from None
+
+
+def from_hf_config(cfg: dict) -> ModelArgs:
+    """Parse a Hugging Face `config.json` of a LlamaForCausalLM."""
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type", "llama")
+    if model_type != "llama" or (archs and "LlamaForCausalLM" not in archs):
+        raise UserError(f"config.json describes a {model_type!r} model {archs}, not Llama; "
+                        "point --model at a Llama 3 checkpoint")
+    try:
+        dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        if cfg.get("head_dim") not in (None, dim // n_heads):
+            raise UserError(f"config.json head_dim {cfg['head_dim']} != hidden_size/num_attention_heads; "
+                            "such models are not Llama 3 shaped")
+        rs = cfg.get("rope_scaling")
+        scaling = None
+        if rs:
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind != "llama3":
+                raise UserError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
+            scaling = RopeScaling(
+                factor=float(rs["factor"]),
+                low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+            )
+        return ModelArgs(
+            dim=dim,
+            n_layers=int(cfg["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_dim=int(cfg["intermediate_size"]),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(cfg.get("rope_theta", 500000.0)),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"config.json is not a Llama config (missing or bad field {e}); "
+                        "point --model at a Llama 3 checkpoint directory") from None
+
+
+_LLAMA3 = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0)
+NAMED_SHAPES: dict[str, ModelArgs] = {
+    "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, **_LLAMA3),
+    "llama3-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, **_LLAMA3),
+    "llama3.1-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                             rope_scaling=RopeScaling(factor=8.0), **_LLAMA3),
+    "llama3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                             rope_scaling=RopeScaling(factor=32.0), tie_word_embeddings=True, **_LLAMA3),
+    "llama3.2-3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192,
+                             rope_scaling=RopeScaling(factor=32.0), tie_word_embeddings=True, **_LLAMA3),
+}
+
+
+# The built-in demo: Llama 3's architecture at a size that runs a batch of 16 ShareGPT
+# requests on 2 CPU cores in seconds. Its vocabulary is the demo tokenizer's (4096 + 256).
+DEMO_ARGS = ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4352,
+                      hidden_dim=ffn_hidden_dim(256, 256, None), rope_theta=500000.0)
+DEMO_MAX_SEQ_LEN = 4096
+DEFAULT_MAX_SEQ_LEN = 8192  # real models, as in the original scripts
+
+
+def load_config_file(path: str | Path) -> ModelArgs:
+    """A `params.json` (Meta) or `config.json` (HF) file, told apart by their keys."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; give a params.json or config.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"config file {path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} is not a JSON object; give a params.json or config.json")
+    args = from_hf_config(data) if "hidden_size" in data else from_meta_params(data)
+    args.validate()
+    return args
+
+
+def resolve_shape(name_or_path: str) -> ModelArgs:
+    """A named shape (`llama3-8b`, ...) or a path to a params.json / config.json."""
+    if name_or_path in NAMED_SHAPES:
+        return NAMED_SHAPES[name_or_path]
+    if Path(name_or_path).is_dir():
+        for fname in ("params.json", "original/params.json", "config.json"):
+            if (Path(name_or_path) / fname).is_file():
+                return load_config_file(Path(name_or_path) / fname)
+    if Path(name_or_path).suffix == ".json" or Path(name_or_path).exists():
+        return load_config_file(name_or_path)
+    raise UserError(f"unknown model shape {name_or_path!r}; use one of {', '.join(NAMED_SHAPES)} "
+                    "or a path to a params.json / config.json")
+
+

@@ -1,0 +1,70 @@
+"""From --model / --tokenizer / --device / --dtype to a ready model and tokenizer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import build_model, load_checkpoint, random_state_dict
+from .config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs
+from .errors import UserError, UsageError
+from .model import Transformer
+from .tokenizer import Tokenizer, demo_tokenizer, find_tokenizer, load_tokenizer
+
+DEMO = "demo"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    tokenizer: Tokenizer
+    args: ModelArgs
+    is_demo: bool
+    max_seq_len: int
+    description: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is visible to PyTorch; use --device cpu "
+                         "(or install a CUDA build of torch)")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"unknown --device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on GPUs that have it, float32 on CPU (CPU half-precision matmuls are slow)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"unknown --dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.dtype,
+         max_seq_len: int | None) -> Loaded:
+    """The demo model (random weights, made here) or a checkpoint directory."""
+    if model == DEMO:
+        args, state = DEMO_ARGS, random_state_dict(DEMO_ARGS, seed=0)
+        tok = load_tokenizer(Path(tokenizer)) if tokenizer else demo_tokenizer()
+        max_len = max_seq_len or DEMO_MAX_SEQ_LEN
+        description = "built-in demo model (RANDOM WEIGHTS: answers are gibberish; memory figures are real)"
+    else:
+        args, state = load_checkpoint(model)
+        tok = load_tokenizer(find_tokenizer(Path(model), tokenizer))
+        max_len = max_seq_len or DEFAULT_MAX_SEQ_LEN
+        description = f"{model} ({args.num_params() / 1e9:.2f}B parameters)"
+    if tok.vocab_size > args.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {args.vocab_size}; "
+                        "they belong to different models: pass the model's own tokenizer with --tokenizer")
+    if max_len < 2:
+        raise UsageError(f"--max-seq-len {max_len} is too small; it must hold a prompt and an answer")
+    net = build_model(args, state, device, dtype, max_positions=max_len)
+    return Loaded(net, tok, args, model == DEMO, max_len, description)

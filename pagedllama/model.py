@@ -1,0 +1,164 @@
+"""The Llama 3 transformer, over a flat batch of tokens from many sequences.
+
+Tokens of all sequences in a step are packed into one (T, dim) tensor, so prefill of
+prompts of different lengths is one pass with no padding, and decode is the case T = B.
+Attention reads and writes K/V only through the `KVCache` it is handed, which is the one
+thing the naive and paged twins do differently.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs, RopeScaling
+
+if TYPE_CHECKING:
+    from .kv_cache import KVCache, StepMetadata
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 for the statistics, as Meta's reference does: bf16 loses the small variances.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Rotation speed of each (even, odd) channel pair, with Llama 3.1's long-context scaling."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return freqs.float()
+    old_ctx = scaling.original_max_position_embeddings
+    low_wavelen = old_ctx / scaling.low_freq_factor
+    high_wavelen = old_ctx / scaling.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    scaled = torch.where(wavelen > low_wavelen, freqs / scaling.factor,
+                         torch.where(wavelen < high_wavelen, freqs, blended))
+    return scaled.float()
+
+
+def rope_cos_sin(args: ModelArgs, max_positions: int, device: torch.device | str) -> torch.Tensor:
+    """(max_positions, head_dim/2, 2) table of cos and sin, in float32."""
+    with torch.device("cpu"):  # real numbers even while the model is built on the meta device
+        freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), freqs)
+        return torch.stack([angles.cos(), angles.sin()], dim=-1).to(device)
+
+
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs (Meta's layout) of x (T, heads, D) by cos_sin (T, D/2, 2)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos_sin[:, None, :, 0], cos_sin[:, None, :, 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: KVCache, meta: StepMetadata) -> torch.Tensor:
+        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
+        k = self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        out = cache.attend(self.layer_id, q, k, v, meta)
+        return self.wo(out.flatten(-2))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: KVCache, meta: StepMetadata) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_sin, cache, meta)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama 3 with Meta's parameter names, so a `consolidated.pth` state dict loads as is."""
+
+    def __init__(self, args: ModelArgs, max_positions: int):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # A plain attribute, not a buffer: it must stay float32 when the weights go to bf16.
+        # The loader puts it on the model's device (checkpoint.build_model).
+        self.rope = rope_cos_sin(args, max_positions, "cpu")
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                meta: StepMetadata) -> torch.Tensor:
+        """Logits (float32) at `meta.logits_indices`: one row per sequence, its last token."""
+        h = self.tok_embeddings(tokens)
+        cos_sin = self.rope[positions]
+        for layer in self.layers:
+            h = layer(h, cos_sin, cache, meta)
+        h = self.norm(h[meta.logits_indices])
+        return self.output(h).float()
+
+    @torch.inference_mode()
+    def forward_full(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Reference forward with no cache: (B, S) tokens -> (B, S, vocab) float32 logits.
+
+        Recomputes everything from scratch with a plain causal mask; the tests use it as the
+        ground truth both twins must match.
+        """
+        B, S = tokens.shape
+        x = self.tok_embeddings(tokens)
+        cos_sin = self.rope[:S]
+        for layer in self.layers:
+            a = layer.attention
+            h = layer.attention_norm(x)
+            q = a.wq(h).unflatten(-1, (a.n_heads, a.head_dim))
+            k = a.wk(h).unflatten(-1, (a.n_kv_heads, a.head_dim))
+            v = a.wv(h).unflatten(-1, (a.n_kv_heads, a.head_dim))
+            q = torch.stack([apply_rope(q[b], cos_sin) for b in range(B)])
+            k = torch.stack([apply_rope(k[b], cos_sin) for b in range(B)])
+            rep = a.n_heads // a.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+            scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(a.head_dim)
+            mask = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).type_as(x)
+            x = x + a.wo(out.flatten(-2))
+            x = x + layer.feed_forward(layer.ffn_norm(x))
+        return self.output(self.norm(x)).float()

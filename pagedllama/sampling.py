@@ -1,0 +1,71 @@
+"""Next-token choice: greedy, or temperature and top-p sampling that is batch-invariant.
+
+Random draws come from a counter-based hash of (seed, sample key, position, token id)
+instead of a shared RNG stream, so a request samples the same tokens whatever else is in
+the batch, whichever step it was admitted at, and after a preemption is recomputed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def uniform_noise(seed: int, keys: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, vocab) uniforms in (0, 1), a pure function of (seed, key, position, token id)."""
+    row = _splitmix64(_splitmix64(keys.long() * _MIX1 + seed) + positions.long())
+    x = _splitmix64(row[:, None] + torch.arange(vocab, device=keys.device) * _GOLDEN)
+    return (_shr(x, 40).float() + 0.5) / float(1 << 24)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor,
+           positions: torch.Tensor) -> torch.Tensor:
+    """Token ids (B,) from float32 logits (B, vocab).
+
+    `keys` tells samples apart (request and sample index); `positions` is where the new
+    token goes. Sampling is an exponential race: argmax(p / E) with E ~ Exp(1) picks
+    token i with probability p_i, and needs no normalisation or cumulative search.
+    """
+    if params.greedy:
+        return logits.argmax(-1)
+    scaled = logits / params.temperature
+    if params.top_p < 1.0:
+        sorted_logits, order = scaled.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        beyond = probs.cumsum(-1) - probs > params.top_p  # the first token is always kept
+        scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(beyond, float("-inf")))
+    exp_noise = -uniform_noise(params.seed, keys, positions, logits.shape[-1]).log()
+    return (scaled - exp_noise.log()).argmax(-1)

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny Llama 3 shaped model with random weights, and ways to run it."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pagedllama.attention import AttentionBackend, TorchAttention  # noqa: E402
+from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
+from pagedllama.config import ModelArgs  # noqa: E402
+from pagedllama.engine import Engine, Request  # noqa: E402
+from pagedllama.kv_cache import KVCache  # noqa: E402
+from pagedllama.model import Transformer  # noqa: E402
+from pagedllama.sampling import SamplingParams  # noqa: E402
+
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Transformer:
+    return build_model(TINY, random_state_dict(TINY, seed=1), CPU, torch.float32, max_positions=1024)
+
+
+def make_cache(model: Transformer, block_size: int, num_blocks: int, max_seq_len: int, max_num_seqs: int,
+               backend: AttentionBackend | None = None, dtype: torch.dtype = torch.float32) -> KVCache:
+    return KVCache(model.args, num_blocks, block_size, max_seq_len, max_num_seqs,
+                   backend or TorchAttention(), CPU, dtype)
+
+
+def generate(model: Transformer, cache: KVCache, requests: list[Request],
+             sampling: SamplingParams = SamplingParams()) -> tuple[list[list[int]], Engine]:
+    engine = Engine(model, cache, sampling, frozenset(), ignore_eos=True)
+    result = engine.run(requests, progress=False)
+    return [s.output_ids for s in result.sequences], engine
+
+
+def reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by full recomputation, no cache: the ground truth."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model.forward_full(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def random_requests(lengths: list[tuple[int, int]], vocab: int, seed: int = 0) -> list[Request]:
+    g = torch.Generator().manual_seed(seed)
+    return [Request(f"r{i}", torch.randint(0, vocab, (p,), generator=g).tolist(), n)
+            for i, (p, n) in enumerate(lengths)]

@@ -1,0 +1,122 @@
+"""Attention backends against a dense reference, through scattered block tables."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import flash_attn_standin
+from conftest import CPU
+from pagedllama.attention import FlashAttention, TorchAttention, select_backend
+from pagedllama.config import ModelArgs
+from pagedllama.errors import UsageError
+from pagedllama.kv_cache import KVCache
+from pagedllama.sequence import Sequence
+
+ARGS = ModelArgs(dim=128, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=10, hidden_dim=32)  # GQA 4:1, D 16
+H, HKV, D = 8, 2, 16
+
+
+def dense_reference(q, keys, values, scale):
+    """q (Sq, H, D) are the last Sq positions of keys/values (Sk, Hkv, D)."""
+    sq, sk = q.shape[0], keys.shape[0]
+    k = keys.double().repeat_interleave(H // HKV, dim=1)
+    v = values.double().repeat_interleave(H // HKV, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    allowed = torch.ones(sq, sk, dtype=torch.bool).tril(diagonal=sk - sq)
+    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+
+
+def run_steps(backend, block_size, dtype, lengths=(1, 37, 300), seed=0):
+    """Prefill, one decode step, then a 5-token chunk after the context; compare each step."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-(n + 6) // block_size) for n in lengths) + 4  # all steps fit, a few spare
+    cache = KVCache(ARGS, num_blocks, block_size, 512, len(lengths), backend, CPU, dtype)
+    shuffled = torch.randperm(num_blocks, generator=g).tolist()
+    cache.allocator._free.clear()
+    cache.allocator._free.extend(shuffled)
+    seqs = [Sequence(i, str(i), [0] * n, n, 100) for i, n in enumerate(lengths)]
+    full_k = [torch.empty(0, HKV, D, dtype=dtype) for _ in seqs]
+    full_v = [torch.empty(0, HKV, D, dtype=dtype) for _ in seqs]
+    for seq in seqs:
+        cache.allocate(seq)
+    for step in ("prefill", "decode", "chunk"):
+        if step != "prefill":
+            for seq in seqs:
+                seq.token_ids += [0] * (1 if step == "decode" else 5)
+                cache.grow(seq, seq.num_tokens)
+        _, _, meta = cache.prepare_step(seqs, is_prefill=step != "decode")
+        t = int(meta.query_start_loc[-1])
+        q = torch.randn(t, H, D, generator=g).to(dtype)
+        k = torch.randn(t, HKV, D, generator=g).to(dtype)
+        v = torch.randn(t, HKV, D, generator=g).to(dtype)
+        out = backend.forward(q, k, v, cache.k[0], cache.v[0], meta, cache.scale)
+        assert out.shape == q.shape and out.dtype == dtype
+        start = 0
+        for i, n in enumerate(meta.query_lens):
+            full_k[i] = torch.cat([full_k[i], k[start:start + n]])
+            full_v[i] = torch.cat([full_v[i], v[start:start + n]])
+            want = dense_reference(q[start:start + n], full_k[i], full_v[i], cache.scale)
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(out[start:start + n].double(), want, atol=tol, rtol=tol)
+            start += n
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [1, 16, 512])
+def test_torch_backend(block_size, dtype):
+    run_steps(TorchAttention(), block_size, dtype)
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_standin)
+    flash_attn_standin.calls.clear()
+    return flash_attn_standin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_attn_call_site(standin, dtype):
+    run_steps(FlashAttention(), 256, dtype)
+    assert standin.calls.count("flash_attn_varlen_func") == 2  # prefill and the chunk
+    assert standin.calls.count("flash_attn_with_kvcache") == 1  # decode, appending in place
+
+
+def test_flash_attn_decode_appends_in_place_and_keeps_seqlens(standin):
+    cache_k = torch.zeros(2, 256, HKV, D)
+    cache_v = torch.zeros(2, 256, HKV, D)
+    seqlens = torch.tensor([3, 0], dtype=torch.int32)
+    k = torch.randn(2, 1, HKV, D)
+    standin.flash_attn_with_kvcache(torch.randn(2, 1, H, D), cache_k, cache_v, k=k, v=k, cache_seqlens=seqlens,
+                                    block_table=torch.tensor([[1], [0]], dtype=torch.int32), causal=True)
+    assert torch.equal(cache_k[1, 3], k[0, 0]) and torch.equal(cache_k[0, 0], k[1, 0])
+    assert seqlens.tolist() == [3, 0]
+
+
+def test_flash_attn_rejects_small_pages_like_the_real_kernel(standin):
+    with pytest.raises(RuntimeError, match="256"):
+        run_steps(FlashAttention(), 16, torch.float32)
+
+
+def test_backend_selection_errors_here(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UsageError, match="needs a CUDA GPU"):
+        select_backend("flash-attn", CPU, torch.float32, 256)
+    with pytest.raises(UsageError, match="triton"):
+        select_backend("triton", CPU, torch.float32, 16)
+    with pytest.raises(UsageError, match="choose one of"):
+        select_backend("xformers", CPU, torch.float32, 16)
+    assert select_backend("auto", CPU, torch.float32, 16).name == "torch"
+
+
+def test_flash_attn_block_size_rule(standin, monkeypatch):
+    cuda = torch.device("cuda")
+    with pytest.raises(UsageError, match="multiple of 256"):
+        select_backend("flash-attn", cuda, torch.bfloat16, 16)
+    with pytest.raises(UsageError, match="float16 or bfloat16"):
+        select_backend("flash-attn", cuda, torch.float32, 256)
+    assert select_backend("flash-attn", cuda, torch.bfloat16, 512).name == "flash-attn"
+    assert select_backend("auto", cuda, torch.bfloat16, 256).name == "flash-attn"
+    assert select_backend("auto", cuda, torch.bfloat16, 16).name in ("triton", "torch")
