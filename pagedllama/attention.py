@@ -49,9 +49,10 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> 
     """
     block_size = cache.shape[1]
     if max_len <= block_size:
-        return cache[block_tables[:, 0], :max_len]
+        return cache[:, :max_len].index_select(0, block_tables[:, 0])
     num_blocks = -(-max_len // block_size)
-    return cache[block_tables[:, :num_blocks]].flatten(1, 2)[:, :max_len]
+    blocks = cache.index_select(0, block_tables[:, :num_blocks].flatten())  # far faster than advanced indexing
+    return blocks.view(len(block_tables), num_blocks * block_size, *cache.shape[2:])[:, :max_len]
 
 
 class TorchAttention:

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from .attention import AttentionBackend
 from .config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, ModelArgs
+from .engine import Request
 from .errors import OutOfKVMemory, UsageError
+from .kv_cache import KVCache
 from .report import GB, human_bytes
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
@@ -97,3 +102,41 @@ def naive_max_rows(budget_bytes: int, max_seq_len: int, bytes_per_token: int) ->
 
 def paged_num_blocks(budget_bytes: int, block_size: int, bytes_per_token: int) -> int:
     return budget_bytes // (block_size * bytes_per_token)
+
+
+def build_cache(twin: str, args: ModelArgs, requests: list[Request], budget_bytes: int, max_seq_len: int,
+                backend: AttentionBackend | None, device: torch.device, dtype: torch.dtype,
+                block_size: int | None = None, num_blocks: int | None = None, storage: bool = True) -> KVCache:
+    """The KV cache a twin builds for `requests` within the budget: the only difference between the twins.
+
+    naive: one block of max_seq_len slots per request, all reserved now; a batch that does not
+    fit is an error that names the largest batch that does. paged: as many `block_size` blocks
+    as the budget holds, handed out as requests grow.
+    """
+    bytes_per_token = args.kv_bytes_per_token(dtype.itemsize)
+    if twin == "naive":
+        rows = naive_max_rows(budget_bytes, max_seq_len, bytes_per_token)
+        row_bytes = max_seq_len * bytes_per_token
+        if rows == 0:
+            raise OutOfKVMemory(f"the KV budget {human_bytes(budget_bytes)} is too small for even one "
+                                f"{max_seq_len}-token preallocation ({human_bytes(row_bytes)}); raise "
+                                "--kv-cache-gb or lower --max-seq-len")
+        if len(requests) > rows:
+            raise OutOfKVMemory(f"out of KV memory: {len(requests)} requests x {max_seq_len} preallocated slots need "
+                                f"{human_bytes(len(requests) * row_bytes)} but the budget is "
+                                f"{human_bytes(budget_bytes)}; the largest batch that fits is {rows} "
+                                "(or run llama3-paged.py)")
+        num_blocks, block_size = len(requests), max_seq_len
+    else:
+        assert block_size is not None
+        num_blocks = num_blocks or paged_num_blocks(budget_bytes, block_size, bytes_per_token)
+        longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+        if num_blocks * block_size < longest:
+            raise OutOfKVMemory(f"the KV pool ({num_blocks} blocks x {block_size} slots = "
+                                f"{human_bytes(num_blocks * block_size * bytes_per_token)}) cannot hold even the "
+                                f"longest request ({longest} tokens); raise --kv-cache-gb or --num-blocks")
+    try:
+        return KVCache(args, num_blocks, block_size, max_seq_len, len(requests), backend, device, dtype, storage)
+    except torch.cuda.OutOfMemoryError:
+        raise OutOfKVMemory(f"CUDA could not allocate the {human_bytes(num_blocks * block_size * bytes_per_token)} "
+                            "KV cache; lower --kv-cache-gb, the batch size or --gpu-memory-utilization") from None

@@ -11,21 +11,26 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .attention import BACKENDS, select_backend
-from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, MAX_PREFILL_TOKENS, Budget, cpu_default_budget,
-                     cuda_default_budget, naive_max_rows, paged_num_blocks, user_budget)
+from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, MAX_PREFILL_TOKENS, Budget, build_cache, cpu_default_budget,
+                     cuda_default_budget, naive_max_rows, paged_num_blocks, simulated_budget, user_budget)
+from .capacity import dry_run, find_max_batch
+from .config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, resolve_shape
 from .data import default_data_path, load_sharegpt
-from .engine import Engine, Request, RunResult
+from .engine import Engine, Request
 from .errors import OutOfKVMemory, UsageError, UserError
 from .kv_cache import KVCache
 from .loading import DEMO, Loaded, load, resolve_device, resolve_dtype
 from .report import format_memory_report, human_bytes
 from .sampling import SamplingParams
+from .scheduler import SchedulerStats
 from .sequence import Sequence
+from .tokenizer import demo_tokenizer, load_tokenizer
 from .workload import build_requests
 
 TWINS = {"naive": "naive (contiguous max_seq_len preallocation per request)",
@@ -46,8 +51,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"llama3-{twin}.py",
                                 description=f"Batched Llama 3 generation over ShareGPT prompts with a {TWINS[twin]} "
                                             "KV cache, ending with a memory report.")
-    p.add_argument("batch_size", type=positive_int, metavar="BATCH_SIZE",
-                   help="number of ShareGPT prompts to run at once")
+    p.add_argument("batch_size", type=positive_int, metavar="BATCH_SIZE", nargs="?",
+                   help="number of ShareGPT prompts to run at once (optional with --find-max-batch)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEMO, help="checkpoint directory (Meta or Hugging Face format), or "
                                                  "'demo' for the built-in random-weight model (default)")
@@ -75,6 +80,12 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     if twin == "paged":
         g.add_argument("--block-size", type=positive_int, default=16, help="KV slots per block (default 16)")
         g.add_argument("--num-blocks", type=positive_int, help="pool size in blocks (default: the KV budget)")
+    g = p.add_argument_group("capacity planning (no forward pass: the real scheduler and allocator only)")
+    g.add_argument("--find-max-batch", action="store_true",
+                   help="print the largest batch whose requests all stay resident at once within the KV budget")
+    g.add_argument("--simulate", metavar="CONFIG", help=f"plan for a model that is not here: {', '.join(NAMED_SHAPES)} "
+                                                        "or a params.json / config.json")
+    g.add_argument("--gpu-memory-gb", type=float, help="with --simulate: the GPU's memory in GB")
     g = p.add_argument_group("output")
     g.add_argument("--json", type=Path, help="write answers and the report as one JSON object")
     g.add_argument("--output", type=Path, help="stream each finished request as a JSON line the moment it ends")
@@ -109,32 +120,105 @@ def main(twin: str, argv: list[str] | None = None) -> int:
         return 1
 
 
-def run(twin: str, args: argparse.Namespace) -> int:
+@dataclass
+class Setup:
+    """Everything a run needs, resolved from the command line once."""
+
+    loaded: Loaded
+    device: torch.device
+    dtype: torch.dtype
+    budget: Budget
+    requests: list[Request]  # the batch, then the rest of the dataset when searching
+    batch_size: int
+    planning: bool
+    header: str
+
+    @property
+    def batch(self) -> list[Request]:
+        return self.requests[:self.batch_size]
+
+
+def prepare(twin: str, args: argparse.Namespace) -> Setup:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    block_size = args.block_size if twin == "paged" else None
+    if args.batch_size is None and not args.find_max_batch:
+        raise UsageError("give BATCH_SIZE, the number of prompts to run (or --find-max-batch)")
+    if args.gpu_memory_gb is not None and not args.simulate:
+        raise UsageError("--gpu-memory-gb only applies with --simulate CONFIG")
+    planning = bool(args.simulate or args.find_max_batch)
+    device = resolve_device("cpu" if args.simulate else args.device)
+    dtype = resolve_dtype("bfloat16" if args.simulate and args.dtype == "auto" else args.dtype, device)
+    block_size = getattr(args, "block_size", None)
     data_path = args.data or default_data_path()
     conversations, skipped = load_sharegpt(data_path)
-    loaded = load(args.model, args.tokenizer, device, dtype, args.max_seq_len)
+    loaded = shape_only(args) if args.simulate else load(args.model, args.tokenizer, device, dtype, args.max_seq_len)
     if block_size is not None and block_size > loaded.max_seq_len:
         raise UsageError(f"--block-size {block_size} is larger than --max-seq-len {loaded.max_seq_len}")
-    requests = build_requests(conversations, loaded.tokenizer, args.batch_size, loaded.max_seq_len,
-                              args.max_new_tokens, reference_lengths=loaded.is_demo)
-    backend = select_backend(args.attention, device, dtype, block_size or loaded.max_seq_len)
+    count = max(len(conversations) if args.find_max_batch else 0, args.batch_size or 0)
+    # Planning follows the dataset's answer lengths, as the demo does: real models stop at EOS.
+    requests = build_requests(conversations, loaded.tokenizer, count, loaded.max_seq_len, args.max_new_tokens,
+                              reference_lengths=loaded.is_demo or planning)
     budget = resolve_budget(args, loaded, device, dtype)
-    cache = build_cache(twin, args, loaded, requests, budget, backend, device, dtype)
+    header = (f"{args.batch_size or 0} requests from {data_path} ({len(conversations)} usable conversations, "
+              f"{skipped} skipped: no usable human turn)\n"
+              f"model: {loaded.description}; {device.type}, {str(dtype).removeprefix('torch.')}\n"
+              f"KV budget: {human_bytes(budget.kv_bytes)} ({budget.explanation})")
+    return Setup(loaded, device, dtype, budget, requests, args.batch_size or 0, planning, header)
 
-    print(f"llama3-{twin}.py: {len(requests)} requests from {data_path} "
-          f"({skipped} conversations skipped: no usable human turn)")
-    print(f"model: {loaded.description}; {device.type}, {str(dtype).removeprefix('torch.')}")
-    print(f"KV cache: {TWINS[twin]}; attention backend: {backend.name}")
-    print(f"KV budget: {human_bytes(budget.kv_bytes)} ({budget.explanation})")
-    print(f"KV capacity: {cache.capacity_tokens} tokens ({cache.num_blocks} blocks x {cache.block_size}); maximum "
-          f"concurrency for {loaded.max_seq_len}-token requests: "
-          f"{budget.kv_bytes / (loaded.max_seq_len * cache.bytes_per_slot):.2f}x")
 
+def run(twin: str, args: argparse.Namespace) -> int:
+    setup = prepare(twin, args)
+    loaded, dtype, budget = setup.loaded, setup.dtype, setup.budget
+    block_size = getattr(args, "block_size", None)
+    backend = None if setup.planning else select_backend(args.attention, setup.device, dtype,
+                                                         block_size or loaded.max_seq_len)
+    mode = "dry run, no forward pass" if setup.planning else "generation"
+    print(f"llama3-{twin}.py ({mode}): {setup.header}")
+    print(f"KV cache: {TWINS[twin]}" + (f"; attention backend: {backend.name}" if backend else ""))
+    print(capacity_line(twin, budget.kv_bytes, loaded.max_seq_len, loaded.args.kv_bytes_per_token(dtype.itemsize),
+                        block_size, getattr(args, "num_blocks", None)))
+    doc: dict = {"twin": twin, "model": args.simulate or args.model, "planning": setup.planning,
+                 "device": setup.device.type, "dtype": str(dtype).removeprefix("torch."),
+                 "attention": backend.name if backend else None, "max_seq_len": loaded.max_seq_len,
+                 "kv_budget_bytes": budget.kv_bytes}
+    status = 0
+    if setup.batch and setup.planning:
+        run_ = dry_run(twin, loaded.args, setup.batch, budget.kv_bytes, loaded.max_seq_len, dtype, block_size)
+        if run_.error:
+            raise OutOfKVMemory(run_.error)
+        print()
+        print(format_memory_report(run_.memory, f"KV memory report (dry run): {TWINS[twin]}, "
+                                                f"{setup.batch_size} requests"))
+        print(scheduler_line(run_.stats))
+        doc.update(batch_size=setup.batch_size, memory=run_.memory, scheduler=scheduler_json(run_.stats))
+    elif setup.batch:
+        cache = build_cache(twin, loaded.args, setup.batch, budget.kv_bytes, loaded.max_seq_len, backend,
+                            setup.device, dtype, block_size=block_size, num_blocks=getattr(args, "num_blocks", None))
+        result = generate(args, loaded, cache, setup.batch, budget.kv_bytes)
+        result.pop("timeline")
+        print()
+        print(format_memory_report(result["memory"], f"KV memory report: {TWINS[twin]}, {setup.batch_size} requests"))
+        print(f"  run: {result['steps']} steps, {result['output_tokens']} tokens generated in "
+              f"{result['elapsed_s']:.1f} s ({result['output_tokens_per_s']:.1f} tok/s)")
+        print(scheduler_line(result["stats"]))
+        result["scheduler"] = scheduler_json(result.pop("stats"))
+        doc.update(result)
+        status = 130 if result["interrupted"] else 0
+    if args.find_max_batch:
+        k, exhausted = find_max_batch(twin, loaded.args, setup.requests, budget.kv_bytes, loaded.max_seq_len, dtype,
+                                      block_size)
+        print(f"\nlargest batch with every request resident at once ({twin}): {k}"
+              + (f" or more (all {k} usable conversations fit; give a larger --data)" if exhausted else ""))
+        doc["max_batch"] = {twin: k}
+        doc["max_batch_exhausted_dataset"] = exhausted
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    return status
+
+
+def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests: list[Request],
+             budget_bytes: int) -> dict:
+    """A real run: generate and print the answers; returns the figures for the report and --json."""
     engine = Engine(loaded.model, cache, SamplingParams(args.temperature, args.top_p, args.seed),
                     loaded.tokenizer.stop_ids, ignore_eos=args.ignore_eos or loaded.is_demo,
                     max_prefill_tokens=MAX_PREFILL_TOKENS)
@@ -147,7 +231,6 @@ def run(twin: str, args: argparse.Namespace) -> int:
         if stream:
             stream.close()
     elapsed = time.perf_counter() - start
-
     finished = [s for s in result.sequences if s.finish_reason]
     if not args.no_answers:
         for seq in finished:
@@ -158,22 +241,55 @@ def run(twin: str, args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"\ninterrupted after {result.steps} steps: {len(finished)} of {len(requests)} requests finished; "
               "the report covers the run so far")
-    summary = engine.memory.summary(budget.kv_bytes)
-    stats = engine.scheduler.stats
     out_tokens = sum(s.num_output_tokens for s in result.sequences)
-    print()
-    print(format_memory_report(summary, f"KV memory report: {TWINS[twin]}, {len(requests)} requests"))
-    print(f"  run: {result.steps} steps, {out_tokens} tokens generated in {elapsed:.1f} s "
-          f"({out_tokens / elapsed:.1f} tok/s); peak running {stats.peak_running}, preemptions {stats.preemptions}; "
-          f"every request resident at once: {'yes' if stats.all_resident else 'no'}")
-    if args.json:
-        write_json(args.json, twin, args, loaded, backend.name, requests, result, summary, stats, elapsed)
-    return 130 if result.interrupted else 0
+    return {"batch_size": len(requests), "interrupted": result.interrupted, "steps": result.steps,
+            "elapsed_s": elapsed, "output_tokens": out_tokens,
+            "output_tokens_per_s": out_tokens / elapsed if elapsed else 0.0,
+            "requests": [_answer(s, loaded) for s in finished],
+            "memory": engine.memory.summary(budget_bytes),
+            "stats": engine.scheduler.stats, "timeline": engine.memory.timeline}
+
+
+def capacity_line(twin: str, budget_bytes: int, max_seq_len: int, bytes_per_token: int, block_size: int | None,
+                  num_blocks: int | None) -> str:
+    if twin == "naive":
+        rows = naive_max_rows(budget_bytes, max_seq_len, bytes_per_token)
+        layout = f"{rows} rows of {max_seq_len} slots"
+        tokens = rows * max_seq_len
+    else:
+        blocks = num_blocks or paged_num_blocks(budget_bytes, block_size, bytes_per_token)
+        layout = f"{blocks} blocks of {block_size}"
+        tokens = blocks * block_size
+    return (f"KV capacity: {tokens} tokens ({layout}); maximum concurrency for {max_seq_len}-token requests: "
+            f"{tokens / max_seq_len:.2f}x")
+
+
+def scheduler_line(stats: SchedulerStats) -> str:
+    return (f"  scheduler: peak running {stats.peak_running} of {stats.num_requests}, preemptions "
+            f"{stats.preemptions}; every request resident at once: {'yes' if stats.all_resident else 'no'}")
+
+
+def scheduler_json(stats: SchedulerStats) -> dict:
+    return {"peak_running": stats.peak_running, "preemptions": stats.preemptions,
+            "all_resident": stats.all_resident}
+
+
+def shape_only(args: argparse.Namespace) -> Loaded:
+    """--simulate: a model shape with no weights, and the tokenizer that measures prompt lengths."""
+    shape = resolve_shape(args.simulate)
+    tokenizer = load_tokenizer(Path(args.tokenizer)) if args.tokenizer else demo_tokenizer()
+    note = "" if args.tokenizer else "; prompt lengths from the demo tokenizer, a stand-in for Llama 3's"
+    return Loaded(None, tokenizer, shape, False, args.max_seq_len or DEFAULT_MAX_SEQ_LEN,
+                  f"{args.simulate} shape ({shape.num_params() / 1e9:.2f}B parameters, no weights){note}")
 
 
 def resolve_budget(args: argparse.Namespace, loaded: Loaded, device: torch.device, dtype: torch.dtype) -> Budget:
     if args.kv_cache_gb is not None:
         return user_budget(args.kv_cache_gb)
+    if args.simulate:
+        if args.gpu_memory_gb is None:
+            raise UsageError("--simulate needs --gpu-memory-gb G (the GPU to plan for) or --kv-cache-gb")
+        return simulated_budget(loaded.args, args.gpu_memory_gb, args.gpu_memory_utilization, dtype.itemsize)
     bytes_per_token = loaded.args.kv_bytes_per_token(dtype.itemsize)
     if device.type == "cuda":
         total = torch.cuda.mem_get_info(device)[1]
@@ -196,38 +312,6 @@ def warmup_peak_bytes(loaded: Loaded, device: torch.device, dtype: torch.dtype) 
     return torch.cuda.max_memory_allocated(device) - kv_bytes
 
 
-def build_cache(twin: str, args: argparse.Namespace, loaded: Loaded, requests: list[Request], budget: Budget,
-                backend, device: torch.device, dtype: torch.dtype) -> KVCache:
-    """The only difference between the twins."""
-    bytes_per_token = loaded.args.kv_bytes_per_token(dtype.itemsize)
-    max_len = loaded.max_seq_len
-    if twin == "naive":
-        rows = naive_max_rows(budget.kv_bytes, max_len, bytes_per_token)
-        need = len(requests) * max_len * bytes_per_token
-        if rows == 0:
-            raise OutOfKVMemory(f"the KV budget {human_bytes(budget.kv_bytes)} is too small for even one "
-                                f"{max_len}-token preallocation ({human_bytes(max_len * bytes_per_token)}); raise "
-                                "--kv-cache-gb or lower --max-seq-len")
-        if len(requests) > rows:
-            raise OutOfKVMemory(f"out of KV memory: {len(requests)} requests x {max_len} preallocated slots need "
-                                f"{human_bytes(need)} but the budget is {human_bytes(budget.kv_bytes)}; the largest "
-                                f"batch that fits is {rows} (or run llama3-paged.py)")
-        num_blocks, block_size = len(requests), max_len
-    else:
-        block_size = args.block_size
-        num_blocks = args.num_blocks or paged_num_blocks(budget.kv_bytes, block_size, bytes_per_token)
-        longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-        if num_blocks * block_size < longest:
-            raise OutOfKVMemory(f"the KV pool ({num_blocks} blocks x {block_size} = {num_blocks * block_size} slots, "
-                                f"{human_bytes(num_blocks * block_size * bytes_per_token)}) cannot hold even the "
-                                f"longest request ({longest} tokens); raise --kv-cache-gb or --num-blocks")
-    try:
-        return KVCache(loaded.args, num_blocks, block_size, max_len, len(requests), backend, device, dtype)
-    except torch.cuda.OutOfMemoryError:
-        raise OutOfKVMemory(f"CUDA could not allocate the {human_bytes(num_blocks * block_size * bytes_per_token)} "
-                            "KV cache; lower --kv-cache-gb, the batch size or --gpu-memory-utilization") from None
-
-
 def _answer(seq: Sequence, loaded: Loaded) -> dict:
     return {"id": seq.request_id, "prompt_tokens": seq.num_prompt_tokens, "output_tokens": seq.num_output_tokens,
             "finish_reason": seq.finish_reason, "preemptions": seq.num_preemptions,
@@ -237,27 +321,3 @@ def _answer(seq: Sequence, loaded: Loaded) -> dict:
 def _write_line(stream, seq: Sequence, loaded: Loaded) -> None:
     stream.write(json.dumps(_answer(seq, loaded), ensure_ascii=False) + "\n")
     stream.flush()
-
-
-def write_json(path: Path, twin: str, args: argparse.Namespace, loaded: Loaded, backend: str,
-               requests: list[Request], result: RunResult, memory: dict, stats, elapsed: float) -> None:
-    out_tokens = sum(s.num_output_tokens for s in result.sequences)
-    doc = {
-        "twin": twin,
-        "model": args.model,
-        "device": str(loaded.model.output.weight.device),
-        "dtype": str(loaded.model.output.weight.dtype).removeprefix("torch."),
-        "attention": backend,
-        "batch_size": len(requests),
-        "max_seq_len": loaded.max_seq_len,
-        "interrupted": result.interrupted,
-        "steps": result.steps,
-        "elapsed_s": elapsed,
-        "output_tokens": out_tokens,
-        "output_tokens_per_s": out_tokens / elapsed if elapsed else 0.0,
-        "requests": [_answer(s, loaded) for s in result.sequences if s.finish_reason],
-        "memory": memory,
-        "scheduler": {"peak_running": stats.peak_running, "preemptions": stats.preemptions,
-                      "all_resident": stats.all_resident},
-    }
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")

@@ -35,7 +35,14 @@ class RunResult:
 
 
 class Engine:
-    def __init__(self, model: Transformer, cache: KVCache, sampling: SamplingParams,
+    """Runs requests through scheduler, cache and model.
+
+    With `model=None` it is a dry run: the same scheduler and allocator, each request
+    generating exactly `max_new_tokens` placeholder tokens, no forward pass. That is how
+    capacity is planned for models and GPUs that are not here (see capacity.py).
+    """
+
+    def __init__(self, model: Transformer | None, cache: KVCache, sampling: SamplingParams,
                  stop_ids: frozenset[int], ignore_eos: bool = False, max_prefill_tokens: int = 16384):
         self.model = model
         self.cache = cache
@@ -55,7 +62,8 @@ class Engine:
             self.scheduler.add(seq)
             seqs.append(seq)
         bar = tqdm(total=sum(r.max_new_tokens for r in requests), unit="tok", disable=not progress,
-                   file=sys.stderr, dynamic_ncols=True, desc="generating")
+                   file=sys.stderr, dynamic_ncols=True, desc="generating",
+                   mininterval=0.1 if sys.stderr.isatty() else 5.0)
         steps, interrupted = 0, False
         try:
             while not self.scheduler.done:
@@ -79,11 +87,14 @@ class Engine:
             batch, is_prefill = self.scheduler.schedule()
         except MemoryError as e:
             raise OutOfKVMemory(f"{e}; raise --kv-cache-gb or lower --max-seq-len") from None
-        tokens, positions, meta = self.cache.prepare_step(batch, is_prefill)
-        logits = self.model(tokens, positions, self.cache, meta)
-        keys = torch.tensor([s.sample_key for s in batch], device=logits.device)
-        next_positions = meta.context_lens.long()
-        next_ids = sample(logits, self.sampling, keys, next_positions).tolist()
+        if self.model is None:
+            self.cache.commit(batch, is_prefill)
+            next_ids = [0] * len(batch)
+        else:
+            tokens, positions, meta = self.cache.prepare_step(batch, is_prefill)
+            logits = self.model(tokens, positions, self.cache, meta)
+            keys = torch.tensor([s.sample_key for s in batch], device=logits.device)
+            next_ids = sample(logits, self.sampling, keys, meta.context_lens.long()).tolist()
         self.memory.record()
         finished = []
         for seq, token in zip(batch, next_ids):

@@ -51,8 +51,9 @@ class KVCache:
     """K/V storage for all layers, the allocator of its blocks, and the block tables."""
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, max_seq_len: int,
-                 max_num_seqs: int, backend: AttentionBackend, device: torch.device,
-                 dtype: torch.dtype):
+                 max_num_seqs: int, backend: AttentionBackend | None, device: torch.device,
+                 dtype: torch.dtype, storage: bool = True):
+        """`storage=False` keeps only the bookkeeping: simulations plan for GPUs that are not here."""
         self.block_size = block_size
         self.max_seq_len = max_seq_len
         self.backend = backend
@@ -61,8 +62,9 @@ class KVCache:
         self.scale = args.head_dim ** -0.5
         self.bytes_per_slot = args.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size())
         shape = (num_blocks, block_size, args.n_kv_heads, args.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        layers = args.n_layers if storage else 0
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.allocator = BlockAllocator(num_blocks)
         self.max_blocks_per_seq = cdiv(max_seq_len, block_size)
         self.block_tables = torch.zeros(max_num_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=device)
@@ -163,10 +165,15 @@ class KVCache:
             query_lens=query_lens,
             cached_lens=cached,
         )
-        for s, c in zip(seqs, context_lens):
-            s.num_cached_tokens = c
-        self.num_cached_tokens += len(tokens)
+        self.commit(seqs, is_prefill)
         return torch.tensor(tokens, device=dev), positions, meta
+
+    def commit(self, seqs: list[Sequence], is_prefill: bool) -> None:
+        """Count the step's tokens as cached: prefill caches every token, decode the last one."""
+        for s in seqs:
+            new = s.num_tokens - s.num_cached_tokens if is_prefill else 1
+            s.num_cached_tokens += new
+            self.num_cached_tokens += new
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: StepMetadata) -> torch.Tensor:

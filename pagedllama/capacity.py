@@ -1,0 +1,67 @@
+"""Capacity planning: the real scheduler and allocator over real request lengths, no forward pass.
+
+A dry run (`Engine(model=None)`) admits, grows, preempts and frees exactly as a real run
+does, so it finds in seconds what a GPU run would take minutes to show: how much memory
+each twin reserves step by step, and the largest batch whose requests all stay resident.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .budget import build_cache
+from .config import ModelArgs
+from .engine import Engine, Request
+from .errors import OutOfKVMemory
+from .report import MemorySample
+from .sampling import SamplingParams
+from .scheduler import SchedulerStats
+
+
+@dataclass
+class DryRun:
+    """One twin's dry run over a batch; `error` says why the batch could not even start."""
+
+    twin: str
+    batch_size: int
+    memory: dict | None = None
+    stats: SchedulerStats | None = None
+    timeline: list[MemorySample] | None = None
+    error: str | None = None
+
+    @property
+    def all_resident(self) -> bool:
+        return self.error is None and self.stats is not None and self.stats.all_resident
+
+
+def dry_run(twin: str, args: ModelArgs, requests: list[Request], budget_bytes: int, max_seq_len: int,
+            dtype: torch.dtype, block_size: int | None = None) -> DryRun:
+    try:
+        cache = build_cache(twin, args, requests, budget_bytes, max_seq_len, None, torch.device("cpu"), dtype,
+                            block_size=block_size, storage=False)
+        engine = Engine(None, cache, SamplingParams(), frozenset(), ignore_eos=True)
+        engine.run(requests, progress=False)
+    except OutOfKVMemory as e:
+        return DryRun(twin, len(requests), error=str(e))
+    return DryRun(twin, len(requests), engine.memory.summary(budget_bytes), engine.scheduler.stats,
+                  engine.memory.timeline)
+
+
+def find_max_batch(twin: str, args: ModelArgs, requests: list[Request], budget_bytes: int, max_seq_len: int,
+                   dtype: torch.dtype, block_size: int | None = None) -> tuple[int, bool]:
+    """Largest K such that the first K requests all run resident at once (no waiting, no preemption).
+
+    Returns (K, exhausted): `exhausted` means even all the requests given fit, so the true
+    limit is at least K. Binary search: one more request never needs less memory.
+    """
+    def fits(k: int) -> bool:
+        return k == 0 or dry_run(twin, args, requests[:k], budget_bytes, max_seq_len, dtype, block_size).all_resident
+
+    if fits(len(requests)):
+        return len(requests), True
+    lo, hi = 0, len(requests)  # fits(lo), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, False

@@ -1,0 +1,403 @@
+"""Llama 3 weights from disk: Meta's `consolidated.*.pth` or Hugging Face safetensors.
+
+Whatever the source, the state dict handed to the model uses Meta's key names and Meta's
+interleaved RoPE layout of the q/k rows, so `model.py` has a single layout to support.
+Every problem a user can cause (wrong directory, partial download, corrupt file, weights of
+another model) becomes a one-line `UserError` that says what to do.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelArgs, from_hf_config, from_meta_params
+from .errors import UserError
+from .model import Transformer
+
+# Meta shards split these along dim 0 (output rows) or dim 1 (input columns); the rest are copies.
+_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0, "wo": 1, "w2": 1}
+
+# Meta name -> Hugging Face name, inside a layer and at the top level.
+_LAYER_TO_HF = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP_TO_HF = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+_LAYER_FROM_HF = {hf: meta for meta, hf in _LAYER_TO_HF.items()}
+_TOP_FROM_HF = {hf: meta for meta, hf in _TOP_TO_HF.items()}
+
+_HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
+               ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+_REDOWNLOAD = "download a model with `python -m pagedllama.download REPO_ID` or use --model demo"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the checkpoint
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); re-download it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object; re-download it")
+    return data
+
+
+def _meta_root(model_dir: Path) -> Path | None:
+    """The folder holding params.json and the consolidated shards (Meta's layout or HF's original/)."""
+    for d in (model_dir, model_dir / "original"):
+        if (d / "params.json").is_file() and any(d.glob("consolidated.*.pth")):
+            return d
+    return None
+
+
+def _hf_weight_files(model_dir: Path) -> list[Path]:
+    """The HF weight files, safetensors before .bin; [] when there are none."""
+    for single, index_name in _HF_WEIGHTS:
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+        index = model_dir / index_name
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UserError(f"{index} has no weight_map; re-download it")
+            files = [model_dir / str(name) for name in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise UserError(f"{index} names {missing[0]}{more}, which is missing from {model_dir}; "
+                                "the download is incomplete: re-download it")
+            return files
+    return []
+
+
+def detect_format(model_dir: Path) -> str:
+    """"hf" or "meta"; HF safetensors win over Meta pickles when a directory holds both."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise UserError(f"model directory {model_dir} does not exist; {_REDOWNLOAD}")
+    if not model_dir.is_dir():
+        raise UserError(f"--model {model_dir} is not a directory; give the folder holding the checkpoint")
+    if not any(model_dir.iterdir()):
+        raise UserError(f"model directory {model_dir} is empty; {_REDOWNLOAD}")
+    hf_files = _hf_weight_files(model_dir) if (model_dir / "config.json").is_file() else []
+    if hf_files and hf_files[0].suffix == ".safetensors":
+        return "hf"
+    if _meta_root(model_dir) is not None:
+        return "meta"
+    if hf_files:
+        return "hf"
+    if (model_dir / "params.json").is_file() or (model_dir / "original" / "params.json").is_file():
+        raise UserError(f"{model_dir} has params.json but no consolidated.*.pth weights; "
+                        "the download is incomplete: re-download it")
+    if (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} has config.json but no model.safetensors (or index) weights; "
+                        "the download is incomplete: re-download it")
+    raise UserError(f"{model_dir} holds no Llama checkpoint: expected config.json + model.safetensors "
+                    "(Hugging Face) or params.json + consolidated.*.pth (Meta)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, memory-mapped; weights_only refuses arbitrary code in the pickle."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read {path}: the file is truncated or corrupt ({type(e).__name__}); "
+                        "re-download it") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                           for k, v in sd.items()):
+        raise UserError(f"{path} is not a state dict of tensors; re-download it")
+    return sd
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot read {path}: the file is truncated or corrupt ({type(e).__name__}); "
+                        "re-download it") from None
+
+
+def _load_meta(root: Path) -> dict[str, torch.Tensor]:
+    """Merge model-parallel shards back into one state dict, in file order."""
+    files = sorted(root.glob("consolidated.*.pth"))
+    expected = [f"consolidated.{i:02d}.pth" for i in range(len(files))]
+    if [f.name for f in files] != expected:
+        raise UserError(f"{root} holds {[f.name for f in files]}, expected {expected[0]} .. {expected[-1]}; "
+                        "a shard is missing or misnamed: re-download it")
+    shards = [_load_pth(f) for f in files]
+    for shard in shards:
+        shard.pop("rope.freqs", None)  # Meta's precomputed RoPE table; the model computes its own
+    if len(shards) == 1:
+        return shards[0]
+    for f, shard in zip(files[1:], shards[1:]):
+        if shard.keys() != shards[0].keys():
+            raise UserError(f"{f} holds other tensors than {files[0].name}; the shards are of different "
+                            "checkpoints: re-download them")
+    merged = {}
+    for key, first in shards[0].items():
+        dim = _SHARD_DIM.get(key.split(".")[-2])
+        try:
+            merged[key] = first if dim is None else torch.cat([s[key] for s in shards], dim=dim)
+        except RuntimeError:
+            raise UserError(f"the shards in {root} do not fit together at {key}; they are of different "
+                            "checkpoints: re-download them") from None
+    return merged
+
+
+def _hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF stores each head's q/k rows as (all real halves, all imaginary halves) for rotate_half;
+    Meta interleaves the pairs."""
+    rows, dim_in = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, dim_in).transpose(1, 2).reshape(rows, dim_in)
+
+
+def _meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows, dim_in = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, dim_in).transpose(1, 2).reshape(rows, dim_in)
+
+
+def _meta_name(hf_key: str) -> str | None:
+    stem, _, leaf = hf_key.rpartition(".")
+    if leaf != "weight":
+        return None
+    if stem in _TOP_FROM_HF:
+        return f"{_TOP_FROM_HF[stem]}.weight"
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    if m and m[2] in _LAYER_FROM_HF:
+        return f"layers.{m[1]}.{_LAYER_FROM_HF[m[2]]}.weight"
+    return None
+
+
+def _hf_name(meta_key: str) -> str:
+    stem = meta_key.removesuffix(".weight")
+    if stem in _TOP_TO_HF:
+        return f"{_TOP_TO_HF[stem]}.weight"
+    _, i, rest = stem.split(".", 2)
+    return f"model.layers.{i}.{_LAYER_TO_HF[rest]}.weight"
+
+
+def _tie_output(sd: dict[str, torch.Tensor], tied: bool) -> None:
+    """Tied models (3.2 1B/3B) may store no output matrix: it is the embedding, shared not copied."""
+    if (tied or "output.weight" not in sd) and "tok_embeddings.weight" in sd:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+
+
+def _from_hf(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    sd = {}
+    for key, t in tensors.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        sd[_meta_name(key) or key] = t  # unknown names stay as they are, for check_state_dict to report
+    _tie_output(sd, args.tie_word_embeddings)
+    check_state_dict(args, sd)  # before the permutation, which needs the right shapes
+    for i in range(args.n_layers):
+        for name, n in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
+            key = f"layers.{i}.attention.{name}.weight"
+            sd[key] = _hf_to_meta_rows(sd[key], n)
+    return sd
+
+
+def load_checkpoint(model_dir: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Config and state dict (Meta names and RoPE layout, CPU, stored dtype) of a checkpoint folder."""
+    model_dir = Path(model_dir)
+    if detect_format(model_dir) == "meta":
+        root = _meta_root(model_dir)
+        assert root is not None
+        args = from_meta_params(_read_json(root / "params.json"))
+        args.validate()
+        sd = _load_meta(root)
+        _tie_output(sd, args.tie_word_embeddings)
+        check_state_dict(args, sd)
+        return args, sd
+    args = from_hf_config(_read_json(model_dir / "config.json"))
+    args.validate()
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _hf_weight_files(model_dir):
+        tensors.update(_load_pth(f) if f.suffix == ".bin" else _load_safetensors(f))
+    return args, _from_hf(tensors, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and building
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Meta-named state dict and its shape, in a fixed order."""
+    q, kv, d, h = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.dim, args.hidden_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes |= {
+            p + "attention.wq.weight": (q, d), p + "attention.wk.weight": (kv, d),
+            p + "attention.wv.weight": (kv, d), p + "attention.wo.weight": (d, q),
+            p + "feed_forward.w1.weight": (h, d), p + "feed_forward.w2.weight": (d, h),
+            p + "feed_forward.w3.weight": (h, d),
+            p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,),
+        }
+    shapes |= {"norm.weight": (d,), "output.weight": (args.vocab_size, d)}
+    return shapes
+
+
+def check_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor]) -> None:
+    """Fail with a one-line UserError unless `state_dict` is exactly the model `args` describes."""
+    expected = expected_shapes(args)
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"the checkpoint lacks tensor {missing[0]}{more}; it is incomplete or of another "
+                        "model than its config: re-download it")
+    for name, shape in expected.items():
+        t = state_dict[name]
+        if tuple(t.shape) != shape:
+            raise UserError(f"tensor {name} has shape {tuple(t.shape)}, but the config implies {shape}; "
+                            "the weights and the config are of different models: re-download them")
+        if not t.is_floating_point():
+            raise UserError(f"tensor {name} has dtype {t.dtype}; only bf16/fp16/fp32 checkpoints are "
+                            "supported, not quantized ones")
+    extra = [k for k in state_dict if k not in expected]
+    extra_layers = [int(m[1]) for k in extra if (m := re.match(r"layers\.(\d+)\.", k))]
+    if extra_layers:
+        raise UserError(f"the config says {args.n_layers} layers but the checkpoint also has "
+                        f"layers.{min(extra_layers)}.*; the config and the weights are of different models")
+    if extra:
+        raise UserError(f"the checkpoint has an unexpected tensor {extra[0]}; it is not a Llama 3 checkpoint")
+
+
+def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic float32 weights for the demo model and tests; residual outputs are scaled down
+    by 1/sqrt(2 n_layers) so activations stay O(1) through depth."""
+    g = torch.Generator().manual_seed(seed)
+    out_std = 0.02 / math.sqrt(2 * args.n_layers)
+    sd = {}
+    for name, shape in expected_shapes(args).items():
+        if len(shape) == 1:
+            sd[name] = torch.ones(shape)
+        elif name == "output.weight" and args.tie_word_embeddings:
+            sd[name] = sd["tok_embeddings.weight"]
+        else:
+            std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            sd[name] = torch.randn(shape, generator=g) * std
+    return sd
+
+
+def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: torch.device,
+                dtype: torch.dtype, max_positions: int) -> Transformer:
+    """The model in eval mode on `device`, its weights in `dtype` and its RoPE table in float32."""
+    check_state_dict(args, state_dict)
+    with torch.device("meta"):  # no memory for weights that load_state_dict replaces at once
+        model = Transformer(args, max_positions)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if state_dict["output.weight"] is state_dict["tok_embeddings.weight"]:
+        model.output.weight = model.tok_embeddings.weight  # one Parameter, so .to() converts it once
+    model.to(device=device, dtype=dtype)
+    model.rope = model.rope.to(device)  # a plain float32 attribute, which .to() leaves alone
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing (tests and benchmark conversions)
+
+
+def meta_params(args: ModelArgs, multiple_of: int, ffn_dim_multiplier: float | None) -> dict[str, Any]:
+    """params.json for `args`. Meta stores the FFN size as a rule, so the caller gives its inputs;
+    a ValueError says when they (or the RoPE scaling) do not reproduce `args`."""
+    params = {
+        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+        "vocab_size": args.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": ffn_dim_multiplier,
+        "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "use_scaled_rope": args.rope_scaling is not None,
+    }
+    back = replace(from_meta_params(params), tie_word_embeddings=args.tie_word_embeddings)
+    if back != args:
+        raise ValueError(f"params.json cannot express {args}; it would read back as {back}")
+    return params
+
+
+def save_meta(state_dict: dict[str, torch.Tensor], args_params: dict[str, Any], out_dir: str | Path,
+              num_shards: int = 1) -> None:
+    """params.json and consolidated.NN.pth, split like Meta's model-parallel shards."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "params.json").write_text(json.dumps(args_params, indent=2))
+    for i in range(num_shards):
+        shard = {}
+        for key, t in state_dict.items():
+            dim = _SHARD_DIM.get(key.split(".")[-2])
+            if dim is not None:
+                if t.shape[dim] % num_shards:
+                    raise ValueError(f"{key} {tuple(t.shape)} does not split into {num_shards} shards")
+                t = t.chunk(num_shards, dim)[i]
+            # A copy, so torch.save writes this slice and not the whole storage behind it.
+            shard[key] = t.clone(memory_format=torch.contiguous_format)
+        torch.save(shard, out_dir / f"consolidated.{i:02d}.pth")
+
+
+def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
+            max_shard_bytes: int | None = None) -> None:
+    """config.json and safetensors in HF's layout (rotate_half q/k rows), sharded when asked."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, t in state_dict.items():
+        if key == "output.weight" and args.tie_word_embeddings:
+            continue
+        if key.endswith("attention.wq.weight"):
+            t = _meta_to_hf_rows(t, args.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            t = _meta_to_hf_rows(t, args.n_kv_heads)
+        tensors[_hf_name(key)] = t.contiguous()
+    rs = args.rope_scaling
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": args.dim, "intermediate_size": args.hidden_dim,
+        "num_attention_heads": args.n_heads, "num_hidden_layers": args.n_layers,
+        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "rope_scaling": None if rs is None else {
+            "rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings},
+        "max_position_embeddings": 131072 if rs else 8192,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "torch_dtype": str(state_dict["tok_embeddings.weight"].dtype).removeprefix("torch."),
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if max_shard_bytes is None:
+        save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+        return
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(group, out_dir / fname, metadata={"format": "pt"})
+        weight_map |= {name: fname for name in group}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,165 @@
+"""`python -m pagedllama.download`: Llama 3 weights, or a real ShareGPT sample, from the Hugging Face Hub.
+
+Downloads go through huggingface_hub, which finds the user's token on its own (HF_TOKEN or
+`hf auth login`); this module never reads, prints or stores it. Every Hub failure becomes
+one line that says what to do, and Hub messages are not echoed, so nothing secret leaks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub import errors as hub_errors
+
+from .data import parse_entry
+from .errors import UserError
+
+_HF_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "generation_config.json"]
+_META_FILES = ["original/params.json", "original/consolidated.*.pth", "original/tokenizer.model"]
+PATTERNS = {
+    "meta": _META_FILES,
+    "hf": _HF_FILES,
+    # HF weights plus Meta's small files, so the tiktoken tokenizer is there too.
+    "auto": _HF_FILES + ["original/tokenizer.model", "original/params.json"],
+}
+# The file that proves a download of each format has what a run needs.
+_MARKER = {"meta": "original/params.json", "hf": "config.json", "auto": "config.json"}
+
+SHAREGPT_REPO = "anon8231489123/ShareGPT_Vicuna_unfiltered"
+SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+_LOGIN = "log in with `hf auth login` (or set HF_TOKEN)"
+
+
+@contextmanager
+def hub_errors_as_user_errors(repo_id: str, repo_type: str = "model") -> Iterator[None]:
+    """Turn what huggingface_hub raises into one line each, with the fix."""
+    page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+    try:
+        yield
+    except hub_errors.GatedRepoError:
+        raise UserError(f"{repo_id} is gated: accept its license on {page}, then {_LOGIN} and retry") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise UserError(
+            f"{repo_id} was not found on the Hub ({repo_type} repo); check the name, "
+            f"or if it is private or gated, {_LOGIN}"
+        ) from None
+    except hub_errors.HFValidationError:
+        raise UserError(f"{repo_id!r} is not a valid repo id; give it as owner/name") from None
+    except (hub_errors.LocalEntryNotFoundError, ConnectionError, TimeoutError):
+        raise UserError(
+            "cannot reach the Hugging Face Hub and the files are not cached; "
+            "check your network (and unset HF_HUB_OFFLINE), then retry"
+        ) from None
+    except hub_errors.EntryNotFoundError:  # after LocalEntryNotFoundError, which is one too
+        raise UserError(f"{repo_id} does not have the file asked for; check {page}") from None
+    except hub_errors.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 401:
+            raise UserError(
+                "the Hub rejected your token (HTTP 401); make a new one at "
+                f"https://huggingface.co/settings/tokens, then {_LOGIN}"
+            ) from None
+        if status == 403:
+            raise UserError(
+                f"your token may not read {repo_id} (HTTP 403); accept the license on {page} and, for a "
+                "fine-grained token, allow access to public gated repos"
+            ) from None
+        raise UserError(f"the Hub answered HTTP {status} for {repo_id}; retry later") from None
+    except hub_errors.HTTPError as e:  # the connection dropped or timed out mid-download
+        raise UserError(
+            f"download from {repo_id} failed ({type(e).__name__}); check your network and rerun: "
+            "finished files are kept"
+        ) from None
+
+
+def download_model(repo_id: str, dest: Path, fmt: str) -> Path:
+    """Fetch one format's files of `repo_id` into `dest`; returns the directory to pass as --model."""
+    try:
+        with hub_errors_as_user_errors(repo_id):
+            huggingface_hub.snapshot_download(repo_id, local_dir=dest, allow_patterns=PATTERNS[fmt])
+    except OSError as e:  # hub errors are OSErrors too, but those were converted above
+        raise UserError(f"cannot write to {dest} ({e.strerror or e}); free some disk space or pass --dir") from None
+    if not (dest / _MARKER[fmt]).is_file():
+        other = "hf" if fmt == "meta" else "meta"
+        raise UserError(f"{repo_id} has no {_MARKER[fmt]} (not a Llama 3 repo in {fmt} format?); "
+                        f"try --format {other}")
+    return dest
+
+
+def download_sharegpt(out: Path, num: int) -> tuple[int, int]:
+    """Write the first `num` usable ShareGPT chats to `out`; returns (kept, total in the file)."""
+    with hub_errors_as_user_errors(SHAREGPT_REPO, "dataset"):
+        path = huggingface_hub.hf_hub_download(SHAREGPT_REPO, SHAREGPT_FILE, repo_type="dataset")
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"the downloaded {SHAREGPT_FILE} is unreadable ({e}); delete {path} and retry") from None
+    if not isinstance(entries, list):
+        raise UserError(f"the downloaded {SHAREGPT_FILE} is not a list of chats; delete {path} and retry")
+    kept = []
+    for index, entry in enumerate(entries):
+        conversation = parse_entry(entry, index)
+        if conversation is not None and conversation.reference_answer:
+            kept.append({"id": conversation.id, "conversations": entry["conversations"]})
+            if len(kept) == num:
+                break
+    try:
+        out.write_text(json.dumps(kept, ensure_ascii=False), encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror or e}); pass --out with a writable path") from None
+    return len(kept), len(entries)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pagedllama.download",
+        description="Download Llama 3 weights (REPO_ID) or a ShareGPT sample (--sharegpt) from the Hugging Face "
+                    "Hub. Gated repos need their license accepted on the Hub and `hf auth login` (or HF_TOKEN).",
+    )
+    parser.add_argument("repo_id", nargs="?", metavar="REPO_ID", help="e.g. meta-llama/Meta-Llama-3-8B-Instruct")
+    parser.add_argument("--dir", type=Path, help="where to put the model (default: models/<repo name>)")
+    parser.add_argument("--format", choices=sorted(PATTERNS), default="auto",
+                        help="meta: original/*.pth; hf: safetensors; auto: safetensors plus Meta's tokenizer.model")
+    parser.add_argument("--sharegpt", action="store_true", help=f"download {SHAREGPT_FILE} and keep usable chats")
+    parser.add_argument("--out", type=Path, default=Path("sharegpt-real.json"), help="with --sharegpt: output file")
+    parser.add_argument("--num", type=_positive_int, default=1000, help="with --sharegpt: chats to keep")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sharegpt == bool(args.repo_id):
+        parser.error("give either REPO_ID or --sharegpt")
+    try:
+        if args.sharegpt:
+            kept, total = download_sharegpt(args.out, args.num)
+            print(f"kept the first {kept} usable conversations of {total} (a human turn answered by gpt); "
+                  f"wrote {args.out}")
+            print(f"use it with: --data {args.out}")
+        else:
+            dest = args.dir or Path("models") / args.repo_id.rstrip("/").split("/")[-1]
+            model_dir = download_model(args.repo_id, dest, args.format)
+            print(f"downloaded {args.repo_id} ({args.format}) to {model_dir}")
+            print(f"use it with: --model {model_dir}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
