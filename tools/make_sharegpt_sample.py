@@ -22,7 +22,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "sharegpt-filtered.json"
 SEED = 20230912
-NUM_GENERATED = 150
+NUM_GENERATED = 600
 PROMPT_MEAN_TOKENS, ANSWER_MEAN_TOKENS = 160, 340
 # The long tail, in tokens: a few pasted documents and a few very long answers.
 PROMPT_TAIL = [1150, 1500, 1900, 2300, 2600]
