@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,23 +97,27 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
 
 
 def main(twin: str, argv: list[str] | None = None) -> int:
-    parser = build_parser(twin)
-    args = parser.parse_args(argv)
+    args = build_parser(twin).parse_args(argv)
+    return run_reporting_errors(lambda: run(twin, args), args.debug)
+
+
+def run_reporting_errors(job: Callable[[], int], debug: bool) -> int:
+    """Run `job`; any failure becomes one line on stderr (a traceback only with --debug)."""
     try:
-        return run(twin, args)
+        return job()
     except UserError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except torch.cuda.OutOfMemoryError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"error: CUDA ran out of memory ({str(e).splitlines()[0]}); lower the batch size, --kv-cache-gb "
               "or --gpu-memory-utilization", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - the user gets one line; --debug shows the rest
-        if args.debug:
+        if debug:
             raise
         where = traceback.extract_tb(e.__traceback__)[-1]
         print(f"error: internal error {type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno}); "
@@ -138,7 +143,8 @@ class Setup:
         return self.requests[:self.batch_size]
 
 
-def prepare(twin: str, args: argparse.Namespace) -> Setup:
+def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) -> Setup:
+    """Resolve the flags; `whole_dataset` tokenizes every conversation (for max-batch searches)."""
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.batch_size is None and not args.find_max_batch:
@@ -154,10 +160,11 @@ def prepare(twin: str, args: argparse.Namespace) -> Setup:
     loaded = shape_only(args) if args.simulate else load(args.model, args.tokenizer, device, dtype, args.max_seq_len)
     if block_size is not None and block_size > loaded.max_seq_len:
         raise UsageError(f"--block-size {block_size} is larger than --max-seq-len {loaded.max_seq_len}")
-    count = max(len(conversations) if args.find_max_batch else 0, args.batch_size or 0)
-    # Planning follows the dataset's answer lengths, as the demo does: real models stop at EOS.
+    whole_dataset = whole_dataset or args.find_max_batch
+    count = max(len(conversations) if whole_dataset else 0, args.batch_size or 0)
+    # Searches follow the dataset's answer lengths, as the demo does: real models stop at EOS.
     requests = build_requests(conversations, loaded.tokenizer, count, loaded.max_seq_len, args.max_new_tokens,
-                              reference_lengths=loaded.is_demo or planning)
+                              reference_lengths=loaded.is_demo or whole_dataset or planning)
     budget = resolve_budget(args, loaded, device, dtype)
     header = (f"{args.batch_size or 0} requests from {data_path} ({len(conversations)} usable conversations, "
               f"{skipped} skipped: no usable human turn)\n"

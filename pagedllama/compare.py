@@ -1,0 +1,218 @@
+"""Both twins on the same requests, side by side: reports, max-batch limits, and plots.
+
+    python -m pagedllama.compare BATCH_SIZE [the twins' flags] [--plots-dir DIR]
+
+Runs the model when there is one (the demo by default), or dry runs with --simulate or
+--dry-run. The plots are PNG files (matplotlib's Agg backend, no display needed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .attention import select_backend  # noqa: E402
+from .budget import build_cache  # noqa: E402
+from .capacity import dry_run, find_max_batch  # noqa: E402
+from .cli import Setup, build_parser, generate, prepare, run_reporting_errors, scheduler_json  # noqa: E402
+from .errors import OutOfKVMemory, UsageError  # noqa: E402
+from .report import GB, MemorySample, format_memory_report  # noqa: E402
+
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class TwinRun:
+    twin: str
+    memory: dict | None = None
+    scheduler: dict | None = None
+    timeline: list[MemorySample] | None = None
+    tokens_per_s: float | None = None
+    error: str | None = None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = build_parser("paged")
+    p.prog = "python -m pagedllama.compare"
+    p.description = "Run the naive and paged twins on the same requests and compare their KV memory."
+    p.add_argument("--dry-run", action="store_true", help="no forward pass even when a model is loaded")
+    p.add_argument("--plots-dir", type=Path, default=Path("out"), help="where the PNG plots go (default out/)")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots (and the block-size sweep)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run_reporting_errors(lambda: compare(args), args.debug)
+
+
+def run_twin(twin: str, args: argparse.Namespace, setup: Setup) -> TwinRun:
+    loaded, batch = setup.loaded, setup.batch
+    block_size = args.block_size if twin == "paged" else None
+    try:
+        if setup.planning or args.dry_run:
+            r = dry_run(twin, loaded.args, batch, setup.budget.kv_bytes, loaded.max_seq_len, setup.dtype, block_size)
+            if r.error:
+                return TwinRun(twin, error=r.error)
+            return TwinRun(twin, r.memory, scheduler_json(r.stats), r.timeline)
+        backend = select_backend(args.attention, setup.device, setup.dtype, block_size or loaded.max_seq_len)
+        cache = build_cache(twin, loaded.args, batch, setup.budget.kv_bytes, loaded.max_seq_len, backend,
+                            setup.device, setup.dtype, block_size=block_size, num_blocks=args.num_blocks)
+    except OutOfKVMemory as e:
+        return TwinRun(twin, error=str(e))
+    print(f"running the {twin} twin...", file=sys.stderr)
+    result = generate(args, loaded, cache, batch, setup.budget.kv_bytes)
+    return TwinRun(twin, result["memory"], scheduler_json(result["stats"]), result["timeline"],
+                   result["output_tokens_per_s"])
+
+
+def side_by_side(naive: TwinRun, paged: TwinRun, title: str) -> str:
+    left = _report_lines(naive, title.replace("TWIN", "naive"))
+    right = _report_lines(paged, title.replace("TWIN", "paged"))
+    width = max(len(line) for line in left) + 4
+    rows = [f"{a:<{width}}{b}" for a, b in zip(left + [""] * (len(right) - len(left)),
+                                                   right + [""] * (len(left) - len(right)))]
+    return "\n".join(rows)
+
+
+def _report_lines(run: TwinRun, title: str) -> list[str]:
+    if run.error:
+        return [title, "-" * len(title), *_wrap(f"  did not run: {run.error}", 60)]
+    lines = format_memory_report(run.memory, title).splitlines()
+    s = run.scheduler
+    lines.append(f"  peak running {s['peak_running']}, preemptions {s['preemptions']}, "
+                 f"all resident: {'yes' if s['all_resident'] else 'no'}")
+    if run.tokens_per_s is not None:
+        lines.append(f"  throughput {run.tokens_per_s:.1f} output tokens/s")
+    return lines
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = "   " + w
+        else:
+            line = f"{line} {w}" if line else w
+    return lines + [line]
+
+
+def compare(args: argparse.Namespace) -> int:
+    if args.batch_size is None:
+        raise UsageError("give BATCH_SIZE, the number of prompts both twins run")
+    setup = prepare("paged", args, whole_dataset=True)
+    print(f"compare: {setup.header}")
+    runs = {twin: run_twin(twin, args, setup) for twin in ("naive", "paged")}
+    print()
+    print(side_by_side(runs["naive"], runs["paged"], f"TWIN, {setup.batch_size} requests"))
+
+    loaded, budget = setup.loaded, setup.budget.kv_bytes
+
+    def limit(twin: str, block_size: int | None = None) -> tuple[int, bool]:
+        return find_max_batch(twin, loaded.args, setup.requests, budget, loaded.max_seq_len, setup.dtype, block_size)
+
+    (k_naive, _), (k_paged, exhausted) = limit("naive"), limit("paged", args.block_size)
+    ratio = k_paged / k_naive if k_naive else float("inf")
+    more = " (every usable conversation fits: the true limit is higher)" if exhausted else ""
+    print(f"\nlargest batch with every request resident at once: naive {k_naive}, paged {k_paged}{more}; "
+          f"paged / naive = {ratio:.1f}x")
+    doc = {"batch_size": setup.batch_size, "kv_budget_bytes": budget, "block_size": args.block_size,
+           "max_batch": {"naive": k_naive, "paged": k_paged}, "max_batch_ratio": ratio,
+           "twins": {t: {"memory": r.memory, "scheduler": r.scheduler, "output_tokens_per_s": r.tokens_per_s,
+                         "error": r.error} for t, r in runs.items()}}
+    if not args.no_plots:
+        args.plots_dir.mkdir(parents=True, exist_ok=True)
+        timeline_png = plot_timelines(timeline_runs(runs, setup, k_naive, args.block_size), budget,
+                                      args.plots_dir / "memory_timeline.png")
+        sweep = block_size_sweep(setup, k_naive)
+        sweep_png = plot_sweep(sweep, k_naive, args.plots_dir / "block_size_sweep.png")
+        doc["block_size_sweep"] = sweep
+        print(f"plots: {timeline_png}, {sweep_png}")
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def timeline_runs(runs: dict[str, TwinRun], setup: Setup, k_naive: int, block_size: int) -> dict[str, TwinRun]:
+    """Both twins' step-by-step memory; if naive could not run the batch, dry runs at the batch it can."""
+    if all(r.timeline for r in runs.values()) or k_naive == 0:
+        return runs
+    loaded, batch = setup.loaded, setup.requests[:k_naive]
+    out = {}
+    for twin in ("naive", "paged"):
+        r = dry_run(twin, loaded.args, batch, setup.budget.kv_bytes, loaded.max_seq_len, setup.dtype,
+                    block_size if twin == "paged" else None)
+        out[twin] = TwinRun(twin, r.memory, scheduler_json(r.stats), r.timeline)
+    print(f"(the memory timeline shows {k_naive} requests, the most the naive twin can hold)", file=sys.stderr)
+    return out
+
+
+def block_size_sweep(setup: Setup, k_naive: int) -> list[dict]:
+    """Fragmentation at the batch size, and the max batch, for each block size."""
+    loaded, budget = setup.loaded, setup.budget.kv_bytes
+    rows = []
+    for bs in (b for b in BLOCK_SIZES if b <= loaded.max_seq_len):
+        r = dry_run("paged", loaded.args, setup.batch, budget, loaded.max_seq_len, setup.dtype, bs)
+        k, _ = find_max_batch("paged", loaded.args, setup.requests, budget, loaded.max_seq_len, setup.dtype, bs)
+        rows.append({"block_size": bs, "max_batch": k,
+                     "fragmented_pct_of_budget": r.memory["fragmented_pct_of_budget"] if r.memory else None,
+                     "peak_utilization": r.memory["peak_utilization"] if r.memory else None})
+        print(f"  block size {bs:>3}: max batch {k:>4}, fragmented at peak "
+              f"{rows[-1]['fragmented_pct_of_budget'] or 0:.2f}% of budget", file=sys.stderr)
+    return rows
+
+
+def plot_timelines(runs: dict[str, TwinRun], budget: int, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    slot = {t: r.memory["bytes_per_token"] for t, r in runs.items() if r.memory}
+    colors = {"naive": "tab:red", "paged": "tab:blue"}
+    for twin, run in runs.items():
+        if not run.timeline:
+            continue
+        steps = range(len(run.timeline))
+        ax.plot(steps, [s.reserved_tokens * slot[twin] / GB for s in run.timeline], color=colors[twin],
+                label=f"{twin}: reserved")
+        ax.plot(steps, [s.used_tokens * slot[twin] / GB for s in run.timeline], color=colors[twin], ls="--",
+                label=f"{twin}: holding tokens")
+    ax.axhline(budget / GB, color="gray", lw=0.8, ls=":", label="KV budget")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KV memory (GB)")
+    n = next(r.scheduler["peak_running"] for r in runs.values() if r.scheduler)
+    ax.set_title(f"KV memory reserved vs holding tokens, {n} requests (the gap is fragmentation)")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(sweep: list[dict], k_naive: int, path: Path) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    sizes = [r["block_size"] for r in sweep]
+    labels = [str(b) for b in sizes]
+    left.bar(labels, [r["fragmented_pct_of_budget"] or 0 for r in sweep], color="tab:blue")
+    left.set_xlabel("block size (tokens)")
+    left.set_ylabel("fragmented at peak (% of KV budget)")
+    left.set_title("Paged fragmentation vs block size")
+    right.plot(labels, [r["max_batch"] for r in sweep], "o-", color="tab:blue", label="paged")
+    right.axhline(k_naive, color="tab:red", ls="--", label=f"naive ({k_naive})")
+    right.set_xlabel("block size (tokens)")
+    right.set_ylabel("largest batch, all resident")
+    right.set_title("Max batch vs block size")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""KV memory accounting, budgets, max-batch search and simulation (issue 4)."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import CPU, TINY, make_cache, random_requests
+from pagedllama import cli
+from pagedllama.attention import TorchAttention
+from pagedllama.budget import build_cache, reference_preallocations, simulated_budget
+from pagedllama.capacity import dry_run, find_max_batch
+from pagedllama.config import DEMO_ARGS, NAMED_SHAPES
+from pagedllama.engine import Engine, Request
+from pagedllama.errors import OutOfKVMemory, UsageError, UserError
+from pagedllama.sampling import SamplingParams
+
+F32 = torch.float32
+SLOT = TINY.kv_bytes_per_token(4)
+
+
+def run_checking_every_step(model, cache, requests):
+    """Each time the tracker records a step, recompute its figures from the block tables."""
+    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True)
+    record = engine.memory.record
+    checked = []
+
+    def record_and_check():
+        record()
+        sample, running = engine.memory.timeline[-1], engine.scheduler.running
+        reserved = sum(len(s.block_table) for s in running) * cache.block_size
+        assert sample.reserved_tokens == reserved == cache.allocator.num_used * cache.block_size
+        assert sample.used_tokens == sum(s.num_cached_tokens for s in running)
+        per_seq = [len(s.block_table) * cache.block_size - s.num_cached_tokens for s in running]
+        assert sample.fragmented_tokens == sum(per_seq)
+        if cache.block_size == cache.max_seq_len:  # naive: the unused tail of each preallocated row
+            assert per_seq == [cache.max_seq_len - s.num_cached_tokens for s in running]
+        else:  # paged: only the unused end of each last block
+            assert all(0 <= f < cache.block_size for f in per_seq)
+        checked.append(sample)
+
+    engine.memory.record = record_and_check
+    engine.run(requests, progress=False)
+    assert len(checked) == len(engine.memory.timeline) > 1
+    return engine
+
+
+@pytest.mark.parametrize("twin_block", [None, 1, 16])
+def test_reserved_equals_holding_plus_fragmented_every_step(tiny_model, twin_block):
+    requests = random_requests([(3, 20), (40, 2), (17, 9)], TINY.vocab_size)
+    block = twin_block or 128
+    cache = make_cache(tiny_model, block, 3 if twin_block is None else 60, 128, 3)
+    run_checking_every_step(tiny_model, cache, requests)
+
+
+def test_hand_computed_small_case():
+    """Paged, blocks of 4: prompts of 5 and 2 tokens, 3 and 1 new tokens.
+
+    Prefill: 2 + 1 blocks = 12 slots, 7 held. Decode 1: a writes its 6th token (still 2 blocks),
+    b writes its 3rd (1 block): 12 reserved, 9 held; b is done. Decode 2 and 3 for a alone:
+    7th and 8th tokens, still 2 blocks: 8 reserved. Peak reserved is 12 slots, 7 held.
+    Naive with rows of 16: 32 slots reserved up front, 7 held at the peak.
+    """
+    requests = [Request("a", [1] * 5, 4), Request("b", [2] * 2, 2)]
+    paged = dry_run("paged", TINY, requests, 1 << 30, 16, F32, block_size=4)
+    assert [(s.reserved_tokens, s.used_tokens) for s in paged.timeline] == [(12, 7), (12, 9), (8, 7), (8, 8)]
+    assert paged.memory["peak_reserved_bytes"] == 12 * SLOT
+    assert paged.memory["peak_used_bytes"] == 7 * SLOT
+    assert paged.memory["peak_fragmented_bytes"] == 5 * SLOT
+    naive = dry_run("naive", TINY, requests, 1 << 30, 16, F32)
+    assert [(s.reserved_tokens, s.used_tokens) for s in naive.timeline] == [(32, 7), (32, 9), (16, 7), (16, 8)]
+    assert naive.memory["peak_utilization"] == pytest.approx(7 / 32)
+
+
+def test_naive_out_of_memory_names_the_largest_batch():
+    requests = [Request(str(i), [1] * 4, 4) for i in range(5)]
+    with pytest.raises(OutOfKVMemory, match="largest batch that fits is 3"):
+        build_cache("naive", TINY, requests, 3 * 64 * SLOT + 5, 64, None, CPU, F32, storage=False)
+    with pytest.raises(OutOfKVMemory, match="too small for even one"):
+        build_cache("naive", TINY, requests, 10, 64, None, CPU, F32, storage=False)
+    with pytest.raises(OutOfKVMemory, match="longest request"):
+        build_cache("paged", TINY, requests, 4 * SLOT, 64, None, CPU, F32, block_size=4, storage=False)
+
+
+@pytest.mark.parametrize("twin", ["naive", "paged"])
+def test_find_max_batch_boundary_with_real_runs(tiny_model, twin):
+    """The search says K; a real run of K requests is all resident, of K+1 is not."""
+    requests = random_requests([(30, 30), (5, 60), (50, 10), (20, 40), (8, 8), (40, 25), (12, 50)] * 2,
+                               TINY.vocab_size)
+    budget, max_len = 200 * SLOT, 96
+    k, exhausted = find_max_batch(twin, TINY, requests, budget, max_len, F32, block_size=8)
+    assert not exhausted and 0 < k < len(requests)
+
+    def real(n):
+        cache = build_cache(twin, TINY, requests[:n], budget, max_len, TorchAttention(), CPU, F32, block_size=8)
+        engine = Engine(tiny_model, cache, SamplingParams(), frozenset(), ignore_eos=True)
+        engine.run(requests[:n], progress=False)
+        return engine.scheduler.stats
+
+    assert real(k).all_resident
+    if twin == "naive":
+        with pytest.raises(OutOfKVMemory):
+            real(k + 1)
+    else:
+        assert not real(k + 1).all_resident  # it still completes, by waiting or preemption
+
+
+def test_dry_run_agrees_with_a_real_demo_run():
+    """Simulation = the real allocator and scheduler: same memory at every step as a real run."""
+    from pagedllama.checkpoint import build_model, random_state_dict
+
+    model = build_model(DEMO_ARGS, random_state_dict(DEMO_ARGS, 0), CPU, F32, max_positions=512)
+    requests = random_requests([(60, 40), (9, 70), (120, 15), (33, 55), (80, 30)], DEMO_ARGS.vocab_size)
+    budget = 220 * DEMO_ARGS.kv_bytes_per_token(4)  # tight: forces waiting and preemption
+    for twin, block in (("paged", 16), ("naive", None)):
+        batch = requests if twin == "paged" else requests[:1]
+        cache = build_cache(twin, DEMO_ARGS, batch, budget, 200, TorchAttention(), CPU, F32, block_size=block)
+        engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True)
+        engine.run(batch, progress=False)
+        sim = dry_run(twin, DEMO_ARGS, batch, budget, 200, F32, block)
+        assert sim.timeline == engine.memory.timeline
+        assert sim.memory == engine.memory.summary(budget)
+        assert sim.stats == engine.scheduler.stats
+    assert sim.stats is not None
+
+
+def test_named_shapes_have_published_parameter_counts():
+    assert NAMED_SHAPES["llama3-8b"].num_params() == 8_030_261_248
+    assert NAMED_SHAPES["llama3-70b"].num_params() == 70_553_706_496
+    assert NAMED_SHAPES["llama3.2-1b"].num_params() == 1_235_814_400
+    assert NAMED_SHAPES["llama3-8b"].kv_bytes_per_token(2) == 128 * 1024
+
+
+def test_simulated_budget_for_llama3_8b_on_24gb():
+    args = NAMED_SHAPES["llama3-8b"]
+    b = simulated_budget(args, 24, 0.9, 2)
+    weights = 8_030_261_248 * 2
+    acts = 4096 * (4 * 4096 + 3 * 14336) * 2
+    assert b.kv_bytes == int(24 * 2**30 * 0.9) - weights - acts
+    assert int(reference_preallocations()) == 6  # naive max batch at 8192-token preallocation, ~7 reported
+    with pytest.raises(OutOfKVMemory, match="no memory left"):
+        simulated_budget(args, 16, 0.9, 2)
+    with pytest.raises(UsageError):
+        simulated_budget(args, -3, 0.9, 2)
+
+
+def run_cli(twin, argv, capsys):
+    code = cli.main(twin, argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_simulate_and_find_max_batch_json(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    code, out, _ = run_cli("naive", ["--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--find-max-batch",
+                                     "--json", str(path)], capsys)
+    assert code == 0
+    assert "largest batch with every request resident at once (naive): 6" in out
+    assert json.loads(path.read_text())["max_batch"] == {"naive": 6}
+    code, out, _ = run_cli("paged", ["4", "--simulate", "llama3-8b", "--gpu-memory-gb", "24",
+                                     "--json", str(path)], capsys)
+    assert code == 0 and "Fragmented Memory:" in out
+    doc = json.loads(path.read_text())
+    assert doc["scheduler"]["all_resident"] and doc["memory"]["block_size"] == 16
+
+
+def test_cli_simulate_from_a_config_file(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
+                               "intermediate_size": 8192, "num_attention_heads": 32, "num_hidden_layers": 16,
+                               "num_key_value_heads": 8, "vocab_size": 128256}))
+    code, out, _ = run_cli("paged", ["2", "--simulate", str(cfg), "--gpu-memory-gb", "8"], capsys)
+    assert code == 0 and "1.50B parameters" in out
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["2", "--simulate", "llama9-1t", "--gpu-memory-gb", "24"], "llama3-8b, llama3-70b"),
+    (["2", "--simulate", "llama3-8b"], "--gpu-memory-gb"),
+    (["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "24"], "no memory left"),
+    (["2", "--kv-cache-gb", "-1"], "not a usable budget"),
+    (["2", "--kv-cache-gb", "1e9"], "not a usable budget"),
+    (["2", "--kv-cache-gb", "0.00001", "--no-progress"], "too small"),
+    (["2", "--gpu-memory-gb", "24"], "only applies with --simulate"),
+])
+def test_cli_budget_errors(argv, pattern, capsys):
+    code, _, err = run_cli("naive", argv, capsys)
+    assert code in (1, 2)
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert re.search(re.escape(pattern), err)
