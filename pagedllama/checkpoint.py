@@ -11,6 +11,7 @@ import json
 import math
 import pickle
 import re
+import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,10 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, memory-mapped; weights_only refuses arbitrary code in the pickle."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError) as e:
+    # What a damaged pickle or zip raises (found by tests/test_fuzz.py): torch rebuilds tensors from
+    # whatever arguments the flipped bytes leave, so type and index errors surface as well.
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, TypeError,
+            IndexError, AttributeError, OverflowError, struct.error) as e:
         raise UserError(f"cannot read {path}: the file is truncated or corrupt ({type(e).__name__}); "
                         "re-download it") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -208,7 +212,7 @@ def _from_hf(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
             continue
         sd[_meta_name(key) or key] = t  # unknown names stay as they are, for check_state_dict to report
     _tie_output(sd, args.tie_word_embeddings)
-    check_state_dict(args, sd)  # before the permutation, which needs the right shapes
+    check_state_dict(args, sd, hf_names=True)  # before the permutation, which needs the right shapes
     for i in range(args.n_layers):
         for name, n in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
             key = f"layers.{i}.attention.{name}.weight"
@@ -257,21 +261,27 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor]) -> None:
-    """Fail with a one-line UserError unless `state_dict` is exactly the model `args` describes."""
+def check_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor], hf_names: bool = False) -> None:
+    """Fail with a one-line UserError unless `state_dict` is exactly the model `args` describes.
+
+    `hf_names`: the tensors came from Hugging Face files, so messages also give the name there.
+    """
+    def show(name: str) -> str:
+        return f"{_hf_name(name)} ({name})" if hf_names else name
+
     expected = expected_shapes(args)
     missing = [k for k in expected if k not in state_dict]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"the checkpoint lacks tensor {missing[0]}{more}; it is incomplete or of another "
+        raise UserError(f"the checkpoint lacks tensor {show(missing[0])}{more}; it is incomplete or of another "
                         "model than its config: re-download it")
     for name, shape in expected.items():
         t = state_dict[name]
         if tuple(t.shape) != shape:
-            raise UserError(f"tensor {name} has shape {tuple(t.shape)}, but the config implies {shape}; "
+            raise UserError(f"tensor {show(name)} has shape {tuple(t.shape)}, but the config implies {shape}; "
                             "the weights and the config are of different models: re-download them")
         if not t.is_floating_point():
-            raise UserError(f"tensor {name} has dtype {t.dtype}; only bf16/fp16/fp32 checkpoints are "
+            raise UserError(f"tensor {show(name)} has dtype {t.dtype}; only bf16/fp16/fp32 checkpoints are "
                             "supported, not quantized ones")
     extra = [k for k in state_dict if k not in expected]
     extra_layers = [int(m[1]) for k in extra if (m := re.match(r"layers\.(\d+)\.", k))]

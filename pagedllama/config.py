@@ -97,7 +97,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     model_type = cfg.get("model_type", "llama")
     if model_type != "llama" or (archs and "LlamaForCausalLM" not in archs):
         raise UserError(f"config.json describes a {model_type!r} model {archs}, not Llama; "
-                        "point --model at a Llama 3 checkpoint")
+                        "point --model or --simulate at a Llama 3 checkpoint")
     try:
         dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         if cfg.get("head_dim") not in (None, dim // n_heads):
@@ -129,7 +129,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"config.json is not a Llama config (missing or bad field {e}); "
-                        "point --model at a Llama 3 checkpoint directory") from None
+                        "point --model or --simulate at a Llama 3 checkpoint directory") from None
 
 
 _LLAMA3 = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0)
@@ -164,7 +164,8 @@ def load_config_file(path: str | Path) -> ModelArgs:
         raise UserError(f"config file {path} is not valid JSON ({e}); re-download it") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} is not a JSON object; give a params.json or config.json")
-    args = from_hf_config(data) if "hidden_size" in data else from_meta_params(data)
+    is_hf = any(key in data for key in ("hidden_size", "model_type", "architectures"))
+    args = from_hf_config(data) if is_hf else from_meta_params(data)
     args.validate()
     return args
 

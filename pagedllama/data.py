@@ -47,6 +47,9 @@ def load_sharegpt(path: str | Path) -> tuple[list[Conversation], int]:
             f"dataset {path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
             "pass --data with a ShareGPT JSON file"
         ) from None
+    except (ValueError, RecursionError) as e:  # a number too long to convert, nesting too deep
+        raise UserError(f"dataset {path} cannot be read as JSON ({type(e).__name__}); "
+                        "pass --data with a ShareGPT JSON file") from None
     if not isinstance(entries, list):
         raise UserError(
             f"dataset {path} holds a JSON {type(entries).__name__}, not a list of conversations; "
@@ -57,6 +60,12 @@ def load_sharegpt(path: str | Path) -> tuple[list[Conversation], int]:
         conversation = parse_entry(entry, index)
         if conversation is not None:
             conversations.append(conversation)
+    if not conversations:
+        raise UserError(
+            f"dataset {path} has no usable conversation: none of its {len(entries)} entries has a non-empty "
+            'human turn ({"conversations": [{"from": "human", "value": "..."}, ...]}); '
+            "pass --data with a ShareGPT JSON file"
+        )
     return conversations, len(entries) - len(conversations)
 
 

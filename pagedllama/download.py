@@ -84,7 +84,8 @@ def download_model(repo_id: str, dest: Path, fmt: str) -> Path:
         with hub_errors_as_user_errors(repo_id):
             huggingface_hub.snapshot_download(repo_id, local_dir=dest, allow_patterns=PATTERNS[fmt])
     except OSError as e:  # hub errors are OSErrors too, but those were converted above
-        raise UserError(f"cannot write to {dest} ({e.strerror or e}); free some disk space or pass --dir") from None
+        raise UserError(f"cannot write to {dest} ({e.strerror or type(e).__name__}); "
+                        "free some disk space or pass --dir") from None
     if not (dest / _MARKER[fmt]).is_file():
         other = "hf" if fmt == "meta" else "meta"
         raise UserError(f"{repo_id} has no {_MARKER[fmt]} (not a Llama 3 repo in {fmt} format?); "
@@ -112,19 +113,30 @@ def download_sharegpt(out: Path, num: int) -> tuple[int, int]:
     try:
         out.write_text(json.dumps(kept, ensure_ascii=False), encoding="utf-8")
     except OSError as e:
-        raise UserError(f"cannot write {out} ({e.strerror or e}); pass --out with a writable path") from None
+        raise UserError(f"cannot write {out} ({e.strerror or type(e).__name__}); "
+                        "pass --out with a writable path") from None
     return len(kept), len(entries)
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one `error:` line (exit 2), like every other error of this command."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="python -m pagedllama.download",
         description="Download Llama 3 weights (REPO_ID) or a ShareGPT sample (--sharegpt) from the Hugging Face "
                     "Hub. Gated repos need their license accepted on the Hub and `hf auth login` (or HF_TOKEN).",
@@ -158,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # noqa: BLE001 - its message may quote a URL or header with the token: not shown
+        print(f"error: the download failed with {type(e).__name__} (its message is not shown, as it may hold "
+              "your token); check your network and rerun, or report it", file=sys.stderr)
+        return 1
     return 0
 
 
