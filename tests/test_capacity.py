@@ -14,7 +14,7 @@ from pagedllama.budget import build_cache, reference_preallocations, simulated_b
 from pagedllama.capacity import dry_run, find_max_batch
 from pagedllama.config import DEMO_ARGS, NAMED_SHAPES
 from pagedllama.engine import Engine, Request
-from pagedllama.errors import OutOfKVMemory, UsageError, UserError
+from pagedllama.errors import OutOfKVMemory, UsageError
 from pagedllama.sampling import SamplingParams
 
 F32 = torch.float32
