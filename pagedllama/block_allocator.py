@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 
 class BlockAllocator:
@@ -9,7 +10,9 @@ class BlockAllocator:
 
     A block is free when no block table references it. Reference counts are what lets
     several sequences share a block (forked samples, a common prefix); a plain request
-    holds each of its blocks once.
+    holds each of its blocks once. Free blocks are handed out in the order they were freed,
+    so a freed block that still holds a cached prefix is overwritten as late as possible
+    (least recently used first).
     """
 
     def __init__(self, num_blocks: int):
@@ -32,6 +35,12 @@ class BlockAllocator:
         self.ref_counts[block] = 1
         return block
 
+    def reuse(self, block: int) -> None:
+        """Take one particular free block back: it still holds a cached prefix that is wanted again."""
+        assert self.ref_counts[block] == 0, f"reusing block {block}, which is in use"
+        self._free.remove(block)
+        self.ref_counts[block] = 1
+
     def share(self, block: int) -> None:
         """One more table points at `block`."""
         assert self.ref_counts[block] > 0, f"sharing free block {block}"
@@ -43,3 +52,20 @@ class BlockAllocator:
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
             self._free.append(block)
+
+    def mirror(self, tables: list[list[int]], new_block: Callable[[], int] | None = None) -> list[list[int]]:
+        """The same tables in this pool, for block ids of another pool (swapping).
+
+        Each distinct id there gets one block here, held as many times as it appears, so
+        blocks the tables share stay shared.
+        """
+        placed: dict[int, int] = {}
+        mirrored = []
+        for table in tables:
+            for other in table:
+                if other in placed:
+                    self.share(placed[other])
+                else:
+                    placed[other] = (new_block or self.allocate)()
+            mirrored.append([placed[other] for other in table])
+        return mirrored

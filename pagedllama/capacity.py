@@ -17,6 +17,7 @@ from .errors import OutOfKVMemory
 from .report import MemorySample
 from .sampling import SamplingParams
 from .scheduler import SchedulerStats
+from .sharing import one_per_sequence
 
 
 @dataclass
@@ -38,8 +39,8 @@ class DryRun:
 def dry_run(twin: str, args: ModelArgs, requests: list[Request], budget_bytes: int, max_seq_len: int,
             dtype: torch.dtype, block_size: int | None = None) -> DryRun:
     try:
-        cache = build_cache(twin, args, requests, budget_bytes, max_seq_len, None, torch.device("cpu"), dtype,
-                            block_size=block_size, storage=False)
+        cache = build_cache(twin, args, one_per_sequence(requests), budget_bytes, max_seq_len, None,
+                            torch.device("cpu"), dtype, block_size=block_size, storage=False)
         engine = Engine(None, cache, SamplingParams(), frozenset(), ignore_eos=True)
         engine.run(requests, progress=False)
     except OutOfKVMemory as e:

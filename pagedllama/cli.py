@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,19 +23,27 @@ from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, MAX_PREFILL_TOKENS, Budget,
 from .capacity import dry_run, find_max_batch
 from .config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, resolve_shape
 from .data import default_data_path, load_sharegpt
-from .engine import Engine, Request
+from .engine import PREEMPTION_MODES, Engine, Request
 from .errors import OutOfKVMemory, UsageError, UserError
 from .kv_cache import KVCache
 from .loading import DEMO, Loaded, load, resolve_device, resolve_dtype
-from .report import format_memory_report, human_bytes
+from .report import GB, format_memory_report, human_bytes
 from .sampling import SamplingParams
 from .scheduler import SchedulerStats
 from .sequence import Sequence
+from .sharing import format_sharing, one_per_sequence
 from .tokenizer import demo_tokenizer, load_tokenizer
 from .workload import build_requests
 
 TWINS = {"naive": "naive (contiguous max_seq_len preallocation per request)",
          "paged": "paged (blocks allocated on demand)"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with errors on one line, like every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def positive_int(text: str) -> int:
@@ -49,7 +57,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser(twin: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"llama3-{twin}.py",
+    p = ArgumentParser(prog=f"llama3-{twin}.py",
                                 description=f"Batched Llama 3 generation over ShareGPT prompts with a {TWINS[twin]} "
                                             "KV cache, ending with a memory report.")
     p.add_argument("batch_size", type=positive_int, metavar="BATCH_SIZE", nargs="?",
@@ -81,6 +89,19 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     if twin == "paged":
         g.add_argument("--block-size", type=positive_int, default=16, help="KV slots per block (default 16)")
         g.add_argument("--num-blocks", type=positive_int, help="pool size in blocks (default: the KV budget)")
+    g = p.add_argument_group("sharing and preemption")
+    g.add_argument("--n", type=positive_int, default=1, help="parallel samples per request; they share the "
+                   "prompt's KV blocks (default 1)")
+    g.add_argument("--beam-width", type=positive_int, default=1, help="beam search with this many beams, which "
+                   "share blocks (default 1: no beam search)")
+    g.add_argument("--system-prompt", metavar="TEXT", help="a system message before every prompt: a shared prefix")
+    if twin == "paged":
+        g.add_argument("--enable-prefix-caching", action="store_true",
+                       help="reuse the K/V of full blocks whose prefix was computed before")
+    g.add_argument("--preemption", choices=PREEMPTION_MODES, default="recompute",
+                   help="when the pool runs out: recompute the preempted request later, or swap its K/V to CPU "
+                        "memory (default recompute)")
+    g.add_argument("--swap-space-gb", type=float, default=4.0, help="CPU memory for --preemption swap (default 4)")
     g = p.add_argument_group("capacity planning (no forward pass: the real scheduler and allocator only)")
     g.add_argument("--find-max-batch", action="store_true",
                    help="print the largest batch whose requests all stay resident at once within the KV budget")
@@ -151,7 +172,18 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
         raise UsageError("give BATCH_SIZE, the number of prompts to run (or --find-max-batch)")
     if args.gpu_memory_gb is not None and not args.simulate:
         raise UsageError("--gpu-memory-gb only applies with --simulate CONFIG")
+    for flag, path in (("--output", args.output), ("--json", args.json)):
+        if path and not path.parent.is_dir():
+            raise UserError(f"{flag} {path}: directory {path.parent} does not exist; create it or pick another path")
     planning = bool(args.simulate or args.find_max_batch)
+    if args.n > 1 and args.beam_width > 1:
+        raise UsageError("--n and --beam-width exclude each other")
+    if args.swap_space_gb < 0:
+        raise UsageError(f"--swap-space-gb {args.swap_space_gb} must be at least 0")
+    if planning and (args.n > 1 or args.beam_width > 1 or args.preemption == "swap"
+                     or getattr(args, "enable_prefix_caching", False)):
+        raise UsageError("--n, --beam-width, --preemption swap and --enable-prefix-caching apply to generation, "
+                         "not to --simulate or --find-max-batch")
     device = resolve_device("cpu" if args.simulate else args.device)
     dtype = resolve_dtype("bfloat16" if args.simulate and args.dtype == "auto" else args.dtype, device)
     block_size = getattr(args, "block_size", None)
@@ -164,7 +196,9 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
     count = max(len(conversations) if whole_dataset else 0, args.batch_size or 0)
     # Searches follow the dataset's answer lengths, as the demo does: real models stop at EOS.
     requests = build_requests(conversations, loaded.tokenizer, count, loaded.max_seq_len, args.max_new_tokens,
-                              reference_lengths=loaded.is_demo or whole_dataset or planning)
+                              reference_lengths=loaded.is_demo or whole_dataset or planning,
+                              system_prompt=args.system_prompt)
+    requests = [replace(r, n=args.n, beam_width=args.beam_width) for r in requests]
     budget = resolve_budget(args, loaded, device, dtype)
     header = (f"{args.batch_size or 0} requests from {data_path} ({len(conversations)} usable conversations, "
               f"{skipped} skipped: no usable human turn)\n"
@@ -199,8 +233,9 @@ def run(twin: str, args: argparse.Namespace) -> int:
         print(scheduler_line(run_.stats))
         doc.update(batch_size=setup.batch_size, memory=run_.memory, scheduler=scheduler_json(run_.stats))
     elif setup.batch:
-        cache = build_cache(twin, loaded.args, setup.batch, budget.kv_bytes, loaded.max_seq_len, backend,
-                            setup.device, dtype, block_size=block_size, num_blocks=getattr(args, "num_blocks", None))
+        cache = build_cache(twin, loaded.args, one_per_sequence(setup.batch), budget.kv_bytes, loaded.max_seq_len,
+                            backend, setup.device, dtype, block_size=block_size,
+                            num_blocks=getattr(args, "num_blocks", None))
         result = generate(args, loaded, cache, setup.batch, budget.kv_bytes)
         result.pop("timeline")
         print()
@@ -208,6 +243,10 @@ def run(twin: str, args: argparse.Namespace) -> int:
         print(f"  run: {result['steps']} steps, {result['output_tokens']} tokens generated in "
               f"{result['elapsed_s']:.1f} s ({result['output_tokens_per_s']:.1f} tok/s)")
         print(scheduler_line(result["stats"]))
+        if args.n > 1 or args.beam_width > 1:
+            print(format_sharing(result["sharing"]))
+        if result["prefix_cache"]:
+            print(f"  prefix cache: hit rate {100 * result['prefix_cache']['hit_rate']:.1f}% of prompt tokens")
         result["scheduler"] = scheduler_json(result.pop("stats"))
         doc.update(result)
         status = 130 if result["interrupted"] else 0
@@ -228,7 +267,9 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
     """A real run: generate and print the answers; returns the figures for the report and --json."""
     engine = Engine(loaded.model, cache, SamplingParams(args.temperature, args.top_p, args.seed),
                     loaded.tokenizer.stop_ids, ignore_eos=args.ignore_eos or loaded.is_demo,
-                    max_prefill_tokens=MAX_PREFILL_TOKENS)
+                    max_prefill_tokens=MAX_PREFILL_TOKENS, preemption=args.preemption,
+                    swap_space_bytes=int(args.swap_space_gb * GB),
+                    prefix_caching=getattr(args, "enable_prefix_caching", False))
     stream = args.output.open("w") if args.output else None
     on_finish = (lambda seq: _write_line(stream, seq, loaded)) if stream else None
     start = time.perf_counter()
@@ -249,11 +290,14 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
         print(f"\ninterrupted after {result.steps} steps: {len(finished)} of {len(requests)} requests finished; "
               "the report covers the run so far")
     out_tokens = sum(s.num_output_tokens for s in result.sequences)
+    memory = engine.memory.summary(budget_bytes)
+    prefix_cache = engine.cache.prefix_cache
     return {"batch_size": len(requests), "interrupted": result.interrupted, "steps": result.steps,
             "elapsed_s": elapsed, "output_tokens": out_tokens,
             "output_tokens_per_s": out_tokens / elapsed if elapsed else 0.0,
             "requests": [_answer(s, loaded) for s in finished],
-            "memory": engine.memory.summary(budget_bytes),
+            "memory": memory, "sharing": engine.sharing.summary(memory, args.n, args.beam_width),
+            "prefix_cache": prefix_cache.summary() if prefix_cache else None,
             "stats": engine.scheduler.stats, "timeline": engine.memory.timeline}
 
 
@@ -273,12 +317,14 @@ def capacity_line(twin: str, budget_bytes: int, max_seq_len: int, bytes_per_toke
 
 def scheduler_line(stats: SchedulerStats) -> str:
     return (f"  scheduler: peak running {stats.peak_running} of {stats.num_requests}, preemptions "
-            f"{stats.preemptions}; every request resident at once: {'yes' if stats.all_resident else 'no'}")
+            f"{stats.preemptions}" + (f" ({stats.swaps} swapped, {stats.swap_fallbacks} recomputed: CPU pool full)"
+                                      if stats.swaps or stats.swap_fallbacks else "")
+            + f"; every request resident at once: {'yes' if stats.all_resident else 'no'}")
 
 
 def scheduler_json(stats: SchedulerStats) -> dict:
     return {"peak_running": stats.peak_running, "preemptions": stats.preemptions,
-            "all_resident": stats.all_resident}
+            "all_resident": stats.all_resident, "swaps": stats.swaps, "swap_fallbacks": stats.swap_fallbacks}
 
 
 def shape_only(args: argparse.Namespace) -> Loaded:

@@ -24,6 +24,7 @@ from .capacity import dry_run, find_max_batch  # noqa: E402
 from .cli import Setup, build_parser, generate, prepare, run_reporting_errors, scheduler_json  # noqa: E402
 from .errors import OutOfKVMemory, UsageError  # noqa: E402
 from .report import GB, MemorySample, format_memory_report  # noqa: E402
+from .sharing import one_per_sequence  # noqa: E402
 
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 
@@ -63,7 +64,7 @@ def run_twin(twin: str, args: argparse.Namespace, setup: Setup) -> TwinRun:
                 return TwinRun(twin, error=r.error)
             return TwinRun(twin, r.memory, scheduler_json(r.stats), r.timeline)
         backend = select_backend(args.attention, setup.device, setup.dtype, block_size or loaded.max_seq_len)
-        cache = build_cache(twin, loaded.args, batch, setup.budget.kv_bytes, loaded.max_seq_len, backend,
+        cache = build_cache(twin, loaded.args, one_per_sequence(batch), setup.budget.kv_bytes, loaded.max_seq_len, backend,
                             setup.device, setup.dtype, block_size=block_size, num_blocks=args.num_blocks)
     except OutOfKVMemory as e:
         return TwinRun(twin, error=str(e))

@@ -2,29 +2,47 @@
 from __future__ import annotations
 
 import sys
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from .beam_search import advance_beams
 from .errors import OutOfKVMemory
 from .kv_cache import KVCache
 from .model import Transformer
-from .report import MemoryTracker
-from .sampling import SamplingParams, sample
+from .report import GB, MemoryTracker
+from .sampling import SamplingParams, sample, sample_key
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceGroup
+from .sharing import SharingTracker
+from .swap import SwapSpace
+
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 @dataclass(frozen=True)
 class Request:
-    """A tokenized prompt and how far to generate it."""
+    """A tokenized prompt, how far to generate it, and how many sequences to run for it."""
 
     request_id: str
     prompt_ids: list[int]
     max_new_tokens: int
+    n: int = 1  # parallel samples, sharing the prompt's blocks
+    beam_width: int = 1  # above 1: beam search with that many beams instead of sampling
+    # Sample j draws from random stream sample_index + j, so a request with n=1 and
+    # sample_index=j reproduces sample j of a request with n > j on its own.
+    sample_index: int = 0
+
+    def __post_init__(self):
+        if min(self.n, self.beam_width) < 1 or min(self.n, self.beam_width) > 1:
+            raise ValueError(f"request {self.request_id}: n ({self.n}) and beam_width ({self.beam_width}) must be "
+                             "at least 1, and not both above 1")
+
+    @property
+    def width(self) -> int:
+        return max(self.n, self.beam_width)
 
 
 @dataclass
@@ -43,25 +61,42 @@ class Engine:
     """
 
     def __init__(self, model: Transformer | None, cache: KVCache, sampling: SamplingParams,
-                 stop_ids: frozenset[int], ignore_eos: bool = False, max_prefill_tokens: int = 16384):
+                 stop_ids: frozenset[int], ignore_eos: bool = False, max_prefill_tokens: int = 16384,
+                 preemption: str = "recompute", swap_space_bytes: int = 4 * GB, prefix_caching: bool = False):
+        """`preemption`: "recompute" or "swap" (to a CPU pool of `swap_space_bytes`)."""
+        if preemption not in PREEMPTION_MODES:
+            raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, not {preemption!r}")
         self.model = model
         self.cache = cache
         self.sampling = sampling
         self.stop_ids = frozenset() if ignore_eos else stop_ids
-        self.scheduler = Scheduler(cache, max_prefill_tokens)
+        if prefix_caching:
+            cache.enable_prefix_caching()
+        swap = SwapSpace(cache, swap_space_bytes) if preemption == "swap" else None
+        self.scheduler = Scheduler(cache, max_prefill_tokens, swap=swap)
         self.memory = MemoryTracker(cache)
+        self.sharing = SharingTracker()
 
     def run(self, requests: list[Request], progress: bool = True,
             on_finish: Callable[[Sequence], None] | None = None) -> RunResult:
-        """Generate every request to completion (or until Ctrl-C, which stops within a step)."""
-        seqs = []
-        for i, r in enumerate(requests):
-            seq = Sequence(seq_id=i, request_id=r.request_id, token_ids=list(r.prompt_ids),
+        """Generate every request to completion (or until Ctrl-C, which stops within a step).
+
+        The result lists each request's output sequences in request order: its samples in
+        order, or its best beams first.
+        """
+        rows = sum(r.width for r in requests)
+        if rows > self.cache.max_num_seqs:
+            raise ValueError(f"the requests run {rows} sequences but the cache has block-table rows for "
+                             f"{self.cache.max_num_seqs}; size it for sharing.one_per_sequence(requests)")
+        groups = []
+        for r in requests:
+            seq = Sequence(seq_id=next(self.scheduler.seq_ids), request_id=r.request_id, token_ids=list(r.prompt_ids),
                            num_prompt_tokens=len(r.prompt_ids), max_new_tokens=r.max_new_tokens,
-                           sample_key=zlib.crc32(r.request_id.encode()))
-            self.scheduler.add(seq)
-            seqs.append(seq)
-        bar = tqdm(total=sum(r.max_new_tokens for r in requests), unit="tok", disable=not progress,
+                           sample_key=sample_key(r.request_id, r.sample_index))
+            seq.group = SequenceGroup(r.request_id, [seq], r.n, r.beam_width, r.sample_index)
+            self.scheduler.add(seq.group)
+            groups.append(seq.group)
+        bar = tqdm(total=sum(r.max_new_tokens * r.width for r in requests), unit="tok", disable=not progress,
                    file=sys.stderr, dynamic_ncols=True, desc="generating",
                    mininterval=0.1 if sys.stderr.isatty() else 5.0)
         steps, interrupted = 0, False
@@ -79,31 +114,67 @@ class Engine:
             interrupted = True
         finally:
             bar.close()
-        return RunResult(seqs, steps, interrupted)
+        return RunResult([s for g in groups for s in g.outputs()], steps, interrupted)
 
     def step(self) -> tuple[int, list[Sequence]]:
-        """One forward pass: how many sequences it advanced, and those that finished."""
+        """One forward pass: how many sequences it advanced, and the outputs it completed."""
         try:
             batch, is_prefill = self.scheduler.schedule()
         except MemoryError as e:
             raise OutOfKVMemory(f"{e}; raise --kv-cache-gb or lower --max-seq-len") from None
         if self.model is None:
             self.cache.commit(batch, is_prefill)
-            next_ids = [0] * len(batch)
+            # Every token equally likely (greedy picks 0), so samples and beams still fork.
+            logits = torch.zeros(len(batch), max(s.group.width for s in batch))
+            positions = torch.tensor([s.num_tokens for s in batch])
         else:
             tokens, positions, meta = self.cache.prepare_step(batch, is_prefill)
             logits = self.model(tokens, positions, self.cache, meta)
-            keys = torch.tensor([s.sample_key for s in batch], device=logits.device)
-            next_ids = sample(logits, self.sampling, keys, meta.context_lens.long()).tolist()
+            positions = meta.context_lens.long()  # where each new token goes
         self.memory.record()
+        self.sharing.record(self.scheduler.running)
         finished = []
-        for seq, token in zip(batch, next_ids):
+        for seq, token in self._next_tokens(batch, logits, positions):
             seq.token_ids.append(token)
             reason = self._stop_reason(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason)
-                finished.append(seq)
+                if seq.group.beam_width == 1:
+                    finished.append(seq)
+                elif not seq.group.seqs:  # a beam search is over when its last beam is
+                    finished += seq.group.outputs()
         return len(batch), finished
+
+    def _next_tokens(self, batch: list[Sequence], logits: torch.Tensor,
+                     positions: torch.Tensor) -> list[tuple[Sequence, int]]:
+        """(sequence, next token) for the step: one per sampled sequence, beams as beam search picks.
+
+        A request's first token comes from its prompt's logits; with n samples, that is when
+        the other n - 1 fork off, each drawing its first token from the same logits row.
+        """
+        targets, rows, beams = [], [], {}
+        for i, seq in enumerate(batch):
+            group = seq.group
+            if group.beam_width > 1:
+                beams.setdefault(group, []).append(i)
+            elif group.n > 1 and seq.num_output_tokens == 0:
+                targets += [seq] + [self.scheduler.fork(seq, sample_key(group.request_id, group.sample_index + j))
+                                    for j in range(1, group.n)]
+                rows += [i] * group.n
+            else:
+                targets.append(seq)
+                rows.append(i)
+        picks = []
+        if targets:
+            rows_logits, rows_positions = logits, positions
+            if beams or len(rows) != len(batch):  # not simply every row once, in order
+                index = torch.tensor(rows, device=logits.device)
+                rows_logits, rows_positions = logits[index], positions[index]
+            keys = torch.tensor([s.sample_key for s in targets], device=logits.device)
+            picks = list(zip(targets, sample(rows_logits, self.sampling, keys, rows_positions).tolist()))
+        for idx in beams.values():
+            picks += advance_beams(self.scheduler, [batch[i] for i in idx], logits[idx])
+        return picks
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in self.stop_ids:

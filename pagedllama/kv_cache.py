@@ -12,6 +12,10 @@ Bookkeeping is split the way vLLM and nano-vllm split it: Python lists (`Sequenc
 decide which physical block a request owns, and a device tensor (`block_tables`, one row per
 running request) mirrors them for the kernels. The tensor is updated one entry per new block;
 each step's slot mapping is computed from it with a few tensor ops, never per layer.
+
+Blocks carry reference counts, so tables can share them: the samples or beams of one
+request hold their common blocks once, and with prefix caching so do requests whose
+prompts begin alike. A shared block is copied before it is written (copy on write).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from .attention import AttentionBackend
 from .block_allocator import BlockAllocator
 from .config import ModelArgs
+from .prefix_cache import PrefixCache
 from .sequence import Sequence
 
 
@@ -56,20 +61,27 @@ class KVCache:
         """`storage=False` keeps only the bookkeeping: simulations plan for GPUs that are not here."""
         self.block_size = block_size
         self.max_seq_len = max_seq_len
+        self.max_num_seqs = max_num_seqs
         self.backend = backend
         self.device = device
         self.dtype = dtype
         self.scale = args.head_dim ** -0.5
         self.bytes_per_slot = args.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size())
-        shape = (num_blocks, block_size, args.n_kv_heads, args.head_dim)
         layers = args.n_layers if storage else 0
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        # One tensor, so that copying a block (copy on write, swapping) is one op over all layers.
+        self.kv = torch.zeros((2, layers, num_blocks, block_size, args.n_kv_heads, args.head_dim),
+                              device=device, dtype=dtype)
+        self.k, self.v = list(self.kv[0]), list(self.kv[1])
         self.allocator = BlockAllocator(num_blocks)
+        self.prefix_cache: PrefixCache | None = None
         self.max_blocks_per_seq = cdiv(max_seq_len, block_size)
         self.block_tables = torch.zeros(max_num_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=device)
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
-        self.num_cached_tokens = 0  # slots holding a token, over all resident sequences
+        self.num_cached_tokens = 0  # slots holding a token, each shared block counted once
+        self.num_copies = 0  # blocks copied on write
+
+    def enable_prefix_caching(self) -> None:
+        self.prefix_cache = PrefixCache(self.block_size)
 
     # ---- memory accounting -------------------------------------------------------------
     @property
@@ -84,41 +96,173 @@ class KVCache:
     def reserved_tokens(self) -> int:
         return self.allocator.num_used * self.block_size
 
+    def _fill(self, seq: Sequence, i: int) -> int:
+        """Slots of `seq`'s i-th block that hold a token (all holders of a shared block agree)."""
+        return min(self.block_size, max(0, seq.num_cached_tokens - i * self.block_size))
+
     # ---- block management (called by the scheduler) ----------------------------------
-    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """New blocks `seq` needs so that `num_tokens` of its tokens have a slot."""
-        return max(0, cdiv(num_tokens, self.block_size) - len(seq.block_table))
+    def has_room(self, blocks: int, seqs: int, watermark_blocks: int = 0) -> bool:
+        return len(self._free_rows) >= seqs and self.allocator.num_free - blocks >= watermark_blocks
 
-    def can_allocate(self, seq: Sequence, watermark_blocks: int = 0) -> bool:
-        need = self.blocks_needed(seq, seq.num_tokens)
-        return bool(self._free_rows) and self.allocator.num_free - need >= watermark_blocks
+    def can_allocate(self, *seqs: Sequence, watermark_blocks: int = 0) -> bool:
+        """Could `seqs`, the sequences of one request, be admitted together (in this order)?"""
+        blocks = sum(self._admission_blocks(s, seqs[:i]) for i, s in enumerate(seqs))
+        return self.has_room(blocks, len(seqs), watermark_blocks)
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give an admitted sequence a block-table row and blocks for all its current tokens."""
+    def _admission_blocks(self, seq: Sequence, siblings: tuple[Sequence, ...]) -> int:
+        """Free blocks that `allocate(seq, siblings)` takes at most.
+
+        Blocks shared with a sibling cost nothing, nor do leading cached blocks in use (they
+        stay findable whatever else is admitted); any other cached block might be evicted
+        first, so it counts.
+        """
+        in_use = 0
+        for block in self.prefix_cache.lookup(seq) if self.prefix_cache else ():
+            if not self.allocator.ref_counts[block]:
+                break
+            in_use += 1
+        return cdiv(seq.num_tokens, self.block_size) - max(in_use, self._common_blocks(seq, siblings)[1])
+
+    def _common_blocks(self, seq: Sequence, siblings: tuple[Sequence, ...]) -> tuple[Sequence | None, int]:
+        """The sibling with which `seq` has the most leading full blocks of tokens in common, and
+        how many (never the block of `seq`'s last token, whose logits the prefill is for)."""
+        bs, best, most = self.block_size, None, 0
+        for other in siblings:
+            n = 0
+            while n < min((seq.num_tokens - 1) // bs, other.num_tokens // bs) and \
+                    seq.token_ids[n * bs:(n + 1) * bs] == other.token_ids[n * bs:(n + 1) * bs]:
+                n += 1
+            if n > most:
+                best, most = other, n
+        return best, most
+
+    def allocate(self, seq: Sequence, siblings: tuple[Sequence, ...] = ()) -> None:
+        """Give an admitted sequence a block-table row and blocks for all its current tokens.
+
+        Its leading full blocks may be already computed ones, whose tokens then need no
+        prefill: those of an already allocated sibling (the samples or beams of a request
+        recomputed after preemption) or, with prefix caching, cached ones.
+        """
         seq.row = self._free_rows.pop()
+        sibling, common = self._common_blocks(seq, siblings)
+        for block in sibling.block_table[:common] if sibling else ():
+            self.allocator.share(block)
+            seq.block_table.append(block)
+        if self.prefix_cache:
+            for block in self.prefix_cache.lookup(seq)[common:]:
+                self._take_cached(block)
+                seq.block_table.append(block)
+            self.prefix_cache.queried_tokens += seq.num_tokens
+            self.prefix_cache.hit_tokens += len(seq.block_table) * self.block_size
+        seq.num_cached_tokens = len(seq.block_table) * self.block_size
+        self._sync_row(seq, 0)
         self.grow(seq, seq.num_tokens)
 
-    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.allocator.num_free >= self.blocks_needed(seq, num_tokens)
+    def _take_cached(self, block: int) -> None:
+        if self.allocator.ref_counts[block]:
+            self.allocator.share(block)
+        else:  # free but still holding its tokens: reserved again
+            self.allocator.reuse(block)
+            self.num_cached_tokens += self.block_size
+
+    def blocks_to_grow(self, seqs: list[Sequence]) -> int:
+        """Free blocks that `grow` needs so each of `seqs` has a slot for its last token.
+
+        New blocks, plus copies of shared blocks about to be written: the last of a
+        block's holders to write it keeps the original, unless holders outside `seqs` remain.
+        """
+        new, writers = 0, {}
+        for seq in seqs:
+            blocks, shared = self._growth(seq, seq.num_tokens)
+            new += blocks
+            if shared is not None:
+                writers[seq.block_table[shared]] = writers.get(seq.block_table[shared], 0) + 1
+        refs = self.allocator.ref_counts
+        return new + sum(n - (refs[block] == n) for block, n in writers.items())
+
+    def _growth(self, seq: Sequence, num_tokens: int) -> tuple[int, int | None]:
+        """New blocks `seq` needs for `num_tokens` tokens, and where in its table token
+        `num_tokens - 1` goes if that block is shared (None if it is its own or a new one)."""
+        last, table = (num_tokens - 1) // self.block_size, seq.block_table
+        if last >= len(table):
+            return last + 1 - len(table), None
+        return 0, last if self.allocator.ref_counts[table[last]] > 1 else None
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
-        """Allocate blocks, one at a time as the sequence fills them, up to `num_tokens` slots."""
-        start = len(seq.block_table)
-        for _ in range(self.blocks_needed(seq, num_tokens)):
-            seq.block_table.append(self.allocator.allocate())
+        """Make room for `seq`'s tokens up to `num_tokens`, the last of which this step writes.
+
+        Blocks are allocated one at a time as the sequence fills them; a shared block about
+        to be written is first copied (copy on write) so the other holders keep theirs.
+        """
+        new, shared = self._growth(seq, num_tokens)
+        if shared is not None:
+            self._copy_on_write(seq, shared)
+        if new:
+            start = len(seq.block_table)
+            seq.block_table += [self.new_block() for _ in range(new)]
+            self._sync_row(seq, start)
+        if self.prefix_cache:
+            self.prefix_cache.register(seq, seq.num_cached_tokens // self.block_size, num_tokens // self.block_size)
+
+    def _copy_on_write(self, seq: Sequence, i: int) -> None:
+        old, new = seq.block_table[i], self.new_block()
+        self.kv[:, :, new] = self.kv[:, :, old]
+        self.allocator.free(old)
+        seq.block_table[i] = new
+        self.block_tables[seq.row, i] = new
+        self.num_cached_tokens += self._fill(seq, i)
+        self.num_copies += 1
+
+    def new_block(self) -> int:
+        """A free block for new content; whatever cached prefix it held is forgotten."""
+        block = self.allocator.allocate()
+        if self.prefix_cache:
+            self.prefix_cache.evict(block)
+        return block
+
+    def _sync_row(self, seq: Sequence, start: int) -> None:
+        """Mirror `seq.block_table[start:]` into its row of the device tensor."""
         if len(seq.block_table) > start:
             new = torch.tensor(seq.block_table[start:], dtype=torch.int32)
             self.block_tables[seq.row, start:len(seq.block_table)] = new.to(self.device, non_blocking=True)
 
-    def free(self, seq: Sequence) -> None:
-        """Return all of a finished (or preempted) sequence's blocks to the pool at once."""
-        for block in reversed(seq.block_table):
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` holds all of `parent`'s blocks too; a shared block is copied when first written."""
+        child.row = self._free_rows.pop()
+        child.block_table = list(parent.block_table)
+        for block in child.block_table:
+            self.allocator.share(block)
+        child.num_cached_tokens = parent.num_cached_tokens
+        self.block_tables[child.row] = self.block_tables[parent.row]
+
+    def restore(self, seqs: list[Sequence], tables: list[list[int]]) -> None:
+        """Rows and new blocks for sequences coming back from swap space, which still count
+        their cached tokens; `tables` are their new block tables (see `BlockAllocator.mirror`)."""
+        seen = set()
+        for seq, table in zip(seqs, tables):
+            seq.row = self._free_rows.pop()
+            seq.block_table = table
+            self._sync_row(seq, 0)
+            for i, block in enumerate(table):
+                if block not in seen:
+                    seen.add(block)
+                    self.num_cached_tokens += self._fill(seq, i)
+
+    def release(self, seq: Sequence) -> None:
+        """Let go of `seq`'s blocks and row; it keeps `num_cached_tokens` (swapping brings them back)."""
+        for i in reversed(range(len(seq.block_table))):
+            block = seq.block_table[i]
             self.allocator.free(block)
-        self.num_cached_tokens -= seq.num_cached_tokens
+            if not self.allocator.ref_counts[block]:
+                self.num_cached_tokens -= self._fill(seq, i)
         seq.block_table = []
-        seq.num_cached_tokens = 0
         self._free_rows.append(seq.row)
         seq.row = -1
+
+    def free(self, seq: Sequence) -> None:
+        """Return a finished (or preempted) sequence's blocks to the pool at once."""
+        self.release(seq)
+        seq.num_cached_tokens = 0
 
     # ---- per-step tensors ---------------------------------------------------------------
     def prepare_step(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:

@@ -6,6 +6,7 @@ the batch, whichever step it was admitted at, and after a preemption is recomput
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def sample_key(request_id: str, index: int = 0) -> int:
+    """The random stream of sample `index` of a request: each parallel sample gets its own."""
+    return zlib.crc32(request_id.encode()) ^ (index << 32)
 
 
 def _shr(x: torch.Tensor, s: int) -> torch.Tensor:

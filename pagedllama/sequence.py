@@ -1,19 +1,20 @@
 """One generation request as the engine tracks it: its tokens and where its K/V live."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted with its K/V copied to the CPU swap space
     FINISHED = "finished"
 
 
 @dataclass(eq=False)
 class Sequence:
-    """Prompt plus generated tokens; `block_table` lists the physical KV blocks it owns."""
+    """Prompt plus generated tokens; `block_table` lists the physical KV blocks it holds."""
 
     seq_id: int
     request_id: str
@@ -26,7 +27,10 @@ class Sequence:
     num_cached_tokens: int = 0  # tokens whose K/V are already in the cache
     finish_reason: str | None = None
     num_preemptions: int = 0
-    sample_key: int = 0  # names the request's random stream (see sampling.py)
+    sample_key: int = 0  # names the sequence's random stream (see sampling.py)
+    cum_logprob: float = 0.0  # beam search: the sum of its output tokens' log-probabilities
+    block_hashes: list[int] = field(default_factory=list)  # prefix caching: one per full block
+    group: SequenceGroup | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -39,3 +43,36 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    def fork(self, seq_id: int, sample_key: int) -> Sequence:
+        """A copy that goes on by itself from here; `KVCache.fork` gives it the same blocks."""
+        return replace(self, seq_id=seq_id, sample_key=sample_key, token_ids=list(self.token_ids),
+                       block_hashes=list(self.block_hashes), block_table=[], row=-1, num_cached_tokens=0)
+
+
+@dataclass(eq=False)
+class SequenceGroup:
+    """The sequences of one request, its parallel samples or its beams.
+
+    They share KV blocks, so the scheduler admits, preempts and resumes them together
+    (gang scheduling): preempting one alone would free nothing its siblings still hold.
+    """
+
+    request_id: str
+    seqs: list[Sequence]  # the live ones: waiting, running or swapped
+    n: int = 1
+    beam_width: int = 1
+    sample_index: int = 0  # sample j draws from stream sample_index + j
+    finished: list[Sequence] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        """How many sequences the request runs at most."""
+        return max(self.n, self.beam_width)
+
+    def outputs(self) -> list[Sequence]:
+        """Samples in order; beams best first by cumulative log-probability (not length-normalised)."""
+        done = self.finished + self.seqs
+        if self.beam_width > 1:
+            return sorted(done, key=lambda s: -s.cum_logprob)[:self.beam_width]
+        return sorted(done, key=lambda s: s.seq_id)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import generate, make_cache, random_requests, reference_greedy
+from pagedllama.engine import Engine
 from pagedllama.sampling import SamplingParams
 
 # Prompts from 1 to 300 tokens, answers from 1 to 60: lengths that differ widely.
@@ -49,14 +50,21 @@ def test_scattered_blocks_equal_reference(tiny_model, requests, expected):
     assert out == expected
 
 
-@pytest.mark.parametrize("block_size,num_blocks", [(4, 95), (16, 24), (1, 380)])
-def test_heavy_preemption_equals_reference(tiny_model, requests, expected, block_size, num_blocks):
-    """A pool only a little larger than the longest request (305 tokens): requests must take turns."""
-    out, engine = generate(tiny_model, make_cache(tiny_model, block_size, num_blocks, MAX_SEQ_LEN, len(requests)),
-                           requests)
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+@pytest.mark.parametrize("block_size,num_blocks", [(4, 95), (16, 24), (1, 380), (4, 77)])
+def test_heavy_preemption_equals_reference(tiny_model, requests, expected, block_size, num_blocks, preemption):
+    """A pool only a little larger than the longest request (305 tokens): requests must take turns
+    (with 77 blocks of 4, a running request is preempted, by recompute or swap)."""
+    cache = make_cache(tiny_model, block_size, num_blocks, MAX_SEQ_LEN, len(requests))
+    engine = Engine(tiny_model, cache, SamplingParams(), frozenset(), ignore_eos=True, preemption=preemption,
+                    swap_space_bytes=2 * num_blocks * block_size * cache.bytes_per_slot)
+    out = [s.output_ids for s in engine.run(requests, progress=False).sequences]
     assert out == expected
-    assert engine.scheduler.stats.preemptions > 0 or not engine.scheduler.stats.all_resident
+    stats = engine.scheduler.stats
+    assert stats.preemptions > 0 or not stats.all_resident
+    assert (stats.swaps > 0) == (preemption == "swap" and stats.preemptions > 0)
     assert engine.cache.allocator.num_free == num_blocks
+    assert engine.cache.num_cached_tokens == 0
 
 
 def test_sampling_is_batch_invariant(tiny_model, requests):

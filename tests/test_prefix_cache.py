@@ -1,0 +1,89 @@
+"""Prefix caching: same outputs, the hit rate a hand count predicts, LRU eviction, the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import CPU, TINY, make_cache
+from pagedllama import cli
+from pagedllama.engine import Engine, Request
+from pagedllama.kv_cache import KVCache
+from pagedllama.sampling import SamplingParams
+from pagedllama.sequence import Sequence
+
+SLOT = TINY.kv_bytes_per_token(4)
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, TINY.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(model, cache, requests, **options):
+    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, **options)
+    return [s.output_ids for s in engine.run(requests, progress=False).sequences], engine
+
+
+def test_hit_rate_equals_hand_count_and_outputs_do_not_change(tiny_model):
+    """Blocks of 4; S is an 8-token prefix (2 full blocks). All four are admitted in one step.
+
+    A = S + 3 tokens: nothing cached yet, 0 hits.  B = S + 5: both S blocks, 8.
+    C = S alone: its second block holds its last token, whose logits are needed: 4.
+    D = A again: the block with its last token is A's partial one: 8.  20 of 43 tokens.
+    """
+    s = tokens(8, 1)
+    prompts = [s + tokens(3, 2), s + tokens(5, 3), s, s + tokens(3, 2)]
+    requests = [Request(f"r{i}", p, 6) for i, p in enumerate(prompts)]
+    out, engine = run(tiny_model, make_cache(tiny_model, 4, 40, 64, 4), requests, prefix_caching=True)
+    assert engine.cache.prefix_cache.summary() == {"hit_rate": 20 / 43, "cached_tokens": 20, "prompt_tokens": 43}
+    assert out == run(tiny_model, make_cache(tiny_model, 4, 40, 64, 4), requests)[0]
+    assert engine.sharing.peak_table_blocks - engine.memory.peak_blocks == 5  # B 2, C 1, D 2 blocks shared
+
+
+def test_freed_blocks_stay_cached_and_are_evicted_least_recently_used_first():
+    cache = KVCache(TINY, 8, 4, 64, 4, None, CPU, torch.float32, storage=False)
+    cache.enable_prefix_caching()
+
+    def admit(prompt: list[int]) -> Sequence:
+        seq = Sequence(0, "r", prompt, len(prompt), 1)
+        assert cache.can_allocate(seq)
+        cache.allocate(seq)
+        cache.commit([seq], is_prefill=True)
+        return seq
+
+    x, y = admit(tokens(9, 1)), admit(tokens(9, 2))  # blocks 0-2 and 3-5; 2 full ones each
+    cache.free(x)
+    cache.free(y)
+    assert cache.allocator.num_free == 8 and cache.num_cached_tokens == 0
+    assert cache.prefix_cache.lookup(x) == [0, 1] and cache.prefix_cache.lookup(y) == [3, 4]
+    w = admit(tokens(16, 3))  # takes the 2 never-used blocks, then x's, last block first
+    assert w.block_table == [6, 7, 2, 1]
+    assert cache.prefix_cache.lookup(x) == [0] and cache.prefix_cache.lookup(y) == [3, 4]
+    again = admit(list(y.token_ids))  # y's cached blocks come back into use, holding their tokens
+    assert again.block_table[:2] == [3, 4] and again.num_cached_tokens == 9
+    assert cache.num_cached_tokens == 16 + 9 and cache.allocator.num_used == 4 + 3
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_prefix_caching_under_preemption_equals_unconstrained_run(tiny_model, preemption):
+    prefix = tokens(13, 4)
+    requests = [Request(f"r{i}", prefix + tokens(p, 10 + i), n)
+                for i, (p, n) in enumerate([(7, 30), (20, 25), (2, 30), (9, 20), (0, 15)])]
+    cache = make_cache(tiny_model, 4, 20, 128, len(requests))
+    out, engine = run(tiny_model, cache, requests, prefix_caching=True, preemption=preemption,
+                      swap_space_bytes=1000 * 4 * SLOT)
+    assert out == run(tiny_model, make_cache(tiny_model, 4, 200, 128, len(requests)), requests)[0]
+    assert engine.scheduler.stats.preemptions > 0 and engine.cache.prefix_cache.hit_rate > 0
+    assert cache.allocator.num_free == 20 and cache.num_cached_tokens == 0
+
+
+def test_cli_system_prompt_shows_hits_on_sharegpt(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    code = cli.main("paged", ["3", "--enable-prefix-caching", "--system-prompt", "You are a helpful assistant. "
+                              "Answer clearly and briefly, and say so when you are not sure.", "--max-new-tokens",
+                              "2", "--no-progress", "--no-answers", "--json", str(path)])
+    out = capsys.readouterr().out
+    doc = json.loads(path.read_text())
+    assert code == 0 and "prefix cache: hit rate" in out
+    assert 0 < doc["prefix_cache"]["hit_rate"] < 1 and doc["sharing"]["saved_bytes"] > 0

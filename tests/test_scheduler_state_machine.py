@@ -1,0 +1,162 @@
+"""Allocator, cache and scheduler driven by random admit / step / fork / finish / preempt sequences.
+
+After every rule the bookkeeping must agree with itself: reference counts with the block
+tables that hold each block, free plus used with the pool, the swap pool with the swapped
+tables, the count of slots holding tokens with the tables. When the cache has storage, each
+step writes its tokens' ids where a model would write their K, so that copies on write,
+swaps and reused prefix blocks can be checked by content too.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from conftest import CPU, TINY
+from pagedllama.kv_cache import KVCache, cdiv
+from pagedllama.scheduler import Scheduler
+from pagedllama.sequence import Sequence, SequenceGroup, Status
+from pagedllama.swap import SwapSpace
+
+MAX_PROMPT, MAX_NEW, MAX_WIDTH, ROWS = 10, 8, 3, 12
+SLOT = TINY.kv_bytes_per_token(4)
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    @initialize(block_size=st.sampled_from([1, 2, 4]), extra_blocks=st.integers(0, 12),
+                swap_blocks=st.sampled_from([None, 3, 1000]), prefix_caching=st.booleans(), storage=st.booleans())
+    def setup(self, block_size, extra_blocks, swap_blocks, prefix_caching, storage):
+        # A request alone always fits, even with its samples as full copies: no MemoryError.
+        num_blocks = MAX_WIDTH * cdiv(MAX_PROMPT + MAX_NEW, block_size) + extra_blocks
+        self.cache = KVCache(TINY, num_blocks, block_size, 64, ROWS, None, CPU, torch.float32, storage=storage)
+        if prefix_caching:
+            self.cache.enable_prefix_caching()
+        swap = None if swap_blocks is None else SwapSpace(self.cache, swap_blocks * block_size * SLOT)
+        self.scheduler = Scheduler(self.cache, watermark=0, swap=swap)
+        self.groups: list[SequenceGroup] = []
+
+    # ---- rules ---------------------------------------------------------------------------
+    @precondition(lambda self: sum(len(g.seqs) for g in self.groups) < ROWS)
+    @rule(prompt=st.lists(st.integers(0, 2), min_size=1, max_size=MAX_PROMPT), max_new=st.integers(1, MAX_NEW))
+    def add_request(self, prompt, max_new):
+        """Few distinct token ids, so that prompts often share prefixes."""
+        seq = Sequence(next(self.scheduler.seq_ids), f"r{len(self.groups)}", prompt, len(prompt), max_new)
+        seq.group = SequenceGroup(seq.request_id, [seq])
+        self.scheduler.add(seq.group)
+        self.groups.append(seq.group)
+
+    @precondition(lambda self: not self.scheduler.done)
+    @rule(token=st.integers(0, 2))
+    def step(self, token):
+        batch, is_prefill = self.scheduler.schedule()
+        starts = [s.num_cached_tokens if is_prefill else s.num_tokens - 1 for s in batch]
+        self.cache.commit(batch, is_prefill)
+        for seq, start in zip(batch, starts):
+            self._write(seq, start)
+            seq.token_ids.append(token)
+            if seq.num_output_tokens == seq.max_new_tokens:
+                self.scheduler.finish(seq, "length")
+
+    @precondition(lambda self: self.scheduler.running and sum(len(g.seqs) for g in self.groups) < ROWS)
+    @rule(data=st.data())
+    def fork(self, data):
+        candidates = [s for s in self.scheduler.running if len(s.group.seqs) < MAX_WIDTH]
+        if candidates:
+            self.scheduler.fork(data.draw(st.sampled_from(candidates)), sample_key=0)
+
+    @precondition(lambda self: self.scheduler.running)
+    @rule(data=st.data(), prune=st.booleans())
+    def finish(self, data, prune):
+        seq = data.draw(st.sampled_from(self.scheduler.running))
+        self.scheduler.prune(seq) if prune else self.scheduler.finish(seq, "stop")
+
+    @precondition(lambda self: self.scheduler.running_groups)
+    @rule(data=st.data())
+    def preempt(self, data):
+        self.scheduler.preempt(data.draw(st.sampled_from(self.scheduler.running_groups)))
+
+    def teardown(self):
+        for _ in range(200):
+            if self.scheduler.done:
+                break
+            self.step(0)
+        assert self.scheduler.done, "requests never finished"
+        assert self.cache.allocator.num_free == self.cache.num_blocks, "blocks leaked"
+        assert self.cache.num_cached_tokens == 0
+        if self.scheduler.swap:
+            assert self.scheduler.swap.allocator.num_used == 0 and not self.scheduler.swap.tables
+
+    # ---- what a model would write ------------------------------------------------------
+    def _slot(self, seq: Sequence, pos: int) -> tuple[int, int]:
+        return seq.block_table[pos // self.cache.block_size], pos % self.cache.block_size
+
+    def _write(self, seq: Sequence, start: int) -> None:
+        if self.cache.k:
+            for pos in range(start, seq.num_cached_tokens):
+                self.cache.k[0][self._slot(seq, pos)] = seq.token_ids[pos] + 1
+
+    # ---- invariants ------------------------------------------------------------------------
+    @invariant()
+    def reference_counts_equal_the_tables_holding_each_block(self):
+        if not hasattr(self, "cache"):
+            return
+        running = self.scheduler.running
+        held = Counter(b for s in running for b in s.block_table)
+        allocator = self.cache.allocator
+        assert all(allocator.ref_counts[b] == held[b] for b in range(self.cache.num_blocks))
+        assert allocator.num_free + allocator.num_used == self.cache.num_blocks
+        assert allocator.num_used == len(held) and sorted(allocator._free) == sorted(set(range(allocator.num_blocks)) - set(held))
+        swap = self.scheduler.swap
+        if swap:
+            held_cpu = Counter(b for table in swap.tables.values() for b in table)
+            assert all(swap.allocator.ref_counts[b] == held_cpu[b] for b in range(swap.allocator.num_blocks))
+            assert set(swap.tables) == {s for g in self.scheduler.swapped for s in g.seqs}
+
+    @invariant()
+    def sequences_are_where_their_status_says(self):
+        if not hasattr(self, "cache"):
+            return
+        for status, groups in ((Status.WAITING, self.scheduler.waiting), (Status.RUNNING, self.scheduler.running_groups),
+                               (Status.SWAPPED, self.scheduler.swapped)):
+            for g in groups:
+                assert g.seqs and all(s.status is status for s in g.seqs)
+                if status is not Status.RUNNING:
+                    assert all(not s.block_table and s.row == -1 for s in g.seqs)
+        rows = [s.row for s in self.scheduler.running]
+        assert len(set(rows)) == len(rows) and len(rows) + len(self.cache._free_rows) == ROWS
+
+    @invariant()
+    def tables_cover_their_tokens_with_at_most_one_partly_filled_block(self):
+        if not hasattr(self, "cache"):
+            return
+        bs = self.cache.block_size
+        fill: dict[int, int] = {}
+        for s in self.scheduler.running:
+            assert 0 <= len(s.block_table) * bs - s.num_cached_tokens < bs
+            assert s.num_cached_tokens == s.num_tokens - 1
+            assert self.cache.block_tables[s.row, :len(s.block_table)].tolist() == s.block_table
+            for i, b in enumerate(s.block_table):
+                assert fill.setdefault(b, min(bs, s.num_cached_tokens - i * bs)) == min(bs, s.num_cached_tokens - i * bs)
+        assert self.cache.num_cached_tokens == sum(fill.values())
+
+    @invariant()
+    def blocks_hold_their_sequences_tokens(self):
+        if not hasattr(self, "cache"):
+            return
+        prefix_cache = self.cache.prefix_cache
+        for s in self.scheduler.running:
+            if self.cache.k:
+                written = [int(self.cache.k[0][self._slot(s, p)][0, 0]) for p in range(s.num_cached_tokens)]
+                assert written == [t + 1 for t in s.token_ids[:s.num_cached_tokens]]
+            if prefix_cache:
+                full = s.num_cached_tokens // self.cache.block_size
+                for i, b in enumerate(s.block_table[:full]):
+                    h = prefix_cache._hash_of.get(b)
+                    assert h is None or h == prefix_cache.hashes(s)[i], "a cached block holds another prefix"
+
+
+TestSchedulerStateMachine = SchedulerMachine.TestCase
+TestSchedulerStateMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

@@ -1,0 +1,120 @@
+"""Swap preemption: K/V to the CPU pool and back bit for bit, its order, its fallback, dry runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import CPU, TINY, generate, make_cache, random_requests
+from pagedllama import cli
+from pagedllama.engine import Engine
+from pagedllama.kv_cache import KVCache
+from pagedllama.sampling import SamplingParams
+from pagedllama.scheduler import Scheduler
+from pagedllama.sequence import Sequence, SequenceGroup, Status
+from pagedllama.swap import SwapSpace
+
+SLOT = TINY.kv_bytes_per_token(4)
+# Requests that outgrow a 16-block pool of 4 slots while decoding: running ones are preempted.
+LENGTHS = [(20, 30), (30, 25), (10, 30), (5, 20)]
+
+
+def new_group(scheduler: Scheduler, num_tokens: int, max_new_tokens: int) -> SequenceGroup:
+    seq = Sequence(next(scheduler.seq_ids), f"r{scheduler.stats.num_requests}", list(range(num_tokens)),
+                   num_tokens, max_new_tokens)
+    seq.group = SequenceGroup(seq.request_id, [seq])
+    scheduler.add(seq.group)
+    return seq.group
+
+
+def step(scheduler: Scheduler) -> tuple[list[Sequence], bool]:
+    """What a dry-run engine step does: schedule, count as cached, append a token, retire."""
+    batch, is_prefill = scheduler.schedule()
+    scheduler.cache.commit(batch, is_prefill)
+    for seq in batch:
+        seq.token_ids.append(0)
+        if seq.num_output_tokens == seq.max_new_tokens:
+            scheduler.finish(seq, "length")
+    return batch, is_prefill
+
+
+def test_swap_round_trip_restores_kv_bit_for_bit():
+    cache = KVCache(TINY, 12, 4, 64, 4, None, CPU, torch.float32)
+    swap = SwapSpace(cache, 5 * 4 * SLOT)
+    scheduler = Scheduler(cache, watermark=0, swap=swap)
+    new_group(scheduler, 10, 5)
+    b = new_group(scheduler, 7, 5)
+    step(scheduler)
+    scheduler.fork(b.seqs[0], sample_key=1)  # b's two sequences share both of b's blocks
+    cache.kv.copy_(torch.randn_like(cache.kv))
+    before = cache.kv[:, :, b.seqs[0].block_table].clone()
+    scheduler.preempt(b)
+    assert swap.allocator.num_used == 2, "shared blocks are swapped once"
+    assert all(s.status is Status.SWAPPED and s.row == -1 and not s.block_table for s in b.seqs)
+    assert cache.allocator.num_used == 3 and cache.num_cached_tokens == 10  # the other request's alone
+    cache.kv.zero_()  # the freed blocks get overwritten
+    swap.swap_in(b.seqs)
+    first, second = b.seqs
+    assert first.block_table == second.block_table and first.num_cached_tokens == 7
+    assert all(cache.allocator.ref_counts[blk] == 2 for blk in first.block_table)
+    assert torch.equal(cache.kv[:, :, first.block_table], before)
+    assert cache.block_tables[second.row, :2].tolist() == second.block_table
+    assert swap.allocator.num_free == swap.allocator.num_blocks and cache.num_cached_tokens == 17
+
+
+def test_swapped_request_resumes_before_new_admissions():
+    """Blocks of 4, a pool of 9. `old` runs 3 samples; when all three need a new block at once,
+    `young` (5 blocks) is swapped out and 2 blocks stay free: room for `late`, not for `young`."""
+    cache = KVCache(TINY, 9, 4, 64, 4, None, CPU, torch.float32, storage=False)
+    scheduler = Scheduler(cache, watermark=0, swap=SwapSpace(cache, 100 * 4 * SLOT))
+    old, young = new_group(scheduler, 4, 8), new_group(scheduler, 16, 8)
+    step(scheduler)
+    for key in (1, 2):
+        scheduler.fork(old.seqs[0], key)
+    for _ in range(5):
+        step(scheduler)
+    assert [s.status for s in young.seqs] == [Status.SWAPPED] and scheduler.stats.swaps == 1
+    assert cache.allocator.num_free == 2
+    late, samples = new_group(scheduler, 4, 1), list(old.seqs)
+    while not old.finished:
+        batch, is_prefill = step(scheduler)
+        assert batch == samples and not is_prefill and late.seqs[0].status is Status.WAITING
+    batch, is_prefill = step(scheduler)
+    assert is_prefill and batch == late.finished and young.seqs[0].status is Status.RUNNING
+
+
+@pytest.mark.parametrize("swap_blocks,fallbacks", [(6, True), (1000, False)])
+def test_swap_outputs_equal_unconstrained_run_with_and_without_fallback(tiny_model, swap_blocks, fallbacks):
+    requests = random_requests(LENGTHS, TINY.vocab_size, seed=4)
+    cache = make_cache(tiny_model, 4, 16, 128, len(requests))
+    engine = Engine(tiny_model, cache, SamplingParams(), frozenset(), ignore_eos=True, preemption="swap",
+                    swap_space_bytes=swap_blocks * 4 * SLOT)
+    out = [s.output_ids for s in engine.run(requests, progress=False).sequences]
+    assert out == generate(tiny_model, make_cache(tiny_model, 4, 200, 128, len(requests)), requests)[0]
+    stats = engine.scheduler.stats
+    assert stats.swaps > 0 and (stats.swap_fallbacks > 0) == fallbacks
+    assert stats.preemptions == stats.swaps + stats.swap_fallbacks
+    assert cache.allocator.num_free == 16 and cache.num_cached_tokens == 0
+    assert engine.scheduler.swap.allocator.num_free == swap_blocks
+
+
+def test_dry_run_swaps_bookkeeping_only():
+    cache = KVCache(TINY, 16, 4, 128, 4, None, CPU, torch.float32, storage=False)
+    engine = Engine(None, cache, SamplingParams(), frozenset(), ignore_eos=True, preemption="swap",
+                    swap_space_bytes=1000 * 4 * SLOT)
+    result = engine.run(random_requests(LENGTHS, TINY.vocab_size), progress=False)
+    assert [s.num_output_tokens for s in result.sequences] == [n for _, n in LENGTHS]
+    assert engine.scheduler.stats.swaps > 0 and engine.scheduler.swap.kv.numel() == 0
+    assert cache.allocator.num_free == 16 and engine.scheduler.swap.allocator.num_free == 1000
+
+
+def test_cli_swap_reports_swaps(tmp_path, capsys):
+    data, path = tmp_path / "short.json", tmp_path / "run.json"
+    data.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"Question {i}: why is the sky blue?"}]}
+                                for i in range(4)]))
+    code = cli.main("paged", ["2", "--data", str(data), "--num-blocks", "4", "--preemption", "swap", "--swap-space-gb",
+                              "0.01", "--max-new-tokens", "16", "--no-progress", "--no-answers", "--json", str(path)])
+    out = capsys.readouterr().out
+    scheduler = json.loads(path.read_text())["scheduler"]
+    assert code == 0 and scheduler["swaps"] > 0 and f"({scheduler['swaps']} swapped" in out
