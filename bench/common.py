@@ -1,0 +1,369 @@
+"""Shared pieces of the benchmarks: model presets, workloads, timed runs, repeats, results.
+
+Every benchmark in bench/ measures ratios side by side in one process: the runs being
+compared are interleaved (A B, then B A, ...) and repeated, and each ratio is the median of
+the per-repeat ratios. The machine these numbers come from is small and shared, so a single
+run can be several times slower than the next one; pairing the runs is what keeps the
+ratios meaningful.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pagedllama.attention import TorchAttention  # noqa: E402
+from pagedllama.budget import MAX_PREFILL_TOKENS, build_cache, cpu_default_budget, naive_max_rows  # noqa: E402
+from pagedllama.capacity import find_max_batch  # noqa: E402
+from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
+from pagedllama.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs, ffn_hidden_dim  # noqa: E402
+from pagedllama.data import default_data_path, load_sharegpt  # noqa: E402
+from pagedllama.engine import Engine, Request  # noqa: E402
+from pagedllama.kv_cache import KVCache  # noqa: E402
+from pagedllama.model import Transformer  # noqa: E402
+from pagedllama.sampling import SamplingParams  # noqa: E402
+from pagedllama.tokenizer import demo_tokenizer  # noqa: E402
+from pagedllama.workload import build_requests  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+# Intra-op threads. 1 by default: on a shared 2-core machine, two OpenMP threads stall at every
+# parallel region while another tenant holds the second core (measured here: the same 6-request
+# run took 0.9-1.3 s with 1 thread and 18-23 s with 2, alternating in one process). Set
+# BENCH_THREADS=2 (or --threads 2) on a quiet machine.
+DEFAULT_THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+
+
+def set_threads(n: int | None = None) -> int:
+    n = n or DEFAULT_THREADS
+    torch.set_num_threads(n)
+    return n
+
+
+set_threads()
+CPU = torch.device("cpu")
+# BENCH_DEVICE=cuda runs the throughput and Hugging Face benchmarks on a GPU (written for it, not run
+# in the session that produced BENCHMARKS.md: no GPU there). Dtype as the CLI picks it: float32 on
+# CPU (half-precision matmuls are slow there), bfloat16 on CUDA; BENCH_DTYPE overrides.
+DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+    os.environ.get("BENCH_DTYPE", "float32" if DEVICE.type == "cpu" else "bfloat16")]
+BLOCK_SIZE = 16  # the paged twin's default
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+# ~100M parameters in Llama 3's shape: GQA (12 query heads over 4 KV heads, head_dim 64), SwiGLU
+# with Meta's FFN rule (multiple_of 256, ffn_dim_multiplier 1.3 as in Llama 3 8B: hidden 2816),
+# RoPE theta 500000, untied output head, the demo tokenizer's 4352-token vocabulary.
+BENCH_100M = ModelArgs(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, vocab_size=4352,
+                       hidden_dim=ffn_hidden_dim(768, 256, 1.3), rope_theta=500000.0)
+MODELS: dict[str, ModelArgs] = {"demo": DEMO_ARGS, "100m": BENCH_100M}
+MAX_SEQ_LEN = DEMO_MAX_SEQ_LEN  # 4096: the context each naive row preallocates (the demo's default)
+
+_STATE_DICTS: dict[str, dict] = {}
+
+
+def state_dict(name: str) -> dict[str, torch.Tensor]:
+    """Deterministic random weights (seed 0, as the demo uses), made once per process."""
+    if name not in _STATE_DICTS:
+        _STATE_DICTS[name] = random_state_dict(MODELS[name], seed=0)
+    return _STATE_DICTS[name]
+
+
+_MODELS: dict[str, Transformer] = {}
+
+
+def load_model(name: str, max_positions: int = MAX_SEQ_LEN) -> Transformer:
+    """The model with its random weights (float32 on CPU), built once per process."""
+    if name not in _MODELS:
+        _MODELS[name] = build_model(MODELS[name], state_dict(name), DEVICE, DTYPE, max_positions)
+        warm_up(_MODELS[name], name)
+    return _MODELS[name]
+
+
+def describe_model(name: str) -> str:
+    a = MODELS[name]
+    return (f"{name}: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads / {a.n_kv_heads} KV heads, "
+            f"FFN {a.hidden_dim}, vocab {a.vocab_size}: {a.num_params() / 1e6:.1f}M parameters, "
+            f"{a.kv_bytes_per_token(DTYPE.itemsize)} KV bytes/token in {str(DTYPE).removeprefix('torch.')}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+
+_CONVERSATIONS = None
+
+
+def sharegpt_requests(n: int | None = None, max_seq_len: int = MAX_SEQ_LEN, cap: int | None = None) -> list[Request]:
+    """The shipped ShareGPT sample in file order, each generating its reference answer's length
+    (demo tokenizer), optionally capped at `cap` new tokens."""
+    global _CONVERSATIONS
+    if _CONVERSATIONS is None:
+        _CONVERSATIONS = load_sharegpt(default_data_path())[0]
+    n = len(_CONVERSATIONS) if n is None else n
+    reqs = build_requests(_CONVERSATIONS, demo_tokenizer(), n, max_seq_len, None, reference_lengths=True)
+    if cap is not None:
+        reqs = [Request(r.request_id, r.prompt_ids, min(cap, r.max_new_tokens)) for r in reqs]
+    return reqs
+
+
+@dataclass(frozen=True)
+class RandomSpec:
+    """nano-vllm's bench.py draws 256 requests with input and output lengths uniform over
+    [100, 1024] and token ids uniform over [0, 10000], seed 0; here the ranges are scaled down
+    for 2 CPU cores and ids stay below the demo tokenizer's 4096 ordinary tokens."""
+
+    num_seqs: int
+    min_in: int
+    max_in: int
+    min_out: int
+    max_out: int
+    seed: int = 0
+
+    def label(self) -> str:
+        return (f"random {self.num_seqs} reqs, in U[{self.min_in},{self.max_in}], "
+                f"out U[{self.min_out},{self.max_out}], seed {self.seed}")
+
+
+def random_requests(spec: RandomSpec) -> list[Request]:
+    rng = random.Random(spec.seed)
+    reqs = []
+    for i in range(spec.num_seqs):
+        prompt = [rng.randrange(4096) for _ in range(rng.randint(spec.min_in, spec.max_in))]
+        reqs.append(Request(f"rand-{i}", prompt, rng.randint(spec.min_out, spec.max_out)))
+    return reqs
+
+
+def workload_stats(reqs: list[Request]) -> dict:
+    p = [len(r.prompt_ids) for r in reqs]
+    o = [r.max_new_tokens for r in reqs]
+    return {"num_requests": len(reqs), "prompt_tokens_mean": statistics.mean(p), "prompt_tokens_max": max(p),
+            "output_tokens_mean": statistics.mean(o), "output_tokens_max": max(o), "output_tokens_total": sum(o)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches and runs
+
+
+def bytes_per_token(model: str) -> int:
+    return MODELS[model].kv_bytes_per_token(DTYPE.itemsize)
+
+
+def budget_for_rows(model: str, rows: int, max_seq_len: int = MAX_SEQ_LEN) -> int:
+    """A KV budget of exactly `rows` naive preallocations: both twins get this many bytes."""
+    return rows * max_seq_len * bytes_per_token(model)
+
+
+def default_budget(model: str, max_seq_len: int = MAX_SEQ_LEN) -> int:
+    """The CLI's CPU default: as many max_seq_len rows as Llama 3 8B gets on a 24 GB GPU (6.19)."""
+    return cpu_default_budget(bytes_per_token(model), max_seq_len).kv_bytes
+
+
+def default_backend(block_size: int):
+    """The torch backend on CPU; on CUDA what the CLI's --attention auto picks (or BENCH_ATTENTION)."""
+    if DEVICE.type == "cpu":
+        return TorchAttention()
+    from pagedllama.attention import select_backend
+
+    return select_backend(os.environ.get("BENCH_ATTENTION", "auto"), DEVICE, DTYPE, block_size)
+
+
+def make_cache(twin: str, model: str, reqs: list[Request], budget: int, max_seq_len: int = MAX_SEQ_LEN,
+               storage: bool = True, backend=None) -> KVCache:
+    block_size = max_seq_len if twin == "naive" else BLOCK_SIZE
+    backend = backend or (default_backend(block_size) if storage else None)
+    return build_cache(twin, MODELS[model], reqs, budget, max_seq_len, backend, DEVICE if storage else CPU, DTYPE,
+                       block_size=None if twin == "naive" else BLOCK_SIZE, storage=storage)
+
+
+def naive_continuous_cache(model: str, rows: int, num_reqs: int, max_seq_len: int = MAX_SEQ_LEN) -> KVCache:
+    """Naive preallocation (one max_seq_len row per running request) but with continuous batching:
+    `rows` rows, admitting a waiting request whenever one finishes. Not a twin the CLI has; it
+    separates the effect of the memory layout from that of batching."""
+    return KVCache(MODELS[model], rows, max_seq_len, max_seq_len, num_reqs, default_backend(max_seq_len), DEVICE,
+                   DTYPE)
+
+
+@dataclass
+class RunStats:
+    seconds: float  # wall clock
+    cpu_seconds: float  # this process's CPU time (all its threads)
+    output_tokens: int
+    steps: int
+    peak_running: int
+    preemptions: int
+    outputs: list[list[int]]
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    @property
+    def tok_per_cpu_s(self) -> float:
+        return self.output_tokens / self.cpu_seconds
+
+    def rates(self) -> dict[str, float]:
+        return {"cpu": self.tok_per_cpu_s, "wall": self.tok_per_s}
+
+
+class Clock:
+    """Wall and process CPU time of a block. With one intra-op thread the process CPU time is the
+    time the work itself took: it does not count the time another tenant held the core. On CUDA
+    the CPU time says nothing about the GPU's work, so both figures are the synchronized wall time."""
+
+    def __enter__(self):
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        if DEVICE.type == "cuda":
+            self.cpu = self.wall
+
+
+def run_engine(model: Transformer | None, cache: KVCache, reqs: list[Request]) -> RunStats:
+    """Generate every request to its length (greedy, EOS ignored, as the demo runs); time only the run."""
+    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True,
+                    max_prefill_tokens=MAX_PREFILL_TOKENS)
+    with Clock() as c:
+        res = engine.run(reqs, progress=False)
+    outs = [s.output_ids for s in res.sequences]
+    st = engine.scheduler.stats
+    return RunStats(c.wall, c.cpu, sum(len(o) for o in outs), res.steps, st.peak_running, st.preemptions, outs)
+
+
+def run_waves(model: Transformer, model_name: str, reqs: list[Request], wave: int, budget: int,
+              max_seq_len: int = MAX_SEQ_LEN, backend_cls=None) -> list[RunStats]:
+    """The naive twin serving more requests than its largest batch: consecutive static batches of
+    `wave` requests, each with its own preallocated cache (as running llama3-naive.py repeatedly)."""
+    return [run_engine(model, make_cache("naive", model_name, reqs[i:i + wave], budget, max_seq_len,
+                                         backend=backend_cls() if backend_cls else None),
+                       reqs[i:i + wave]) for i in range(0, len(reqs), wave)]
+
+
+def combine(runs: list[RunStats]) -> RunStats:
+    return RunStats(sum(r.seconds for r in runs), sum(r.cpu_seconds for r in runs),
+                    sum(r.output_tokens for r in runs), sum(r.steps for r in runs),
+                    max(r.peak_running for r in runs), sum(r.preemptions for r in runs),
+                    [o for r in runs for o in r.outputs])
+
+
+def paged_max_batch(model: str, reqs: list[Request], budget: int, max_seq_len: int = MAX_SEQ_LEN) -> tuple[int, bool]:
+    """The dry run's answer: largest K whose first K requests stay resident at once, no preemption."""
+    return find_max_batch("paged", MODELS[model], reqs, budget, max_seq_len, DTYPE, BLOCK_SIZE)
+
+
+def naive_max_batch(model: str, budget: int, max_seq_len: int = MAX_SEQ_LEN) -> int:
+    return naive_max_rows(budget, max_seq_len, bytes_per_token(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# Repeats
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def paired(fns: dict[str, Callable[[], dict[str, float]]], repeats: int,
+           log: Callable[[str], None] = print) -> dict[str, dict[str, list[float]]]:
+    """Run each measurement `repeats` times, interleaved, reversing the order every repeat
+    (A B C, C B A, ...) so slow drifts in machine load hit all of them alike. Each returns
+    {"cpu": rate, "wall": rate}; the result is {name: {"cpu": [...], "wall": [...]}}."""
+    names = list(fns)
+    out: dict[str, dict[str, list[float]]] = {n: {"cpu": [], "wall": []} for n in names}
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            for k, v in fns[n]().items():
+                out[n][k].append(v)
+        log("    repeat %d (tok per CPU-s / per wall-s): %s" % (
+            r + 1, ", ".join(f"{n} {out[n]['cpu'][-1]:.1f} / {out[n]['wall'][-1]:.1f}" for n in names)))
+    return out
+
+
+def ratio_summary(num: list[float], den: list[float]) -> dict:
+    """Median of the per-repeat ratios (paired), with their spread and the ratio of medians."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return {"median": median(ratios), "min": min(ratios), "max": max(ratios), "per_repeat": ratios,
+            "ratio_of_medians": median(num) / median(den)}
+
+
+def ratios(tps: dict, a: str, b: str) -> dict:
+    """a over b on CPU time (the primary figure) and on wall time."""
+    return {**ratio_summary(tps[a]["cpu"], tps[b]["cpu"]), "wall": ratio_summary(tps[a]["wall"], tps[b]["wall"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import subprocess
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(DEVICE), "gpu": gpu, "dtype": str(DTYPE).removeprefix("torch."),
+            "git_commit": git("rev-parse", "--short", "HEAD"),
+            "package_files_modified": git("status", "--porcelain", "--", "pagedllama").splitlines(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "loadavg": list(os.getloadavg())}
+
+
+def save_json(name: str, doc: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **doc}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def warm_up(model: Transformer, model_name: str) -> None:
+    """One short untimed run: first calls pay for oneDNN / allocator set-up."""
+    reqs = [Request("warm", list(range(1, 40)), 8), Request("warm2", list(range(1, 20)), 4)]
+    run_engine(model, make_cache("paged", model_name, reqs, budget_for_rows(model_name, 2)), reqs)

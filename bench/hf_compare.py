@@ -1,0 +1,244 @@
+"""pagedllama (paged twin) against Hugging Face transformers on the same weights and prompts.
+
+The random weights are written with `checkpoint.save_hf` and read back with
+`LlamaForCausalLM.from_pretrained` (float32, SDPA attention, CPU). Greedy decoding, EOS ignored,
+each request generating exactly its own number of tokens. Three engines, interleaved and repeated:
+
+- pagedllama's paged twin: continuous batching, every request generates its own length.
+- HF `generate()`: one static batch, prompts left-padded to the longest, `max_new_tokens` = the
+  longest answer of the batch (a static batch cannot stop one row early). Only each request's
+  own tokens count as output: the rest is the work static batching wastes.
+- HF `generate_batch()` machinery (continuous batching over a paged cache, transformers >= 4.56):
+  driven through `continuous_batching_context_manager` so that each request gets its own
+  `max_new_tokens`; page size 256 (its default), pool sized to hold the whole batch.
+
+Token agreement: each engine's tokens are compared with pagedllama's; a request "matches" when all
+its tokens are equal. Random weights make near-ties in the logits common, so float32 rounding
+differences (different matmul shapes, RoPE layouts) can flip a late token; the first divergence
+position is reported.
+
+    python bench/hf_compare.py [--quick] [--repeats N]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (DEVICE, DTYPE, MODELS, Clock, RandomSpec, budget_for_rows, describe_model,  # noqa: E402
+                    load_model, log, make_cache, median, paired, random_requests, ratios, run_engine, save_json,
+                    sharegpt_requests, set_threads, state_dict, workload_stats)
+
+from pagedllama.checkpoint import save_hf  # noqa: E402
+
+PAD_ID = 0  # any id: padded positions are masked out
+
+
+def hf_available() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+_HF: dict[str, object] = {}
+
+
+def hf_model(name: str):
+    if name not in _HF:
+        from transformers import LlamaForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
+        with tempfile.TemporaryDirectory() as d:
+            save_hf(state_dict(name), MODELS[name], d)
+            m = LlamaForCausalLM.from_pretrained(d, dtype=DTYPE, attn_implementation="sdpa")
+        _HF[name] = m.to(DEVICE).eval()
+    return _HF[name]
+
+
+def hf_generate(model, reqs) -> tuple[Clock, list[list[int]]]:
+    """One static batch, left padding; returns (its clock, each request's own tokens)."""
+    from transformers import GenerationConfig
+
+    width = max(len(r.prompt_ids) for r in reqs)
+    ids = torch.tensor([[PAD_ID] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device=DEVICE)
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device=DEVICE)
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in reqs),
+                           eos_token_id=None, pad_token_id=PAD_ID)
+    with Clock() as c, torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    return c, [out[i, width:width + r.max_new_tokens].tolist() for i, r in enumerate(reqs)]
+
+
+def hf_generate_batch(model, reqs) -> tuple[Clock, list[list[int]]]:
+    """transformers' continuous batching (paged cache), each request with its own max_new_tokens."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    page = 256
+    blocks = sum(-(-(len(r.prompt_ids) + r.max_new_tokens) // page) for r in reqs) + len(reqs)
+    cb = ContinuousBatchingConfig(page_size=page, num_blocks=blocks, max_batch_tokens=4096,
+                                  allow_block_sharing=False)
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in reqs),
+                           eos_token_id=-1, pad_token_id=PAD_ID)
+    results = {}
+    with Clock() as c, model.continuous_batching_context_manager(generation_config=cfg, continuous_batching_config=cb,
+                                                   block=True, timeout=30, warmup=False) as manager:
+        for r in reqs:
+            manager.add_request(r.prompt_ids, request_id=r.request_id, max_new_tokens=r.max_new_tokens,
+                                eos_token_id=-1)
+        while len(results) < len(reqs):
+            res = manager.get_result(timeout=1)
+            if res is not None and res.is_finished():
+                results[res.request_id] = res
+            elif res is None and not manager.is_running():
+                raise RuntimeError("transformers' continuous batching thread stopped")
+    return c, [list(results[r.request_id].generated_tokens)[:r.max_new_tokens] for r in reqs]
+
+
+def agreement(ref: list[list[int]], other: list[list[int]]) -> dict:
+    first = []
+    for a, b in zip(ref, other):
+        div = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if div is None and len(a) != len(b):
+            div = min(len(a), len(b))
+        first.append(div)
+    same = sum(d is None for d in first)
+    total = sum(len(a) for a in ref)
+    agree = sum(len(a) if d is None else d for a, d in zip(ref, first))
+    return {"requests_identical": same, "requests": len(ref), "first_divergence": first,
+            "tokens_before_first_divergence_pct": 100 * agree / total if total else 100.0}
+
+
+def compare(model_name: str, reqs, label: str, repeats: int, with_cb: bool) -> dict:
+    ours_model = load_model(model_name)
+    hf = hf_model(model_name)
+    budget = budget_for_rows(model_name, len(reqs))
+    useful = sum(r.max_new_tokens for r in reqs)
+    log(f"  HF compare: {model_name}, {label}: {len(reqs)} requests, {useful} output tokens")
+    outs: dict[str, list[list[int]]] = {}
+
+    def ours():
+        r = run_engine(ours_model, make_cache("paged", model_name, reqs, budget), reqs)
+        outs["pagedllama"] = r.outputs
+        return r.rates()
+
+    def gen():
+        c, o = hf_generate(hf, reqs)
+        outs["hf_generate"] = o
+        return {"cpu": useful / c.cpu, "wall": useful / c.wall}
+
+    def gen_batch():
+        c, o = hf_generate_batch(hf, reqs)
+        outs["hf_generate_batch"] = o
+        return {"cpu": useful / c.cpu, "wall": useful / c.wall}
+
+    fns = {"pagedllama": ours, "hf_generate": gen}
+    if with_cb:
+        fns["hf_generate_batch"] = gen_batch
+    tps = paired(fns, repeats, log)
+    doc = {"model": model_name, "workload": label, "workload_stats": workload_stats(reqs), "tok_per_s": tps,
+           "padded_prompt_width": max(len(r.prompt_ids) for r in reqs),
+           "static_batch_tokens_generated": len(reqs) * max(r.max_new_tokens for r in reqs),
+           "useful_output_tokens": useful,
+           "vs_generate": ratios(tps, "pagedllama", "hf_generate"),
+           "agreement_generate": agreement(outs["pagedllama"], outs["hf_generate"]),
+           "target_vs_generate": 2.0, "repeats": repeats}
+    if with_cb:
+        doc["vs_generate_batch"] = ratios(tps, "pagedllama", "hf_generate_batch")
+        doc["agreement_generate_batch"] = agreement(outs["pagedllama"], outs["hf_generate_batch"])
+        doc["target_vs_generate_batch"] = 4.0
+    return doc
+
+
+def plan(quick: bool) -> list:
+    if quick:
+        return [("demo", sharegpt_requests(12, cap=48), "ShareGPT first 12, answers capped at 48")]
+    r32, r16 = RandomSpec(32, 25, 256, 25, 256), RandomSpec(16, 25, 256, 25, 128)
+    return [("demo", sharegpt_requests(32, cap=256), "ShareGPT first 32, answers capped at 256"),
+            ("demo", random_requests(r32), r32.label()),
+            ("100m", sharegpt_requests(16, cap=128), "ShareGPT first 16, answers capped at 128"),
+            ("100m", random_requests(r16), r16.label())]
+
+
+def run(quick: bool, repeats: int = 3) -> dict:
+    version = hf_available()
+    if version is None:
+        log("  transformers is not installed: pip install -r requirements-bench.txt; HF comparison skipped")
+        return {"skipped": "transformers not installed"}
+    from transformers import PreTrainedModel
+
+    with_cb = hasattr(PreTrainedModel, "generate_batch") or hasattr(
+        __import__("transformers").LlamaForCausalLM, "generate_batch")
+    doc = {"quick": quick, "transformers": version, "generate_batch_available": with_cb,
+           "models": {m: describe_model(m) for m in ("demo", "100m")}, "cases": []}
+    for model, reqs, label in plan(quick):
+        doc["cases"].append(compare(model, reqs, label, repeats, with_cb))
+    save_json("hf_compare" + ("_quick" if quick else ""), doc)
+    plot(doc)
+    return doc
+
+
+def plot(doc: dict) -> None:
+    from common import RESULTS, pyplot
+
+    plt = pyplot()
+    cases = doc["cases"]
+    fig, ax = plt.subplots(figsize=(max(6, 2.4 * len(cases)), 4))
+    engines = ["pagedllama", "hf_generate"] + (["hf_generate_batch"] if doc["generate_batch_available"] else [])
+    width = 0.8 / len(engines)
+    for j, e in enumerate(engines):
+        vals = [median(c["tok_per_s"][e]["cpu"]) for c in cases]
+        xs = [i + (j - (len(engines) - 1) / 2) * width for i in range(len(cases))]
+        ax.bar(xs, vals, width, label=e)
+        for x, v in zip(xs, vals):
+            ax.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(cases)), [f"{c['model']}\n{c['workload'].split(',')[0]}" for c in cases], fontsize=8)
+    ax.set_ylabel("useful output tokens per CPU-second (median)")
+    ax.set_title(f"pagedllama vs transformers {doc['transformers']} (CPU, float32, greedy)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / ("hf_compare" + ("_quick" if doc["quick"] else "") + ".png"), dpi=120)
+    plt.close(fig)
+
+
+def summary_rows(doc: dict) -> list[tuple]:
+    rows = []
+    for c in doc.get("cases", []):
+        name = f"{c['model']}, {c['workload'].split(',')[0]}"
+        ag = c["agreement_generate"]
+        r = c["vs_generate"]
+        rows.append((f"pagedllama / HF generate() ({name}; {ag['requests_identical']}/{ag['requests']} "
+                     f"requests token-identical)", r["median"], ">= 2", r["median"] >= 2, r["wall"]["median"]))
+        if "vs_generate_batch" in c:
+            ag = c["agreement_generate_batch"]
+            r = c["vs_generate_batch"]
+            rows.append((f"pagedllama / HF generate_batch() ({name}; {ag['requests_identical']}/{ag['requests']} "
+                         f"identical)", r["median"], ">= 4", r["median"] >= 4, r["wall"]["median"]))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
+    a = ap.parse_args()
+    set_threads(a.threads)
+    doc = run(a.quick, a.repeats)
+    for name, value, target, ok, wall in summary_rows(doc):
+        print(f"{name:<100} {value:6.2f} (wall {wall:.2f})  target {target:<5} {'ok' if ok else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

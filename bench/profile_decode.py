@@ -1,0 +1,191 @@
+"""Where a decode step's time goes: 100M preset, batch 16 and 64, both twins.
+
+For each (twin, batch), one engine run over the first B ShareGPT prompts (their real, uneven
+lengths) and over B uniform random prompts of the same mean length, then, after 2 warm decode steps:
+- 4 decode steps under torch.profiler: top ops by self CPU time;
+- 4 decode steps timed by wrappers on the instance: whole step, `prepare_step`, and the
+  attention backend (`cache.attend`, all layers: K/V write, gather, SDPA);
+- what-if: 12 decode steps (CPU time) rotating the cache's attention backend step by step between the
+  package's torch backend and the two prototypes in proto_attention.py (same run, same contexts).
+And the same-KV-budget ShareGPT ratio again with the bucketed prototype in both twins.
+
+    python bench/profile_decode.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (RESULTS, Request, budget_for_rows, describe_model, load_model, log,  # noqa: E402
+                    make_cache, pyplot, random_requests, RandomSpec, save_json, set_threads, sharegpt_requests)
+from proto_attention import BucketedTorchAttention, PerSequenceTorchAttention  # noqa: E402
+
+from pagedllama.attention import TorchAttention  # noqa: E402
+from pagedllama.engine import Engine  # noqa: E402
+from pagedllama.sampling import SamplingParams  # noqa: E402
+
+WARM, PROFILED, TIMED, WHATIF_ROUNDS = 2, 4, 4, 4
+BACKENDS = {"torch (package)": TorchAttention, "bucketed (proto)": BucketedTorchAttention,
+            "per-sequence (proto)": PerSequenceTorchAttention}
+
+
+def profile_case(model_name: str, twin: str, reqs: list[Request], top: int = 12) -> dict:
+    model = load_model(model_name)
+    decode_steps = WARM + PROFILED + TIMED + WHATIF_ROUNDS * len(BACKENDS)
+    reqs = [Request(r.request_id, r.prompt_ids, decode_steps + 1) for r in reqs]
+    cache = make_cache(twin, model_name, reqs, budget_for_rows(model_name, len(reqs)))
+    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, max_prefill_tokens=4096)
+    backends = {name: cls() for name, cls in BACKENDS.items()}
+    state = {"decode": 0, "prefill": True, "attend": 0.0, "prepare": 0.0}
+    timed = {"step": [], "prepare": [], "attend": []}
+    whatif: dict[str, list[float]] = {name: [] for name in BACKENDS}
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    schedule, step, prepare, attend = engine.scheduler.schedule, engine.step, cache.prepare_step, cache.attend
+
+    def schedule_():
+        batch, is_prefill = schedule()
+        state["prefill"] = is_prefill
+        return batch, is_prefill
+
+    def prepare_(seqs, is_prefill):
+        t0 = time.process_time()
+        out = prepare(seqs, is_prefill)
+        state["prepare"] += time.process_time() - t0
+        return out
+
+    def attend_(*a, **k):
+        t0 = time.process_time()
+        out = attend(*a, **k)
+        state["attend"] += time.process_time() - t0
+        return out
+
+    def step_():
+        i = state["decode"]  # decode steps done so far
+        whatif_i = i - (WARM + PROFILED + TIMED)
+        backend = None
+        if whatif_i >= 0:
+            backend = list(BACKENDS)[whatif_i % len(BACKENDS)]
+            cache.backend = backends[backend]
+        if i == WARM and not state["prefill"]:
+            prof.start()
+        state["attend"] = state["prepare"] = 0.0
+        t0 = time.process_time()
+        out = step()
+        dt = time.process_time() - t0
+        if state["prefill"]:
+            return out
+        state["decode"] += 1
+        if i == WARM + PROFILED - 1:
+            prof.stop()
+        elif WARM + PROFILED <= i < WARM + PROFILED + TIMED:
+            timed["step"].append(dt)
+            timed["prepare"].append(state["prepare"])
+            timed["attend"].append(state["attend"])
+        elif backend is not None:
+            whatif[backend].append(dt)
+        return out
+
+    engine.scheduler.schedule, engine.step, cache.prepare_step, cache.attend = schedule_, step_, prepare_, attend_
+    engine.run(reqs, progress=False)
+
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    lens = [len(r.prompt_ids) for r in reqs]
+    step_ms = 1e3 * statistics.median(timed["step"])
+    return {
+        "twin": twin, "batch": len(reqs), "prompt_len_mean": statistics.mean(lens), "prompt_len_max": max(lens),
+        "padding_efficiency": sum(lens) / (len(lens) * max(lens)),
+        "profiled_steps": PROFILED,
+        "top_ops": [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / PROFILED,
+                     "pct": 100 * e.self_cpu_time_total / total, "calls_per_step": e.count / PROFILED} for e in ops],
+        "step_ms": step_ms,
+        "prepare_ms": 1e3 * statistics.median(timed["prepare"]),
+        "attend_ms": 1e3 * statistics.median(timed["attend"]),
+        "attend_pct": 100 * statistics.median(timed["attend"]) / statistics.median(timed["step"]),
+        "whatif_step_ms": {k: 1e3 * statistics.median(v) for k, v in whatif.items()},
+    }
+
+
+def run(quick: bool = False) -> dict:
+    model_name = "100m"
+    doc: dict = {"model": describe_model(model_name), "cases": []}
+    batches = [16] if quick else [16, 64]
+    for b in batches:
+        sg = sharegpt_requests(b)
+        mean = round(statistics.mean(len(r.prompt_ids) for r in sg))
+        uni = random_requests(RandomSpec(b, mean, mean, 1, 1, seed=1))
+        for label, reqs in (("ShareGPT prompts", sg), (f"uniform {mean}-token prompts", uni)):
+            for twin in ("naive", "paged"):
+                log(f"  profile: {model_name} {twin}, batch {b}, {label}")
+                case = profile_case(model_name, twin, reqs)
+                case["workload"] = label
+                doc["cases"].append(case)
+                log(f"    step {case['step_ms']:.1f} ms, attention {case['attend_ms']:.1f} ms "
+                    f"({case['attend_pct']:.0f}%), prepare_step {case['prepare_ms']:.2f} ms; top: "
+                    + ", ".join(f"{o['op']} {o['pct']:.0f}%" for o in case["top_ops"][:4]))
+                log("    what-if step ms: " + ", ".join(f"{k} {v:.1f}" for k, v in case["whatif_step_ms"].items()))
+    if not quick:
+        import throughput
+
+        log("  what-if: same KV budget, ShareGPT (answers capped at 32), demo, bucketed attention in both twins")
+        reqs = sharegpt_requests(cap=32)
+        base = throughput.same_budget("demo", reqs, "ShareGPT, answers capped at 32", 3)
+        proto = throughput.same_budget("demo", reqs, "ShareGPT, answers capped at 32", 3,
+                                       backend_cls=BucketedTorchAttention)
+        doc["whatif_same_budget"] = {"package": base, "bucketed": proto}
+        log(f"    paged/naive: package {base['ratio']['median']:.2f}, bucketed {proto['ratio']['median']:.2f}")
+    save_json("profile_decode" + ("_quick" if quick else ""), doc)
+    plot(doc, quick)
+    return doc
+
+
+def plot(doc: dict, quick: bool) -> None:
+    plt = pyplot()
+    cases = doc["cases"]
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(cases)), 4.2))
+    names = list(BACKENDS)
+    width = 0.8 / len(names)
+    for j, n in enumerate(names):
+        xs = [i + (j - 1) * width for i in range(len(cases))]
+        ax.bar(xs, [c["whatif_step_ms"][n] for c in cases], width, label=n)
+    ax.set_xticks(range(len(cases)),
+                  [f"{c['twin']} B={c['batch']}\n{c['workload'].split(' ')[0]}" for c in cases], fontsize=7)
+    ax.set_ylabel("decode step (ms, median)")
+    ax.set_title("100M preset decode step by attention implementation (same run, rotating per step)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / ("profile_decode" + ("_quick" if quick else "") + ".png"), dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="batch 16 only, no same-budget what-if")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
+    a = ap.parse_args()
+    set_threads(a.threads)
+    doc = run(a.quick)
+    for c in doc["cases"]:
+        print(f"\n{c['twin']} batch {c['batch']}, {c['workload']} (padding efficiency {c['padding_efficiency']:.2f}): "
+              f"step {c['step_ms']:.1f} ms, attention {c['attend_ms']:.1f} ms ({c['attend_pct']:.0f}%), "
+              f"prepare_step {c['prepare_ms']:.2f} ms")
+        for o in c["top_ops"]:
+            print(f"   {o['op']:<45} {o['self_ms_per_step']:8.2f} ms/step {o['pct']:5.1f}%  {o['calls_per_step']:.0f} calls")
+        print("   what-if decode step: " + ", ".join(f"{k} {v:.1f} ms" for k, v in c["whatif_step_ms"].items()))
+    if "whatif_same_budget" in doc:
+        w = doc["whatif_same_budget"]
+        print(f"\nsame KV budget, ShareGPT: paged/naive {w['package']['ratio']['median']:.2f} with the package's attention,"
+              f" {w['bucketed']['ratio']['median']:.2f} with bucketed attention")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Output tokens per second of the paged twin over the naive twin, real forward passes.
+
+1. Same batch size: both twins run the same B requests with a KV budget of exactly B naive rows
+   (so the naive twin fits and the paged pool never runs short). This prices the block-table
+   indirection: the target is paged / naive >= 0.95.
+2. Same KV budget (the CLI's CPU default: 6.19 rows of max_seq_len, as Llama 3 8B has on a
+   24 GB GPU), each twin at its largest batch. naive's largest is budget // row; paged's is found
+   by the dry run (largest K whose first K requests all stay resident, no preemption). Both serve
+   the same K_paged requests: paged as one batch, naive as consecutive batches of its largest size
+   (it cannot hold more). Target >= 4. Also reported: each twin's single largest batch (naive's
+   first batch alone, as one llama3-naive.py run) and, in the full mode, naive rows with continuous
+   batching, which isolates the memory layout from the batching policy.
+
+    python bench/throughput.py [--quick] [--repeats N]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (MAX_SEQ_LEN, RandomSpec, budget_for_rows, combine, default_budget,  # noqa: E402
+                    describe_model, load_model, log, make_cache, median, naive_continuous_cache,
+                    naive_max_batch, paired, paged_max_batch, random_requests, ratios, run_engine,
+                    run_waves, save_json, set_threads, sharegpt_requests, workload_stats)
+
+RANDOM_CTX = 1024  # nano-vllm: lengths up to 1024 + 1024 in a 4096 context; here 256 + 256 in 1024
+
+
+def count_equal(a: list[list[int]], b: list[list[int]]) -> int:
+    return sum(x == y for x, y in zip(a, b))
+
+
+def same_batch(model_name: str, reqs, label: str, repeats: int, max_seq_len: int = MAX_SEQ_LEN) -> dict:
+    model = load_model(model_name)
+    budget = budget_for_rows(model_name, len(reqs), max_seq_len)
+    log(f"  same batch: {model_name}, {label}, batch {len(reqs)}, budget {budget / 2**20:.0f} MiB")
+    outs = {}
+
+    def measure(twin):
+        def f():
+            r = run_engine(model, make_cache(twin, model_name, reqs, budget, max_seq_len), reqs)
+            assert r.preemptions == 0 and r.peak_running == len(reqs), (twin, r.preemptions, r.peak_running)
+            outs[twin] = r.outputs
+            return r.rates()
+        return f
+
+    tps = paired({"naive": measure("naive"), "paged": measure("paged")}, repeats, log)
+    return {"kind": "same_batch", "model": model_name, "workload": label, "batch": len(reqs),
+            "max_seq_len": max_seq_len, "budget_bytes": budget, "workload_stats": workload_stats(reqs),
+            "tok_per_s": tps, "naive_tok_per_cpu_s": median(tps["naive"]["cpu"]),
+            "paged_tok_per_cpu_s": median(tps["paged"]["cpu"]), "ratio": ratios(tps, "paged", "naive"), "target": 0.95, "identical_outputs": count_equal(outs["naive"], outs["paged"]),
+            "repeats": repeats}
+
+
+def same_budget(model_name: str, reqs, label: str, repeats: int, max_seq_len: int = MAX_SEQ_LEN,
+                continuous: bool = False, backend_cls=None) -> dict:
+    """`reqs`: the pool the dry run draws its largest batch from (in order). `backend_cls`: an
+    attention backend class to use instead of the package's torch backend (what-if runs)."""
+    model = load_model(model_name)
+    budget = default_budget(model_name, max_seq_len)
+    k_naive = naive_max_batch(model_name, budget, max_seq_len)
+    k_paged, exhausted = paged_max_batch(model_name, reqs, budget, max_seq_len)
+    work = reqs[:k_paged]
+    log(f"  same budget: {model_name}, {label}, budget {budget / 2**20:.1f} MiB: naive batch {k_naive}, "
+        f"paged batch {k_paged}{' (all requests fit)' if exhausted else ''}")
+    first_wave: dict[str, list[float]] = {"cpu": [], "wall": []}
+    outs = {}
+
+    def naive():
+        runs = run_waves(model, model_name, work, k_naive, budget, max_seq_len, backend_cls)
+        for k, v in runs[0].rates().items():
+            first_wave[k].append(v)
+        r = combine(runs)
+        outs["naive"] = r.outputs
+        return r.rates()
+
+    def paged_():
+        backend = backend_cls() if backend_cls else None
+        r = run_engine(model, make_cache("paged", model_name, work, budget, max_seq_len, backend=backend), work)
+        assert r.preemptions == 0 and r.peak_running == k_paged, (r.preemptions, r.peak_running)
+        outs["paged"] = r.outputs
+        return r.rates()
+
+    fns = {"naive_waves": naive, "paged": paged_}
+    if continuous:
+        def naive_cont():
+            cache = naive_continuous_cache(model_name, k_naive, len(work), max_seq_len)
+            r = run_engine(model, cache, work)
+            outs["naive_continuous"] = r.outputs
+            return r.rates()
+        fns["naive_continuous"] = naive_cont
+    tps = paired(fns, repeats, log)
+    doc = {"kind": "same_budget", "model": model_name, "workload": label, "max_seq_len": max_seq_len,
+           "budget_bytes": budget, "naive_batch": k_naive, "paged_batch": k_paged, "pool_exhausted": exhausted,
+           "batch_ratio": k_paged / k_naive, "workload_stats": workload_stats(work),
+           "naive_waves": -(-k_paged // k_naive), "tok_per_s": tps, "naive_single_batch_tok_per_s": first_wave,
+           "ratio": ratios(tps, "paged", "naive_waves"),
+           "ratio_single_batch": ratios({**tps, "naive_single": first_wave}, "paged", "naive_single"),
+           "target": 4.0, "identical_outputs": count_equal(outs["naive"], outs["paged"]), "repeats": repeats}
+    if continuous:
+        doc["ratio_vs_naive_continuous"] = ratios(tps, "paged", "naive_continuous")
+    return doc
+
+
+def plan(quick: bool) -> tuple[list, list]:
+    """(same-batch cases, same-budget cases): (model, requests, label, max_seq_len, naive-continuous too?)."""
+    rnd = RandomSpec(256, 25, 256, 25, 256)
+    if quick:
+        rnd32 = RandomSpec(32, 25, 256, 25, 128)
+        rnd_small = RandomSpec(16, 16, 64, 8, 16)
+        rnd_budget = RandomSpec(256, 25, 256, 25, 128)
+        batch = [("demo", sharegpt_requests(16, cap=128), "ShareGPT first 16, answers capped at 128", MAX_SEQ_LEN),
+                 ("demo", random_requests(rnd32), rnd32.label(), RANDOM_CTX),
+                 ("100m", random_requests(rnd_small), rnd_small.label(), RANDOM_CTX)]
+        budget = [("demo", sharegpt_requests(cap=8), "ShareGPT, answers capped at 8", MAX_SEQ_LEN, False),
+                  ("demo", random_requests(rnd_budget), rnd_budget.label(), RANDOM_CTX, False)]
+        return batch, budget
+    batch = [("demo", sharegpt_requests(32), "ShareGPT first 32, reference answer lengths", MAX_SEQ_LEN),
+             ("demo", random_requests(rnd)[:64], f"first 64 of {rnd.label()}", RANDOM_CTX),
+             ("100m", sharegpt_requests(16, cap=128), "ShareGPT first 16, answers capped at 128", MAX_SEQ_LEN),
+             ("100m", random_requests(rnd)[:32], f"first 32 of {rnd.label()}", RANDOM_CTX)]
+    budget = [("demo", sharegpt_requests(cap=256), "ShareGPT, answers capped at 256", MAX_SEQ_LEN, True),
+              ("demo", random_requests(rnd), rnd.label(), RANDOM_CTX, True),
+              ("100m", sharegpt_requests(cap=32), "ShareGPT, answers capped at 32", MAX_SEQ_LEN, False),
+              ("100m", random_requests(rnd), rnd.label(), RANDOM_CTX, True)]
+    return batch, budget
+
+
+def run(quick: bool, repeats: int = 3) -> dict:
+    batch_cases, budget_cases = plan(quick)
+    results = {"quick": quick, "models": {m: describe_model(m) for m in ("demo", "100m")},
+               "same_batch": [], "same_budget": []}
+    for model, reqs, label, ctx in batch_cases:
+        results["same_batch"].append(same_batch(model, reqs, label, repeats, ctx))
+    for model, reqs, label, ctx, continuous in budget_cases:
+        results["same_budget"].append(same_budget(model, reqs, label, repeats, ctx, continuous=continuous))
+    save_json("throughput" + ("_quick" if quick else ""), results)
+    plot(results)
+    return results
+
+
+def plot(results: dict) -> None:
+    from common import RESULTS, pyplot
+
+    plt = pyplot()
+    rows = [(f"same batch\n{r['model']} B={r['batch']}\n{r['workload'].split(',')[0]}", r) for r in results["same_batch"]]
+    rows += [(f"same budget\n{r['model']} {r['naive_batch']} vs {r['paged_batch']}\n{r['workload'].split(',')[0]}", r)
+             for r in results["same_budget"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4.2))
+    xs = range(len(rows))
+    vals = [r["ratio"]["median"] for _, r in rows]
+    lo = [v - r["ratio"]["min"] for v, (_, r) in zip(vals, rows)]
+    hi = [r["ratio"]["max"] - v for v, (_, r) in zip(vals, rows)]
+    colors = ["tab:blue" if r["kind"] == "same_batch" else "tab:green" for _, r in rows]
+    ax.bar(xs, vals, yerr=[lo, hi], color=colors, capsize=4)
+    for x, (_, r), v in zip(xs, rows, vals):
+        ax.hlines(r["target"], x - 0.4, x + 0.4, colors="red", linestyles="dashed")
+        ax.text(x, v, f"{v:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), [n for n, _ in rows], fontsize=7)
+    ax.set_ylabel("paged / naive output tokens per CPU-second")
+    ax.set_title("paged over naive (median of paired repeats; bars: min-max; red: target)", fontsize=9)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / ("throughput" + ("_quick" if results["quick"] else "") + ".png"), dpi=120)
+    plt.close(fig)
+
+
+def summary_rows(results: dict) -> list[tuple]:
+    rows = []
+    for r in results["same_batch"]:
+        rows.append((f"paged / naive, same batch {r['batch']} ({r['model']}, {r['workload'].split(',')[0]})",
+                     r["ratio"]["median"], ">= 0.95", r["ratio"]["median"] >= 0.95, r["ratio"]["wall"]["median"]))
+    for r in results["same_budget"]:
+        name = f"{r['model']}, {r['workload'].split(',')[0]}, batch {r['paged_batch']} vs {r['naive_batch']}"
+        rows.append((f"paged / naive, same KV budget ({name})", r["ratio"]["median"], ">= 4",
+                     r["ratio"]["median"] >= 4, r["ratio"]["wall"]["median"]))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
+    a = ap.parse_args()
+    set_threads(a.threads)
+    res = run(a.quick, a.repeats)
+    for name, value, target, ok, wall in summary_rows(res):
+        print(f"{name:<90} {value:6.2f} (wall {wall:.2f})  target {target:<6} {'ok' if ok else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
