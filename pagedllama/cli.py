@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .args import ArgumentParser, positive_int
 from .attention import BACKENDS, select_backend
 from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, MAX_PREFILL_TOKENS, Budget, build_cache, cpu_default_budget,
                      cuda_default_budget, naive_max_rows, paged_num_blocks, simulated_budget, user_budget)
@@ -37,23 +38,6 @@ from .workload import build_requests
 
 TWINS = {"naive": "naive (contiguous max_seq_len preallocation per request)",
          "paged": "paged (blocks allocated on demand)"}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with errors on one line, like every other error here."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
 
 
 def build_parser(twin: str) -> argparse.ArgumentParser:

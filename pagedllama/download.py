@@ -16,6 +16,7 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub import errors as hub_errors
 
+from .args import ArgumentParser, positive_int
 from .data import parse_entry
 from .errors import UserError
 
@@ -118,25 +119,8 @@ def download_sharegpt(out: Path, num: int) -> tuple[int, int]:
     return len(kept), len(entries)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-class _OneLineErrors(argparse.ArgumentParser):
-    """Usage errors as one `error:` line (exit 2), like every other error of this command."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineErrors(
+    parser = ArgumentParser(
         prog="python -m pagedllama.download",
         description="Download Llama 3 weights (REPO_ID) or a ShareGPT sample (--sharegpt) from the Hugging Face "
                     "Hub. Gated repos need their license accepted on the Hub and `hf auth login` (or HF_TOKEN).",
@@ -147,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="meta: original/*.pth; hf: safetensors; auto: safetensors plus Meta's tokenizer.model")
     parser.add_argument("--sharegpt", action="store_true", help=f"download {SHAREGPT_FILE} and keep usable chats")
     parser.add_argument("--out", type=Path, default=Path("sharegpt-real.json"), help="with --sharegpt: output file")
-    parser.add_argument("--num", type=_positive_int, default=1000, help="with --sharegpt: chats to keep")
+    parser.add_argument("--num", type=positive_int, default=1000, help="with --sharegpt: chats to keep")
     return parser
 
 
