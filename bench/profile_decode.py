@@ -5,9 +5,9 @@ lengths) and over B uniform random prompts of the same mean length, then, after 
 - 4 decode steps under torch.profiler: top ops by self CPU time;
 - 4 decode steps timed by wrappers on the instance: whole step, `prepare_step`, and the
   attention backend (`cache.attend`, all layers: K/V write, gather, SDPA);
-- what-if: 12 decode steps (CPU time) rotating the cache's attention backend step by step between the
-  package's torch backend and the two prototypes in proto_attention.py (same run, same contexts).
-And the same-KV-budget ShareGPT ratio again with the bucketed prototype in both twins.
+- before/after: decode steps (CPU time) rotating the cache's attention backend step by step between
+  the package's torch backend and the one it replaced (baselines.py; same run, same contexts).
+And the same-KV-budget ShareGPT throughput (prefill included) with each, in both twins.
 
     python bench/profile_decode.py [--quick]
 """
@@ -25,15 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, Request, budget_for_rows, describe_model, load_model, log,  # noqa: E402
                     make_cache, pyplot, random_requests, RandomSpec, save_json, set_threads, sharegpt_requests)
-from proto_attention import BucketedTorchAttention, PerSequenceTorchAttention  # noqa: E402
+from baselines import PaddedTorchAttention  # noqa: E402
 
 from pagedllama.attention import TorchAttention  # noqa: E402
 from pagedllama.engine import Engine  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
 
 WARM, PROFILED, TIMED, WHATIF_ROUNDS = 2, 4, 4, 4
-BACKENDS = {"torch (package)": TorchAttention, "bucketed (proto)": BucketedTorchAttention,
-            "per-sequence (proto)": PerSequenceTorchAttention}
+BACKENDS = {"after (package)": TorchAttention, "before (padded)": PaddedTorchAttention}
 
 
 def profile_case(model_name: str, twin: str, reqs: list[Request], top: int = 12) -> dict:
@@ -135,13 +134,13 @@ def run(quick: bool = False) -> dict:
     if not quick:
         import throughput
 
-        log("  what-if: same KV budget, ShareGPT (answers capped at 32), demo, bucketed attention in both twins")
+        log("  before/after: same KV budget, ShareGPT (answers capped at 32), demo, in both twins")
         reqs = sharegpt_requests(cap=32)
-        base = throughput.same_budget("demo", reqs, "ShareGPT, answers capped at 32", 3)
-        proto = throughput.same_budget("demo", reqs, "ShareGPT, answers capped at 32", 3,
-                                       backend_cls=BucketedTorchAttention)
-        doc["whatif_same_budget"] = {"package": base, "bucketed": proto}
-        log(f"    paged/naive: package {base['ratio']['median']:.2f}, bucketed {proto['ratio']['median']:.2f}")
+        after = throughput.same_budget("demo", reqs, "ShareGPT, answers capped at 32", 3)
+        before = throughput.same_budget("demo", reqs, "ShareGPT, answers capped at 32", 3,
+                                        backend_cls=PaddedTorchAttention)
+        doc["whatif_same_budget"] = {"after": after, "before": before}
+        log(f"    paged/naive: after {after['ratio']['median']:.2f}, before {before['ratio']['median']:.2f}")
     save_json("profile_decode" + ("_quick" if quick else ""), doc)
     plot(doc, quick)
     return doc
@@ -154,7 +153,7 @@ def plot(doc: dict, quick: bool) -> None:
     names = list(BACKENDS)
     width = 0.8 / len(names)
     for j, n in enumerate(names):
-        xs = [i + (j - 1) * width for i in range(len(cases))]
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(cases))]
         ax.bar(xs, [c["whatif_step_ms"][n] for c in cases], width, label=n)
     ax.set_xticks(range(len(cases)),
                   [f"{c['twin']} B={c['batch']}\n{c['workload'].split(' ')[0]}" for c in cases], fontsize=7)
@@ -183,8 +182,8 @@ def main() -> None:
         print("   what-if decode step: " + ", ".join(f"{k} {v:.1f} ms" for k, v in c["whatif_step_ms"].items()))
     if "whatif_same_budget" in doc:
         w = doc["whatif_same_budget"]
-        print(f"\nsame KV budget, ShareGPT: paged/naive {w['package']['ratio']['median']:.2f} with the package's attention,"
-              f" {w['bucketed']['ratio']['median']:.2f} with bucketed attention")
+        print(f"\nsame KV budget, ShareGPT: paged/naive {w['after']['ratio']['median']:.2f} with the package's attention,"
+              f" {w['before']['ratio']['median']:.2f} with the padded one it replaced")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """All benchmarks, ending with one summary table of measured ratios and their targets.
 
     python bench/run.py --quick   # a few minutes on 2 CPU cores: demo model, short workloads
-    python bench/run.py           # full: demo and the 100M preset, longer workloads, profile
+    python bench/run.py           # full (about 1.5 h): demo and the 100M preset, longer workloads,
+                                  # batch scaling, decode profile
 
 Progress goes to stderr; the table to stdout. Results: bench/results/*.json and *.png
 (`_quick` in the names for the quick mode), the table also as bench/results/summary[_quick].md.
@@ -29,7 +30,8 @@ def table(rows: list[tuple]) -> str:
              f"|{'-' * (width + 2)}|{'-' * 9}|{'-' * 12}|{'-' * 14}|--------|"]
     for name, value, target, ok, wall in rows:
         w = f"{wall:10.2f}" if wall is not None else f"{'':>10}"
-        lines.append(f"| {name:<{width}} | {value:7.2f} | {w} | {target:<12} | {'ok' if ok else 'MISSED':<6} |")
+        status = ('ok' if ok else 'MISSED') if target != '(context)' else ''
+        lines.append(f"| {name:<{width}} | {value:7.2f} | {w} | {target:<12} | {status:<6} |")
     return "\n".join(lines)
 
 
@@ -39,7 +41,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="paired repeats per ratio (default 3)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default 1, or $BENCH_THREADS; see common.py for why)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "hf", "overhead", "profile"],
+    ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "scaling", "hf", "overhead", "profile"],
                     help="benchmarks to leave out")
     a = ap.parse_args()
     set_threads(a.threads)
@@ -56,6 +58,18 @@ def main() -> None:
         t = time.perf_counter()
         rows += throughput.summary_rows(throughput.run(a.quick, a.repeats))
         timings["throughput_s"] = time.perf_counter() - t
+    if not a.quick and "scaling" not in a.skip:
+        import batch_scaling
+
+        log("decode throughput vs batch:")
+        t = time.perf_counter()
+        sc = batch_scaling.run(quick=False)
+        timings["scaling_s"] = time.perf_counter() - t
+        for name, m in sc["models"].items():
+            rows.append((f"ceiling on this CPU: {name} decode tok/s at batch 28 / batch 6 (uniform contexts)",
+                         m["ceiling_28_vs_6"], "(context)", True, None))
+            rows.append((f"ceiling on this CPU: {name} decode tok/s at batch 97 / batch 6 (uniform contexts)",
+                         m["ceiling_97_vs_6"], "(context)", True, None))
     if "hf" not in a.skip:
         log("Hugging Face transformers:")
         t = time.perf_counter()

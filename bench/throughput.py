@@ -115,17 +115,18 @@ def plan(quick: bool) -> tuple[list, list]:
         batch = [("demo", sharegpt_requests(16, cap=128), "ShareGPT first 16, answers capped at 128", MAX_SEQ_LEN),
                  ("demo", random_requests(rnd32), rnd32.label(), RANDOM_CTX),
                  ("100m", random_requests(rnd_small), rnd_small.label(), RANDOM_CTX)]
-        budget = [("demo", sharegpt_requests(cap=8), "ShareGPT, answers capped at 8", MAX_SEQ_LEN, False),
+        budget = [("demo", sharegpt_requests(cap=64), "ShareGPT, answers capped at 64", MAX_SEQ_LEN, False),
                   ("demo", random_requests(rnd_budget), rnd_budget.label(), RANDOM_CTX, False)]
         return batch, budget
+    rnd_100m = RandomSpec(256, 25, 256, 25, 64)
     batch = [("demo", sharegpt_requests(32), "ShareGPT first 32, reference answer lengths", MAX_SEQ_LEN),
              ("demo", random_requests(rnd)[:64], f"first 64 of {rnd.label()}", RANDOM_CTX),
-             ("100m", sharegpt_requests(16, cap=128), "ShareGPT first 16, answers capped at 128", MAX_SEQ_LEN),
-             ("100m", random_requests(rnd)[:32], f"first 32 of {rnd.label()}", RANDOM_CTX)]
+             ("100m", sharegpt_requests(16, cap=64), "ShareGPT first 16, answers capped at 64", MAX_SEQ_LEN),
+             ("100m", random_requests(rnd_100m)[:16], f"first 16 of {rnd_100m.label()}", RANDOM_CTX)]
     budget = [("demo", sharegpt_requests(cap=256), "ShareGPT, answers capped at 256", MAX_SEQ_LEN, True),
               ("demo", random_requests(rnd), rnd.label(), RANDOM_CTX, True),
               ("100m", sharegpt_requests(cap=32), "ShareGPT, answers capped at 32", MAX_SEQ_LEN, False),
-              ("100m", random_requests(rnd), rnd.label(), RANDOM_CTX, True)]
+              ("100m", random_requests(rnd_100m), rnd_100m.label(), RANDOM_CTX, True)]
     return batch, budget
 
 

@@ -4,14 +4,19 @@ Every backend stores this step's K/V into the cache, then attends each query to 
 sequence's keys (the causal mask aligned bottom-right: a sequence's new tokens are the
 last ones of its context). They differ only in who reads the block table:
 
-- `torch`: gathers each sequence's blocks into a dense tensor, then PyTorch's SDPA. Runs anywhere.
+- `torch`: plain PyTorch ops, runs anywhere. Decode cuts every context into chunks of
+  `DECODE_CHUNK` slots, attends to each chunk and merges the chunks of a sequence by their
+  log-sum-exp (split-K, as flash-decoding does), so its work is the sum of the contexts, not
+  batch x longest context. Prefill runs SDPA per sequence.
 - `triton`: the project's own kernel, which follows the block table itself (CUDA).
 - `flash-attn`: FlashAttention's paged kernels (CUDA, block size a multiple of 256).
 """
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -24,6 +29,9 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "flash-attn", "triton", "torch")
 FLASH_ATTN_PAGE_MULTIPLE = 256  # flash_api.cpp rejects other page sizes in every 2.x release
+# Slots per chunk of the torch backend's decode. Chunks never straddle a block, so the chunk is
+# gcd(block_size, 16): 16 for both twins at their defaults, which then compute bit-identically.
+DECODE_CHUNK = 16
 
 
 class AttentionBackend(Protocol):
@@ -55,6 +63,28 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> 
     return blocks.view(len(block_tables), num_blocks * block_size, *cache.shape[2:])[:, :max_len]
 
 
+@dataclass
+class DecodeChunks:
+    """Every sequence's context cut into chunks of `size` cache slots, as flat tensors."""
+
+    size: int
+    seq: torch.Tensor  # (N,) int64: the sequence each chunk belongs to
+    index: torch.Tensor  # (N,) int64: the chunk in the cache viewed as (-1, size, Hkv, D)
+    valid: torch.Tensor  # (N, size) bool: slots inside the context (only a last chunk has others)
+
+
+def plan_decode_chunks(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeChunks:
+    """Where each sequence's chunks lie in the cache, from its block table (once per step)."""
+    size = math.gcd(block_size, DECODE_CHUNK)
+    num_chunks = (context_lens.long() + size - 1) // size
+    seq = torch.repeat_interleave(torch.arange(len(context_lens), device=context_lens.device), num_chunks)
+    first = torch.cumsum(num_chunks, 0) - num_chunks
+    pos = (torch.arange(len(seq), device=seq.device) - first[seq]) * size  # first position in each chunk
+    slot = block_tables[seq, pos // block_size].long() * block_size + pos % block_size
+    valid = pos[:, None] + torch.arange(size, device=seq.device) < context_lens[seq][:, None]
+    return DecodeChunks(size, seq, slot // size, valid)
+
+
 class TorchAttention:
     name = "torch"
 
@@ -62,31 +92,54 @@ class TorchAttention:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.is_prefill:
             return self._prefill(q, k, v, k_cache, v_cache, meta, scale)
-        keys = gather_kv(k_cache, meta.block_tables, meta.max_context_len).transpose(1, 2)
-        values = gather_kv(v_cache, meta.block_tables, meta.max_context_len).transpose(1, 2)
-        valid = torch.arange(meta.max_context_len, device=q.device) < meta.context_lens[:, None]
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=valid[:, None, None, :],
-                                             scale=scale, enable_gqa=True)
-        return out.squeeze(2)
+        return self._decode(q, k_cache, v_cache, meta.decode_chunks, scale)
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, chunks: DecodeChunks, scale: float) -> torch.Tensor:
+        """One query per sequence. Each chunk gets its own softmax (its max m, sum l and
+        weighted values o); a sequence's chunks then merge, rescaled by exp(m - max m)."""
+        batch, n_heads, head_dim = q.shape
+        n_kv_heads = k_cache.shape[2]
+        shape = (batch, n_kv_heads, n_heads // n_kv_heads)  # query heads grouped by their KV head
+        # Gathering from a transposed view lays each chunk out as (Hkv, size, D), ready for matmul.
+        keys = k_cache.view(-1, chunks.size, n_kv_heads, head_dim).transpose(1, 2).index_select(0, chunks.index)
+        values = v_cache.view(-1, chunks.size, n_kv_heads, head_dim).transpose(1, 2).index_select(0, chunks.index)
+        queries = q.view(*shape, head_dim).index_select(0, chunks.seq)
+        # Softmax statistics in float32 whatever the cache dtype, as fused kernels keep them.
+        scores = torch.matmul(queries, keys.transpose(-1, -2)).float().mul_(scale)  # (N, Hkv, group, size)
+        scores.masked_fill_(~chunks.valid[:, None, None, :], float("-inf"))
+        m = scores.amax(-1)
+        p = torch.exp(scores - m[..., None])
+        l, o = p.sum(-1), torch.matmul(p.to(values.dtype), values).float()
+        seq_max = torch.full(shape, float("-inf"), device=q.device)
+        seq_max.scatter_reduce_(0, chunks.seq[:, None, None].expand_as(m), m, "amax")
+        weight = torch.exp(m - seq_max[chunks.seq])
+        denom = torch.zeros(shape, device=q.device).index_add_(0, chunks.seq, weight * l)
+        out = torch.zeros(*shape, head_dim, device=q.device).index_add_(0, chunks.seq, weight[..., None] * o)
+        return (out / denom[..., None]).view(batch, n_heads, head_dim).to(q.dtype)
 
     @staticmethod
     def _prefill(q, k, v, k_cache, v_cache, meta, scale):
-        """One SDPA call per sequence: prompt lengths vary too much for padding to pay."""
+        """One SDPA call per sequence: prompt lengths vary too much for padding to pay.
+
+        Tensors go in as (1, H, L, D): with a batch dimension PyTorch's CPU SDPA takes its
+        fused (flash) kernel, several times faster than the unfused math it runs on 3-D input.
+        """
         out = torch.empty_like(q)
         start = 0
         for i, (q_len, cached) in enumerate(zip(meta.query_lens, meta.cached_lens)):
             end = start + q_len
-            qi = q[start:end].transpose(0, 1)
+            qi = q[None, start:end].transpose(1, 2)
             if cached == 0:  # nothing earlier in the cache: attend to the fresh K/V directly
-                ki, vi = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
+                ki, vi = k[None, start:end].transpose(1, 2), v[None, start:end].transpose(1, 2)
                 oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
             else:  # a chunk after earlier context: SDPA's is_causal is top-left, so build the mask
                 ctx = cached + q_len
-                ki = gather_kv(k_cache, meta.block_tables[i:i + 1], ctx)[0].transpose(0, 1)
-                vi = gather_kv(v_cache, meta.block_tables[i:i + 1], ctx)[0].transpose(0, 1)
+                ki = gather_kv(k_cache, meta.block_tables[i:i + 1], ctx).transpose(1, 2)
+                vi = gather_kv(v_cache, meta.block_tables[i:i + 1], ctx).transpose(1, 2)
                 mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(diagonal=cached)
                 oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[start:end] = oi.transpose(0, 1)
+            out[start:end] = oi[0].transpose(0, 1)
             start = end
         return out
 

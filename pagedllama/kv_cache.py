@@ -20,10 +20,11 @@ prompts begin alike. A shared block is copied before it is written (copy on writ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-from .attention import AttentionBackend
+from .attention import AttentionBackend, DecodeChunks, plan_decode_chunks
 from .block_allocator import BlockAllocator
 from .config import ModelArgs
 from .prefix_cache import PrefixCache
@@ -50,6 +51,12 @@ class StepMetadata:
     max_context_len: int
     query_lens: list[int]  # host copies, for loops over sequences in prefill
     cached_lens: list[int]  # keys already in the cache before this step
+    block_size: int
+
+    @cached_property
+    def decode_chunks(self) -> DecodeChunks:
+        """The torch backend's decode plan: made by the first layer that asks, reused by the rest."""
+        return plan_decode_chunks(self.block_tables, self.context_lens, self.block_size)
 
 
 class KVCache:
@@ -308,6 +315,7 @@ class KVCache:
             max_context_len=max_context_len,
             query_lens=query_lens,
             cached_lens=cached,
+            block_size=self.block_size,
         )
         self.commit(seqs, is_prefill)
         return torch.tensor(tokens, device=dev), positions, meta

@@ -65,7 +65,7 @@ def run_steps(backend, block_size, dtype, lengths=(1, 37, 300), seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size", [1, 16, 512])
+@pytest.mark.parametrize("block_size", [1, 16, 24, 512])
 def test_torch_backend(block_size, dtype):
     run_steps(TorchAttention(), block_size, dtype)
 

@@ -1,0 +1,80 @@
+"""How decode throughput grows with the batch on this machine: the ceiling of what a larger batch buys.
+
+PagedAttention's gain at a fixed KV budget is a larger batch; what that is worth depends on how
+throughput scales with the batch. This measures steady-state decode tokens per CPU-second of the
+paged twin at batch 1 to 97, uniform contexts (so the torch backend's padding costs nothing), and
+reports the ratio at the two twins' largest batches (6 for naive, 28 and 97 for paged on the
+random and ShareGPT workloads at the same budget): the most the same-budget ratio can reach here.
+
+    python bench/batch_scaling.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import MODELS, RESULTS, describe_model, load_model, log, pyplot, save_json, set_threads  # noqa: E402
+from overhead import full_step_ms  # noqa: E402
+
+BATCHES = [1, 2, 6, 16, 28, 64, 97]
+CONTEXT = 128
+
+
+def run(quick: bool = False) -> dict:
+    doc: dict = {"context": CONTEXT, "batches": BATCHES, "models": {}, "quick": quick}
+    for name in (["demo"] if quick else ["demo", "100m"]):
+        model = load_model(name)
+        rows = []
+        for b in BATCHES:
+            fs = full_step_ms(model, MODELS[name], b, CONTEXT, 6, 3)
+            rows.append({"batch": b, "step_ms": fs["median_ms"], "tok_per_cpu_s": 1e3 * b / fs["median_ms"]})
+            log(f"  {name} batch {b}: decode step {fs['median_ms']:.1f} ms, {rows[-1]['tok_per_cpu_s']:.0f} tok/CPU-s")
+        by_b = {r["batch"]: r["tok_per_cpu_s"] for r in rows}
+        doc["models"][name] = {"describe": describe_model(name), "rows": rows,
+                               "ceiling_28_vs_6": by_b[28] / by_b[6], "ceiling_97_vs_6": by_b[97] / by_b[6]}
+    save_json("batch_scaling" + ("_quick" if quick else ""), doc)
+    plot(doc)
+    return doc
+
+
+def plot(doc: dict) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, m in doc["models"].items():
+        base = m["rows"][0]["tok_per_cpu_s"]
+        ax.plot([r["batch"] for r in m["rows"]], [r["tok_per_cpu_s"] / base for r in m["rows"]], "o-",
+                label=f"{name} (batch 1: {base:.0f} tok/CPU-s)")
+    b = doc["batches"]
+    ax.plot(b, b, ":", color="gray", label="linear (ideal, weight-bandwidth-bound)")
+    for x, t in ((6, "naive max"), (28, "paged max, random"), (97, "paged max, ShareGPT")):
+        ax.axvline(x, color="gray", alpha=0.3)
+        ax.text(x, 1.05, t, rotation=90, fontsize=7, va="bottom")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("batch (uniform contexts of %d tokens)" % doc["context"])
+    ax.set_ylabel("decode throughput / batch-1 throughput")
+    ax.set_title("decode throughput vs batch, 1 CPU thread", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / ("batch_scaling" + ("_quick" if doc["quick"] else "") + ".png"), dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="demo model only")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
+    a = ap.parse_args()
+    set_threads(a.threads)
+    doc = run(a.quick)
+    for name, m in doc["models"].items():
+        print(f"{name}: " + ", ".join(f"B={r['batch']} {r['tok_per_cpu_s']:.0f}" for r in m["rows"])
+              + f" tok/CPU-s; batch 28 / batch 6 = {m['ceiling_28_vs_6']:.2f}, 97 / 6 = {m['ceiling_97_vs_6']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
