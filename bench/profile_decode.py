@@ -7,6 +7,8 @@ lengths) and over B uniform random prompts of the same mean length, then, after 
   attention backend (`cache.attend`, all layers: K/V write, gather, SDPA);
 - before/after: decode steps (CPU time) rotating the cache's attention backend step by step between
   the package's torch backend and the one it replaced (baselines.py; same run, same contexts).
+- before/after for prefill: the batch's prompts prefilled (one output token each) with each
+  backend, interleaved, median of 3.
 And the same-KV-budget ShareGPT throughput (prefill included) with each, in both twins.
 
     python bench/profile_decode.py [--quick]
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (RESULTS, Request, budget_for_rows, describe_model, load_model, log,  # noqa: E402
+from common import (RESULTS, Request, budget_for_rows, run_engine, describe_model, load_model, log,  # noqa: E402
                     make_cache, pyplot, random_requests, RandomSpec, save_json, set_threads, sharegpt_requests)
 from baselines import PaddedTorchAttention  # noqa: E402
 
@@ -113,6 +115,19 @@ def profile_case(model_name: str, twin: str, reqs: list[Request], top: int = 12)
     }
 
 
+def prefill_ms(model_name: str, reqs: list[Request], repeats: int = 3) -> dict[str, float]:
+    """Prefill time of the paged twin for `reqs` with each backend: requests of one output token."""
+    model = load_model(model_name)
+    reqs = [Request(r.request_id, r.prompt_ids, 1) for r in reqs]
+    times: dict[str, list[float]] = {name: [] for name in BACKENDS}
+    for rep in range(repeats):
+        for name in (list(BACKENDS) if rep % 2 == 0 else list(BACKENDS)[::-1]):
+            cache = make_cache("paged", model_name, reqs, budget_for_rows(model_name, len(reqs)),
+                               backend=BACKENDS[name]())
+            times[name].append(1e3 * run_engine(model, cache, reqs).cpu_seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def run(quick: bool = False) -> dict:
     model_name = "100m"
     doc: dict = {"model": describe_model(model_name), "cases": []}
@@ -121,6 +136,9 @@ def run(quick: bool = False) -> dict:
         sg = sharegpt_requests(b)
         mean = round(statistics.mean(len(r.prompt_ids) for r in sg))
         uni = random_requests(RandomSpec(b, mean, mean, 1, 1, seed=1))
+        pf = prefill_ms(model_name, sg)
+        doc.setdefault("prefill_ms", []).append({"batch": b, "prompt_tokens": sum(len(r.prompt_ids) for r in sg), **pf})
+        log(f"  prefill, batch {b} ShareGPT prompts: " + ", ".join(f"{k} {v:.0f} ms" for k, v in pf.items()))
         for label, reqs in (("ShareGPT prompts", sg), (f"uniform {mean}-token prompts", uni)):
             for twin in ("naive", "paged"):
                 log(f"  profile: {model_name} {twin}, batch {b}, {label}")
@@ -180,6 +198,9 @@ def main() -> None:
         for o in c["top_ops"]:
             print(f"   {o['op']:<45} {o['self_ms_per_step']:8.2f} ms/step {o['pct']:5.1f}%  {o['calls_per_step']:.0f} calls")
         print("   what-if decode step: " + ", ".join(f"{k} {v:.1f} ms" for k, v in c["whatif_step_ms"].items()))
+    for p in doc["prefill_ms"]:
+        print(f"\nprefill of the first {p['batch']} ShareGPT prompts ({p['prompt_tokens']} tokens): "
+              + ", ".join(f"{k} {p[k]:.0f} ms" for k in BACKENDS))
     if "whatif_same_budget" in doc:
         w = doc["whatif_same_budget"]
         print(f"\nsame KV budget, ShareGPT: paged/naive {w['after']['ratio']['median']:.2f} with the package's attention,"

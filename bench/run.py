@@ -1,8 +1,8 @@
 """All benchmarks, ending with one summary table of measured ratios and their targets.
 
     python bench/run.py --quick   # a few minutes on 2 CPU cores: demo model, short workloads
-    python bench/run.py           # full (about 1.5 h): demo and the 100M preset, longer workloads,
-                                  # batch scaling, decode profile
+    python bench/run.py           # full (about 1 h 15 min here): demo and the 100M preset, longer
+                                  # workloads, batch scaling, decode profile
 
 Progress goes to stderr; the table to stdout. Results: bench/results/*.json and *.png
 (`_quick` in the names for the quick mode), the table also as bench/results/summary[_quick].md.
@@ -46,9 +46,9 @@ def main() -> None:
     a = ap.parse_args()
     set_threads(a.threads)
     t0 = time.perf_counter()
-    m = machine()
-    log(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"load average {m['loadavg'][0]:.2f}")
+    start = machine()
+    log(f"machine: {start['cpu']}, {start['cores']} cores, torch {start['torch']} ({start['torch_threads']} threads), "
+        f"load average {start['loadavg'][0]:.2f}")
     for name in ("demo", "100m"):
         log(f"model {describe_model(name)}")
     rows: list[tuple] = []
@@ -93,13 +93,13 @@ def main() -> None:
     end = machine()
     note = (f"{'quick' if a.quick else 'full'} run, {total:.0f} s; ratios of output tokens per CPU-second "
             f"(wall-clock ratios beside them), median of {a.repeats} paired repeats; "
-            f"load average {m['loadavg'][0]:.2f} at start, {end['loadavg'][0]:.2f} at end "
+            f"load average {start['loadavg'][0]:.2f} at start, {end['loadavg'][0]:.2f} at end "
             f"(2 shared CPU cores: other work on the machine slows runs unevenly)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"summary{suffix}.md").write_text(text + "\n\n" + note + "\n")
     save_json(f"summary{suffix}", {"rows": [{"measurement": n, "value": v, "wall_clock_value": w, "target": t, "ok": ok}
                                             for n, v, t, ok, w in rows], "seconds": total, **timings,
-                                   "loadavg_start": m["loadavg"], "loadavg_end": end["loadavg"]})
+                                   "loadavg_start": start["loadavg"], "loadavg_end": end["loadavg"]})
     print(text)
     print(note)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,13 @@ def test_flash_attn_block_size_rule(standin, monkeypatch):
     assert select_backend("flash-attn", cuda, torch.bfloat16, 512).name == "flash-attn"
     assert select_backend("auto", cuda, torch.bfloat16, 256).name == "flash-attn"
     assert select_backend("auto", cuda, torch.bfloat16, 16).name in ("triton", "torch")
+
+
+def test_benchmark_baseline_is_a_correct_attention():
+    """bench/baselines.py keeps the torch backend the speed work replaced, for before/after
+    measurements; they only mean something if it computes the same attention."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from baselines import PaddedTorchAttention
+
+    for block_size in (16, 512):
+        run_steps(PaddedTorchAttention(), block_size, torch.float32)
