@@ -2,9 +2,11 @@
 
 PagedAttention's gain at a fixed KV budget is a larger batch; what that is worth depends on how
 throughput scales with the batch. This measures steady-state decode tokens per CPU-second of the
-paged twin at batch 1 to 97, uniform contexts (so the torch backend's padding costs nothing), and
-reports the ratio at the two twins' largest batches (6 for naive, 28 and 97 for paged on the
-random and ShareGPT workloads at the same budget): the most the same-budget ratio can reach here.
+paged twin at batch 1 to 97, uniform contexts, and reports the ratio at the two twins' largest
+batches (6 for naive, 28 and 97 for paged on the random and ShareGPT workloads at the same budget):
+the most the same-budget ratio can reach here. Each batch is measured in float32 and, where the CPU
+has AMX (or the benchmarks run in bfloat16), in bfloat16, side by side: with AMX a bfloat16 matmul
+costs little more at batch 97 than at batch 6, as on a GPU.
 
     python bench/batch_scaling.py [--quick]
 """
@@ -16,25 +18,38 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MODELS, RESULTS, describe_model, load_model, log, pyplot, save_json, set_threads  # noqa: E402
+import torch  # noqa: E402
+from common import (DTYPE, MODELS, RESULTS, cpu_has_amx_bf16, describe_model, load_model, log,  # noqa: E402
+                    pyplot, save_json, set_threads)
 from overhead import full_step_ms  # noqa: E402
 
 BATCHES = [1, 2, 6, 16, 28, 64, 97]
 CONTEXT = 128
 
 
+def dtypes() -> list[torch.dtype]:
+    return [torch.float32, torch.bfloat16] if DTYPE == torch.bfloat16 or cpu_has_amx_bf16() else [torch.float32]
+
+
 def run(quick: bool = False) -> dict:
     doc: dict = {"context": CONTEXT, "batches": BATCHES, "models": {}, "quick": quick}
     for name in (["demo"] if quick else ["demo", "100m"]):
-        model = load_model(name)
-        rows = []
+        rows: dict[str, list] = {}
+        for dtype in dtypes():
+            full_step_ms(load_model(name, dtype), MODELS[name], 4, 16, 2, 1, dtype=dtype)  # warm-up
         for b in BATCHES:
-            fs = full_step_ms(model, MODELS[name], b, CONTEXT, 6, 3)
-            rows.append({"batch": b, "step_ms": fs["median_ms"], "tok_per_cpu_s": 1e3 * b / fs["median_ms"]})
-            log(f"  {name} batch {b}: decode step {fs['median_ms']:.1f} ms, {rows[-1]['tok_per_cpu_s']:.0f} tok/CPU-s")
-        by_b = {r["batch"]: r["tok_per_cpu_s"] for r in rows}
-        doc["models"][name] = {"describe": describe_model(name), "rows": rows,
-                               "ceiling_28_vs_6": by_b[28] / by_b[6], "ceiling_97_vs_6": by_b[97] / by_b[6]}
+            for dtype in dtypes():  # side by side, batch by batch
+                label = str(dtype).removeprefix("torch.")
+                fs = full_step_ms(load_model(name, dtype), MODELS[name], b, CONTEXT, 6, 3, dtype=dtype)
+                rows.setdefault(label, []).append({"batch": b, "step_ms": fs["median_ms"],
+                                                   "tok_per_cpu_s": 1e3 * b / fs["median_ms"]})
+                log(f"  {name} {label} batch {b}: decode step {fs['median_ms']:.1f} ms, "
+                    f"{rows[label][-1]['tok_per_cpu_s']:.0f} tok/CPU-s")
+        doc["models"][name] = {"describe": describe_model(name), "dtypes": {}}
+        for label, rs in rows.items():
+            by_b = {r["batch"]: r["tok_per_cpu_s"] for r in rs}
+            doc["models"][name]["dtypes"][label] = {"rows": rs, "ceiling_28_vs_6": by_b[28] / by_b[6],
+                                                    "ceiling_97_vs_6": by_b[97] / by_b[6]}
     save_json("batch_scaling" + ("_quick" if quick else ""), doc)
     plot(doc)
     return doc
@@ -44,9 +59,10 @@ def plot(doc: dict) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, m in doc["models"].items():
-        base = m["rows"][0]["tok_per_cpu_s"]
-        ax.plot([r["batch"] for r in m["rows"]], [r["tok_per_cpu_s"] / base for r in m["rows"]], "o-",
-                label=f"{name} (batch 1: {base:.0f} tok/CPU-s)")
+        for label, d in m["dtypes"].items():
+            base = d["rows"][0]["tok_per_cpu_s"]
+            ax.plot([r["batch"] for r in d["rows"]], [r["tok_per_cpu_s"] / base for r in d["rows"]],
+                    "o-" if label == "bfloat16" else "s--", label=f"{name} {label} (batch 1: {base:.0f} tok/CPU-s)")
     b = doc["batches"]
     ax.plot(b, b, ":", color="gray", label="linear (ideal, weight-bandwidth-bound)")
     for x, t in ((6, "naive max"), (28, "paged max, random"), (97, "paged max, ShareGPT")):
@@ -72,9 +88,9 @@ def main() -> None:
     set_threads(a.threads)
     doc = run(a.quick)
     for name, m in doc["models"].items():
-        print(f"{name}: " + ", ".join(f"B={r['batch']} {r['tok_per_cpu_s']:.0f}" for r in m["rows"])
-              + f" tok/CPU-s; batch 28 / batch 6 = {m['ceiling_28_vs_6']:.2f}, 97 / 6 = {m['ceiling_97_vs_6']:.2f}")
-
+        for label, d in m["dtypes"].items():
+            print(f"{name} {label}: " + ", ".join(f"B={r['batch']} {r['tok_per_cpu_s']:.0f}" for r in d["rows"])
+                  + f" tok/CPU-s; batch 28 / batch 6 = {d['ceiling_28_vs_6']:.2f}, 97 / 6 = {d['ceiling_97_vs_6']:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,9 @@
 """pagedllama (paged twin) against Hugging Face transformers on the same weights and prompts.
 
 The random weights are written with `checkpoint.save_hf` and read back with
-`LlamaForCausalLM.from_pretrained` (float32, SDPA attention, CPU). Greedy decoding, EOS ignored,
-each request generating exactly its own number of tokens. Three engines, interleaved and repeated:
+`LlamaForCausalLM.from_pretrained` (SDPA attention; the benchmarks' dtype, see common.DTYPE).
+Greedy decoding, EOS ignored, each request generating exactly its own number of tokens. Three
+engines, interleaved and repeated:
 
 - pagedllama's paged twin: continuous batching, every request generates its own length.
 - HF `generate()`: one static batch, prompts left-padded to the longest, `max_new_tokens` = the
@@ -13,9 +14,11 @@ each request generating exactly its own number of tokens. Three engines, interle
   `max_new_tokens`; page size 256 (its default), pool sized to hold the whole batch.
 
 Token agreement: each engine's tokens are compared with pagedllama's; a request "matches" when all
-its tokens are equal. Random weights make near-ties in the logits common, so float32 rounding
-differences (different matmul shapes, RoPE layouts) can flip a late token; the first divergence
-position is reported.
+its tokens are equal. Random weights make near-ties in the logits common, so rounding differences
+(different matmul shapes, RoPE layouts) can flip a token, and in bfloat16 they often do; the first
+divergence position is reported. When the timed runs are not in float32, every engine also runs
+once in float32 first, untimed, and that is the token check: same weights, same prompts, same
+tokens, so the timed runs do the same work.
 
     python bench/hf_compare.py [--quick] [--repeats N]
 """
@@ -48,11 +51,11 @@ def hf_available() -> str | None:
     return transformers.__version__
 
 
-_HF: dict[str, object] = {}
+_HF: dict[tuple[str, torch.dtype], object] = {}
 
 
-def hf_model(name: str):
-    if name not in _HF:
+def hf_model(name: str, dtype: torch.dtype = DTYPE):
+    if (name, dtype) not in _HF:
         from transformers import LlamaForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -60,9 +63,9 @@ def hf_model(name: str):
         logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
         with tempfile.TemporaryDirectory() as d:
             save_hf(state_dict(name), MODELS[name], d)
-            m = LlamaForCausalLM.from_pretrained(d, dtype=DTYPE, attn_implementation="sdpa")
-        _HF[name] = m.to(DEVICE).eval()
-    return _HF[name]
+            m = LlamaForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa")
+        _HF[name, dtype] = m.to(DEVICE).eval()
+    return _HF[name, dtype]
 
 
 def hf_generate(model, reqs) -> tuple[Clock, list[list[int]]]:
@@ -119,6 +122,19 @@ def agreement(ref: list[list[int]], other: list[list[int]]) -> dict:
             "tokens_before_first_divergence_pct": 100 * agree / total if total else 100.0}
 
 
+def float32_agreement(model_name: str, reqs, with_cb: bool) -> dict:
+    """Each engine once in float32, untimed: the token check for runs timed in another dtype."""
+    f32 = torch.float32
+    ours = run_engine(load_model(model_name, f32), make_cache("paged", model_name, reqs,
+                                                                budget_for_rows(model_name, len(reqs)), dtype=f32),
+                      reqs).outputs
+    hf = hf_model(model_name, f32)
+    doc = {"agreement_generate": agreement(ours, hf_generate(hf, reqs)[1])}
+    if with_cb:
+        doc["agreement_generate_batch"] = agreement(ours, hf_generate_batch(hf, reqs)[1])
+    return doc
+
+
 def compare(model_name: str, reqs, label: str, repeats: int, with_cb: bool) -> dict:
     ours_model = load_model(model_name)
     hf = hf_model(model_name)
@@ -157,6 +173,8 @@ def compare(model_name: str, reqs, label: str, repeats: int, with_cb: bool) -> d
         doc["vs_generate_batch"] = ratios(tps, "pagedllama", "hf_generate_batch")
         doc["agreement_generate_batch"] = agreement(outs["pagedllama"], outs["hf_generate_batch"])
         doc["target_vs_generate_batch"] = 4.0
+    if DTYPE != torch.float32:
+        doc["float32"] = float32_agreement(model_name, reqs, with_cb)
     return doc
 
 
@@ -202,7 +220,8 @@ def plot(doc: dict) -> None:
             ax.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(cases)), [f"{c['model']}\n{c['workload'].split(',')[0]}" for c in cases], fontsize=8)
     ax.set_ylabel("useful output tokens per CPU-second (median)")
-    ax.set_title(f"pagedllama vs transformers {doc['transformers']} (CPU, float32, greedy)", fontsize=9)
+    ax.set_title(f"pagedllama vs transformers {doc['transformers']} ({DEVICE.type}, "
+                 f"{str(DTYPE).removeprefix('torch.')}, greedy)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -214,15 +233,17 @@ def summary_rows(doc: dict) -> list[tuple]:
     rows = []
     for c in doc.get("cases", []):
         name = f"{c['model']}, {c['workload'].split(',')[0]}"
-        ag = c["agreement_generate"]
+        check = c.get("float32", c)  # the token check: float32 when the timed runs are not
+        where = " in float32" if "float32" in c else ""
+        ag = check["agreement_generate"]
         r = c["vs_generate"]
         rows.append((f"pagedllama / HF generate() ({name}; {ag['requests_identical']}/{ag['requests']} "
-                     f"requests token-identical)", r["median"], ">= 2", r["median"] >= 2, r["wall"]["median"]))
+                     f"requests token-identical{where})", r["median"], ">= 2", r["median"] >= 2, r["wall"]["median"]))
         if "vs_generate_batch" in c:
-            ag = c["agreement_generate_batch"]
+            ag = check["agreement_generate_batch"]
             r = c["vs_generate_batch"]
             rows.append((f"pagedllama / HF generate_batch() ({name}; {ag['requests_identical']}/{ag['requests']} "
-                         f"identical)", r["median"], ">= 4", r["median"] >= 4, r["wall"]["median"]))
+                         f"identical{where})", r["median"], ">= 4", r["median"] >= 4, r["wall"]["median"]))
     return rows
 
 

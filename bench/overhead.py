@@ -60,9 +60,9 @@ def requests(batch: int, prompt: int, out: int, seed: int = 0) -> list[Request]:
             for i in range(batch)]
 
 
-def cache_for(args: ModelArgs, twin: str, reqs: list[Request], storage: bool):
+def cache_for(args: ModelArgs, twin: str, reqs: list[Request], storage: bool, dtype: torch.dtype = DTYPE):
     """A cache that holds the whole batch: naive rows of MAX_SEQ_LEN, or exactly enough paged blocks."""
-    bpt = args.kv_bytes_per_token(DTYPE.itemsize)
+    bpt = args.kv_bytes_per_token(dtype.itemsize)
     if twin == "naive":
         # The scheduler keeps 1% of the blocks free (its watermark) while anything runs, and the
         # naive cache has exactly one row per request, so from batch 100 on the last requests would
@@ -73,7 +73,7 @@ def cache_for(args: ModelArgs, twin: str, reqs: list[Request], storage: bool):
     else:
         num_blocks = sum(-(-(len(r.prompt_ids) + r.max_new_tokens) // BLOCK_SIZE) for r in reqs) + 1
         budget = num_blocks * BLOCK_SIZE * bpt
-    return build_cache(twin, args, reqs, budget, MAX_SEQ_LEN, TorchAttention() if storage else None, CPU, DTYPE,
+    return build_cache(twin, args, reqs, budget, MAX_SEQ_LEN, TorchAttention() if storage else None, CPU, dtype,
                        block_size=None if twin == "naive" else BLOCK_SIZE, num_blocks=num_blocks, storage=storage)
 
 
@@ -141,13 +141,13 @@ def prepare_step_us(args: ModelArgs, twin: str, batch: int, steps: int, repeats:
 
 
 def full_step_ms(model, args: ModelArgs, batch: int, prompt: int, steps: int, repeats: int,
-                 twin: str = "paged") -> dict:
+                 twin: str = "paged", dtype: torch.dtype = DTYPE) -> dict:
     """Decode-step wall time of the real engine (forward included): median over `repeats` runs of
     the per-run median."""
     meds = []
     for rep in range(repeats):
         reqs = requests(batch, prompt, steps + 1, seed=rep)
-        t = timed_run(_engine(model, cache_for(args, twin, reqs, storage=True)), reqs)["step"]
+        t = timed_run(_engine(model, cache_for(args, twin, reqs, storage=True, dtype=dtype)), reqs)["step"]
         meds.append(statistics.median(t))
     return {"median_ms": 1e3 * statistics.median(meds), "per_repeat_ms": [1e3 * m for m in meds],
             "steps_per_repeat": steps, "context": prompt + BLOCK_SIZE // 2 + steps // 2}

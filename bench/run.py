@@ -66,10 +66,10 @@ def main() -> None:
         sc = batch_scaling.run(quick=False)
         timings["scaling_s"] = time.perf_counter() - t
         for name, m in sc["models"].items():
-            rows.append((f"ceiling on this CPU: {name} decode tok/s at batch 28 / batch 6 (uniform contexts)",
-                         m["ceiling_28_vs_6"], "(context)", True, None))
-            rows.append((f"ceiling on this CPU: {name} decode tok/s at batch 97 / batch 6 (uniform contexts)",
-                         m["ceiling_97_vs_6"], "(context)", True, None))
+            for label, d in m["dtypes"].items():
+                for b in (28, 97):
+                    rows.append((f"ceiling on this CPU: {name} {label} decode tok/s at batch {b} / batch 6 "
+                                 "(uniform contexts)", d[f"ceiling_{b}_vs_6"], "(context)", True, None))
     if "hf" not in a.skip:
         log("Hugging Face transformers:")
         t = time.perf_counter()
