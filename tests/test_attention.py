@@ -71,6 +71,15 @@ def test_torch_backend(block_size, dtype):
     run_steps(TorchAttention(), block_size, dtype)
 
 
+def test_torch_backend_reuses_its_scratch_buffers_across_steps_of_any_size():
+    """Decode writes into buffers kept from earlier steps; a larger step must grow them and a
+    smaller one must not see stale data."""
+    backend = TorchAttention()
+    for lengths in ((300, 37, 1), (2,), (500, 480, 3, 64), (5, 9)):
+        run_steps(backend, 16, torch.float32, lengths)
+    assert backend.workspace.get("keys", (2, 3), torch.float32, CPU).shape == (2, 3)
+
+
 @pytest.fixture
 def standin(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_standin)
