@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from .attention import AttentionBackend, DecodeChunks, plan_decode_chunks
@@ -276,41 +277,45 @@ class KVCache:
         """Input tokens, positions and attention metadata for one step over `seqs`.
 
         Prefill feeds every token not yet cached; decode feeds each sequence's last token.
+        The host side is one int64 array (rows, cached lengths, context lengths, tokens),
+        copied to the device once; everything else is derived there with a few tensor ops.
         """
+        context_lens = [len(s.token_ids) for s in seqs]
         if is_prefill:
             cached = [s.num_cached_tokens for s in seqs]
-            query_lens = [s.num_tokens - c for s, c in zip(seqs, cached)]
             tokens = [t for s, c in zip(seqs, cached) for t in s.token_ids[c:]]
-            positions = torch.cat([torch.arange(c, s.num_tokens) for s, c in zip(seqs, cached)])
         else:
-            cached = [s.num_tokens - 1 for s in seqs]
-            query_lens = [1] * len(seqs)
+            cached = [n - 1 for n in context_lens]
             tokens = [s.token_ids[-1] for s in seqs]
-            positions = torch.tensor(cached)
-        dev = self.device
-        positions = positions.to(dev, non_blocking=True)
-        rows = torch.tensor([s.row for s in seqs], device=dev)
-        q_lens = torch.tensor(query_lens, dtype=torch.int32, device=dev)
-        query_start_loc = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=dev)
+        b, dev = len(seqs), self.device
+        host = np.array([s.row for s in seqs] + cached + context_lens + tokens, dtype=np.int64)
+        packed = torch.from_numpy(host).to(dev, non_blocking=True)
+        rows, cached_t, context_lens_t, tokens_t = packed[:b], packed[b:2 * b], packed[2 * b:3 * b], packed[3 * b:]
+        q_lens = context_lens_t - cached_t
+        query_start_loc = torch.zeros(b + 1, dtype=torch.int64, device=dev)
         torch.cumsum(q_lens, 0, out=query_start_loc[1:])
-        context_lens = [c + q for c, q in zip(cached, query_lens)]
-        context_lens_t = torch.tensor(context_lens, dtype=torch.int32, device=dev)
-        context_start_loc = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=dev)
+        context_start_loc = torch.zeros(b + 1, dtype=torch.int64, device=dev)
         torch.cumsum(context_lens_t, 0, out=context_start_loc[1:])
+        if is_prefill:  # each sequence's positions run from its cached length up
+            starts = torch.repeat_interleave(query_start_loc[:-1] - cached_t, q_lens, output_size=len(tokens))
+            positions = torch.arange(len(tokens), device=dev) - starts
+        else:
+            positions = cached_t
         max_context_len = max(context_lens)
         block_tables = self.block_tables[rows, :cdiv(max_context_len, self.block_size)]
         token_rows = block_tables if not is_prefill else block_tables.repeat_interleave(q_lens, dim=0)
         block_of_token = token_rows.gather(1, (positions // self.block_size).unsqueeze(1)).squeeze(1)
         slot_mapping = block_of_token.long() * self.block_size + positions % self.block_size
+        query_lens = [n - c for n, c in zip(context_lens, cached)] if is_prefill else [1] * b
         meta = StepMetadata(
             is_prefill=is_prefill,
             slot_mapping=slot_mapping,
             block_tables=block_tables,
-            context_lens=context_lens_t,
-            cache_seqlens=context_lens_t - q_lens,
-            context_start_loc=context_start_loc,
-            query_start_loc=query_start_loc,
-            logits_indices=(query_start_loc[1:] - 1).long(),
+            context_lens=context_lens_t.int(),
+            cache_seqlens=cached_t.int(),
+            context_start_loc=context_start_loc.int(),
+            query_start_loc=query_start_loc.int(),
+            logits_indices=query_start_loc[1:] - 1,
             max_query_len=max(query_lens),
             max_context_len=max_context_len,
             query_lens=query_lens,
@@ -318,7 +323,7 @@ class KVCache:
             block_size=self.block_size,
         )
         self.commit(seqs, is_prefill)
-        return torch.tensor(tokens, device=dev), positions, meta
+        return tokens_t, positions, meta
 
     def commit(self, seqs: list[Sequence], is_prefill: bool) -> None:
         """Count the step's tokens as cached: prefill caches every token, decode the last one."""
