@@ -1,8 +1,10 @@
-"""Before/after of a change to the scheduler or cache manager: the dry-run decode step (scheduler,
-allocator and bookkeeping; no forward) of two git revisions, measured side by side.
+"""Before/after of a speed change: two git revisions measured side by side.
 
-Each revision is checked out into a temporary worktree and measured in its own process, the
-processes alternating (A B, B A, ...) so drifts in machine load hit both alike.
+Per revision: the dry-run decode step (scheduler, allocator and bookkeeping; no forward) and
+`prepare_step` at batch 16 to 512, and the full decode step of the 100M preset at batch 28 and
+97 (256-token contexts) in float32 and bfloat16. Each revision is checked out into a temporary
+worktree and measured by its own bench/overhead.py in its own processes, alternating (A B,
+B A, ...) so drifts in machine load hit both alike.
 
     python bench/compare_commits.py BEFORE [AFTER]    # AFTER defaults to the working tree
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -21,15 +24,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, log, save_json  # noqa: E402
 
 BATCHES = (16, 64, 256, 512)
-# Runs inside the measured tree: its own bench/overhead.py against its own package.
-PROBE = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']; "
-         "from overhead import dry_step_us; "
-         f"print(json.dumps({{b: dry_step_us('paged', b, 128, 3) for b in {BATCHES}}}))")
+FULL_BATCHES = (28, 97)
+DTYPES = ("float32", "bfloat16")
+# Runs inside the measured tree, against its own package, through calls every revision has.
+PROBE_OVERHEAD = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']; "
+                  "from overhead import TINY, dry_step_us, prepare_step_us; "
+                  f"print(json.dumps({{'dry': {{b: dry_step_us('paged', b, 128, 3) for b in {BATCHES}}}, "
+                  f"'prepare': {{b: prepare_step_us(TINY, 'paged', b, 48, 3)[0] for b in {BATCHES}}}}}))")
+PROBE_FULL = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']; "
+              "from common import MODELS, load_model; from overhead import full_step_ms; "
+              "m = load_model('100m'); full_step_ms(m, MODELS['100m'], 4, 16, 2, 1); "
+              f"print(json.dumps({{b: full_step_ms(m, MODELS['100m'], b, 256, 4, 3)['median_ms'] for b in {FULL_BATCHES}}}))")
 
 
-def measure(tree: Path) -> dict[int, float]:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tree)], capture_output=True, text=True, check=True)
-    return {int(b): us for b, us in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+def probe(tree: Path, code: str, dtype: str = "float32") -> dict:
+    env = {**os.environ, "BENCH_DTYPE": dtype}
+    out = subprocess.run([sys.executable, "-c", code, str(tree)], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(tree: Path) -> dict:
+    doc = probe(tree, PROBE_OVERHEAD)
+    doc.update({f"full_ms_{dt}": probe(tree, PROBE_FULL, dt) for dt in DTYPES})
+    return {k: {int(b): v for b, v in d.items()} for k, d in doc.items()}
 
 
 def main() -> None:
@@ -47,21 +64,24 @@ def main() -> None:
             trees[name] = Path(tmp) / name
             subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(trees[name]), rev], check=True)
         try:
-            runs: dict[str, list[dict[int, float]]] = {"before": [], "after": []}
+            runs: dict[str, list[dict]] = {"before": [], "after": []}
             for r in range(a.repeats):
                 for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
                     runs[name].append(measure(trees[name]))
-                    log(f"  repeat {r + 1} {name}: " + ", ".join(f"B={b} {us:.0f} us" for b, us in runs[name][-1].items()))
+                    log(f"  repeat {r + 1} {name}: {runs[name][-1]}")
         finally:
             for name, tree in trees.items():
                 if tree != ROOT:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
-    med = {name: {b: statistics.median(r[b] for r in rs) for b in BATCHES} for name, rs in runs.items()}
-    save_json("compare_commits", {"before": a.before, "after": a.after or "working tree", "batches": BATCHES,
-                                  "dry_step_us": runs, "median_us": med})
-    print(f"{'batch':>6} {'before us':>10} {'after us':>10} {'after/before':>13}")
-    for b in BATCHES:
-        print(f"{b:>6} {med['before'][b]:10.0f} {med['after'][b]:10.0f} {med['after'][b] / med['before'][b]:13.2f}")
+    med = {name: {key: {b: statistics.median(r[key][b] for r in rs) for b in rs[0][key]} for key in rs[0]}
+           for name, rs in runs.items()}
+    save_json("compare_commits", {"before": a.before, "after": a.after or "working tree", "runs": runs, "median": med})
+    print(f"{'measurement':<34} {'batch':>6} {'before':>9} {'after':>9} {'after/before':>13}")
+    for key in med["before"]:
+        unit = "ms" if key.startswith("full") else "us"
+        for b, before in med["before"][key].items():
+            after = med["after"][key][b]
+            print(f"{key + ' (' + unit + ')':<34} {b:>6} {before:9.1f} {after:9.1f} {after / before:13.2f}")
 
 
 if __name__ == "__main__":
