@@ -328,6 +328,20 @@ def ratios(tps: dict, a: str, b: str) -> dict:
 # Results
 
 
+def _git(*args: str) -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# The code a run measures is the code it imported: taken when the run starts, not when it saves.
+_START_COMMIT = _git("rev-parse", "--short", "HEAD")
+_START_MODIFIED = _git("status", "--porcelain", "--", "pagedllama").splitlines()
+
+
 def machine() -> dict:
     cpu = platform.processor() or ""
     try:
@@ -337,19 +351,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    import subprocess
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
     gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": str(DEVICE), "gpu": gpu, "dtype": str(DTYPE).removeprefix("torch."),
-            "git_commit": git("rev-parse", "--short", "HEAD"),
-            "package_files_modified": git("status", "--porcelain", "--", "pagedllama").splitlines(),
+            "amx_bf16": cpu_has_amx_bf16(), "git_commit": _START_COMMIT, "package_files_modified": _START_MODIFIED,
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "loadavg": list(os.getloadavg())}
 

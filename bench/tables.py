@@ -1,0 +1,173 @@
+"""Print the markdown tables of BENCHMARKS.md from bench/results/*.json, so that every figure in
+it is copied by a program from a measured run, never typed by hand.
+
+    python bench/tables.py [--quick]    # the tables of the full (or quick) run's results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio(r: dict) -> str:
+    return f"**{r['median']:.2f}** ({r['min']:.2f}-{r['max']:.2f})"
+
+
+def med(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.0f}"
+
+
+def source(doc: dict) -> str:
+    m = doc["machine"]
+    dirty = " (package files modified)" if m.get("package_files_modified") else ""
+    return f"_{doc['time']}, commit `{m['git_commit']}`{dirty}, {m['dtype']}, {m['torch_threads']} thread(s)_"
+
+
+def throughput(doc: dict) -> str:
+    out = [source(doc), "", "Same batch:", ""]
+    out.append(table(["model", "workload", "batch", "naive tok/CPU-s", "paged tok/CPU-s", "paged / naive (min-max)",
+                      "wall-clock ratio", "identical outputs"],
+                     [[r["model"], r["workload"], r["batch"], f"{r['naive_tok_per_cpu_s']:.0f}",
+                       f"{r['paged_tok_per_cpu_s']:.0f}", ratio(r["ratio"]), f"{r['ratio']['wall']['median']:.2f}",
+                       f"{r['identical_outputs']}/{r['batch']}"] for r in doc["same_batch"]]))
+    out += ["", "Same KV budget, each twin at its largest batch:", ""]
+    rows = []
+    for r in doc["same_budget"]:
+        t = r["tok_per_s"]
+        cont = r.get("ratio_vs_naive_continuous")
+        rows.append([r["model"], r["workload"], f"{r['budget_bytes'] / 2**20:.1f} MiB", r["naive_batch"],
+                     r["paged_batch"], med(t["naive_waves"]["cpu"]),
+                     med(t["naive_continuous"]["cpu"]) if "naive_continuous" in t else "-", med(t["paged"]["cpu"]),
+                     ratio(r["ratio"]), f"{cont['median']:.2f}" if cont else "-",
+                     f"{r['identical_outputs']}/{r['paged_batch']}"])
+    out.append(table(["model", "workload", "KV budget", "naive batch", "paged batch", "naive waves tok/CPU-s",
+                      "naive continuous", "paged", "paged / naive waves (min-max)", "paged / naive continuous",
+                      "identical"], rows))
+    return "\n".join(out)
+
+
+def batch_scaling(doc: dict) -> str:
+    out = [source(doc), ""]
+    batches = doc["batches"]
+    rows = []
+    for name, m in doc["models"].items():
+        for label, d in m["dtypes"].items():
+            rows.append([f"{name} {label}: step ms"] + [f"{r['step_ms']:.1f}" for r in d["rows"]])
+            rows.append([f"{name} {label}: tok/CPU-s"] + [f"{r['tok_per_cpu_s']:.0f}" for r in d["rows"]])
+    out.append(table(["batch"] + [str(b) for b in batches], rows))
+    out.append("")
+    out.append(table(["model", "dtype", "batch 28 / batch 6", "batch 97 / batch 6"],
+                     [[name, label, f"{d['ceiling_28_vs_6']:.2f}", f"{d['ceiling_97_vs_6']:.2f}"]
+                      for name, m in doc["models"].items() for label, d in m["dtypes"].items()]))
+    return "\n".join(out)
+
+
+def hf_compare(doc: dict) -> str:
+    if "cases" not in doc:
+        return f"(skipped: {doc.get('skipped')})"
+    rows = []
+    for c in doc["cases"]:
+        t = c["tok_per_s"]
+        check = c.get("float32", c)
+        ag = f"{check['agreement_generate']['requests_identical']}/{check['agreement_generate']['requests']}"
+        if "agreement_generate_batch" in check:
+            ag += f", {check['agreement_generate_batch']['requests_identical']}/" \
+                  f"{check['agreement_generate_batch']['requests']}"
+        timed = c["agreement_generate"]["requests_identical"], c.get("agreement_generate_batch", {}).get(
+            "requests_identical", "-")
+        rows.append([c["model"], c["workload"], med(t["pagedllama"]["cpu"]), med(t["hf_generate"]["cpu"]),
+                     med(t["hf_generate_batch"]["cpu"]) if "hf_generate_batch" in t else "-",
+                     ratio(c["vs_generate"]), ratio(c["vs_generate_batch"]) if "vs_generate_batch" in c else "-",
+                     ag + (" (float32)" if "float32" in c else ""), f"{timed[0]}, {timed[1]}"])
+    return "\n".join([source(doc) + f", transformers {doc['transformers']}", "",
+                      table(["model", "workload", "pagedllama tok/CPU-s", "HF generate()", "HF generate_batch()",
+                             "/ generate() (min-max)", "/ generate_batch() (min-max)", "token-identical requests",
+                             "identical in the timed runs"], rows)])
+
+
+def overhead(doc: dict) -> str:
+    b = doc["batches"]
+    rows = []
+    for twin in ("paged", "naive"):
+        dry, prep = doc["dry_step_us"][twin], doc["prepare_step_us"][twin]
+        rows.append([f"{twin}: scheduler + allocator, us"] + [f"{x:.0f}" for x in dry])
+        rows.append([f"{twin}: prepare_step, us"] + [f"{x:.0f}" for x in prep])
+        rows.append([f"{twin}: per request, us"] + [f"{(d + p) / n:.1f}" for d, p, n in zip(dry, prep, b)])
+    out = [source(doc), "", table(["batch"] + [str(x) for x in b], rows), ""]
+    out.append(table(["model", "full decode step at batch 256", "overhead", "% of the step"],
+                     [[name, f"{fs['median_ms']:.1f} ms", f"{fs['overhead_us']:.0f} us", f"{fs['overhead_pct']:.2f}%"]
+                      for name, fs in doc["full_step_b256"].items()]))
+    out.append("")
+    out.append(table(["layers"] + [str(n) for n in doc["layers"]],
+                     [["overhead at batch 64, us"] + [f"{x:.0f}" for x in doc["by_layers"]["overhead_us"]],
+                      ["demo-shaped full step at batch 64, ms"]
+                      + [f"{x:.1f}" for x in doc["by_layers"]["demo_shape_full_step_ms"]]]))
+    return "\n".join(out)
+
+
+def profile(doc: dict) -> str:
+    out = [source(doc), ""]
+    rows = []
+    for c in doc["cases"]:
+        top = ", ".join(f"{o['op'].removeprefix('aten::')} {o['pct']:.0f}%" for o in c["top_ops"][:4])
+        w = c["whatif_step_ms"]
+        rows.append([c["twin"], c["batch"], c["workload"], f"{c['padding_efficiency']:.2f}", f"{c['step_ms']:.1f}",
+                     f"{c['attend_pct']:.0f}%", f"{c['prepare_ms']:.2f}", top]
+                    + [f"{v:.1f}" for v in w.values()])
+    names = list(doc["cases"][0]["whatif_step_ms"])
+    out.append(table(["twin", "batch", "prompts", "padding efficiency", "decode step ms", "attention",
+                      "prepare_step ms", "top ops (self CPU)"] + [f"step ms, {n}" for n in names], rows))
+    if doc.get("prefill_ms"):
+        out.append("")
+        out.append(table(["prefill of the first B ShareGPT prompts", "prompt tokens"] + [f"{n}, ms" for n in names],
+                         [[p["batch"], p["prompt_tokens"]] + [f"{p[n]:.0f}" for n in names] for p in doc["prefill_ms"]]))
+    w = doc.get("whatif_same_budget")
+    if w:
+        out.append("")
+        out.append(table(["same KV budget, ShareGPT (paged / naive waves)", "median (min-max)"],
+                         [[k, ratio(v["ratio"])] for k, v in w.items()]))
+    return "\n".join(out)
+
+
+def compare_commits(doc: dict) -> str:
+    rows = []
+    for key, by_batch in doc["median"]["before"].items():
+        unit = "ms" if key.startswith("full") else "us"
+        for b, before in by_batch.items():
+            after = doc["median"]["after"][key][b]
+            rows.append([key, b, f"{before:.1f} {unit}", f"{after:.1f} {unit}", f"{after / before:.2f}"])
+    return "\n".join([f"{source(doc)}: `{doc['before']}` against `{doc['after']}`", "",
+                      table(["measurement", "batch", "before", "after", "after / before"], rows)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    suffix = "_quick" if ap.parse_args().quick else ""
+    for name, fn in (("throughput", throughput), ("batch_scaling", batch_scaling), ("hf_compare", hf_compare),
+                     ("overhead", overhead), ("profile_decode", profile), ("compare_commits", compare_commits)):
+        doc = load(name + ("" if name == "compare_commits" else suffix))
+        print(f"\n### {name}\n")
+        try:
+            print(fn(doc) if doc else "(no results)")
+        except KeyError as e:  # written by an older version of the script
+            print(f"(results in an older format, no {e}: rerun bench/{name}.py)")
+
+
+if __name__ == "__main__":
+    main()
