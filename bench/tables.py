@@ -155,13 +155,21 @@ def compare_commits(doc: dict) -> str:
                       table(["measurement", "batch", "before", "after", "after / before"], rows)])
 
 
+def compile_probe(doc: dict) -> str:
+    rows = [[label, f"{r['eager_ms']:.1f}", f"{r['compiled_ms']:.1f}", f"{r['speedup']:.2f}", f"{r['compile_s']:.0f} s",
+             f"{r['second_shape_first_call_s']:.1f} s"] for label, r in doc["dtypes"].items()]
+    return "\n".join([source(doc), "", table(["dtype", "eager ms", "compiled ms", "speedup", "compiling before the first call",
+                                             "first call at a new batch shape"], rows)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     suffix = "_quick" if ap.parse_args().quick else ""
     for name, fn in (("throughput", throughput), ("batch_scaling", batch_scaling), ("hf_compare", hf_compare),
-                     ("overhead", overhead), ("profile_decode", profile), ("compare_commits", compare_commits)):
-        doc = load(name + ("" if name == "compare_commits" else suffix))
+                     ("overhead", overhead), ("profile_decode", profile), ("compare_commits", compare_commits),
+                     ("compile_probe", compile_probe)):
+        doc = load(name + ("" if name in ("compare_commits", "compile_probe") else suffix))
         print(f"\n### {name}\n")
         try:
             print(fn(doc) if doc else "(no results)")
