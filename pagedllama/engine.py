@@ -170,7 +170,7 @@ class Engine:
             if beams or len(rows) != len(batch):  # not simply every row once, in order
                 index = torch.tensor(rows, device=logits.device)
                 rows_logits, rows_positions = logits[index], positions[index]
-            keys = torch.tensor([s.sample_key for s in targets], device=logits.device)
+            keys = None if self.sampling.greedy else torch.tensor([s.sample_key for s in targets], device=logits.device)
             picks = list(zip(targets, sample(rows_logits, self.sampling, keys, rows_positions).tolist()))
         for idx in beams.values():
             picks += advance_beams(self.scheduler, [batch[i] for i in idx], logits[idx])

@@ -57,12 +57,12 @@ def uniform_noise(seed: int, keys: torch.Tensor, positions: torch.Tensor, vocab:
     return (_shr(x, 40).float() + 0.5) / float(1 << 24)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor,
+def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | None,
            positions: torch.Tensor) -> torch.Tensor:
     """Token ids (B,) from float32 logits (B, vocab).
 
-    `keys` tells samples apart (request and sample index); `positions` is where the new
-    token goes. Sampling is an exponential race: argmax(p / E) with E ~ Exp(1) picks
+    `keys` tells samples apart (request and sample index; greedy needs none); `positions` is
+    where the new token goes. Sampling is an exponential race: argmax(p / E) with E ~ Exp(1) picks
     token i with probability p_i, and needs no normalisation or cumulative search.
     """
     if params.greedy:
