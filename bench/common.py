@@ -38,7 +38,6 @@ from pagedllama.sampling import SamplingParams  # noqa: E402
 from pagedllama.tokenizer import demo_tokenizer  # noqa: E402
 from pagedllama.workload import build_requests  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 
 # Intra-op threads. 1 by default: on a shared 2-core machine, two OpenMP threads stall at every
 # parallel region while another tenant holds the second core (measured here: the same 6-request
@@ -72,6 +71,8 @@ def cpu_has_amx_bf16() -> bool:
 # bfloat16 (Llama 3's own dtype) on CUDA and on CPUs with AMX, else float32; BENCH_DTYPE overrides.
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
     os.environ.get("BENCH_DTYPE", "bfloat16" if DEVICE.type == "cuda" or cpu_has_amx_bf16() else "float32")]
+# One folder of results per dtype, so a float32 run and a bfloat16 run stand side by side.
+RESULTS = ROOT / "bench" / "results" / str(DTYPE).removeprefix("torch.")
 BLOCK_SIZE = 16  # the paged twin's default
 
 # ---------------------------------------------------------------------------------------------

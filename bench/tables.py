@@ -1,7 +1,7 @@
-"""Print the markdown tables of BENCHMARKS.md from bench/results/*.json, so that every figure in
-it is copied by a program from a measured run, never typed by hand.
+"""Print the markdown tables of BENCHMARKS.md from bench/results/DTYPE/*.json, so that every
+figure in it is copied by a program from a measured run, never typed by hand.
 
-    python bench/tables.py [--quick]    # the tables of the full (or quick) run's results
+    python bench/tables.py [--quick] [--dtype bfloat16]   # the full (or quick) run's tables
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def load(name: str) -> dict | None:
-    path = RESULTS / f"{name}.json"
+def load(folder: Path, name: str) -> dict | None:
+    path = folder / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -165,11 +165,13 @@ def compile_probe(doc: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    suffix = "_quick" if ap.parse_args().quick else ""
+    ap.add_argument("--dtype", default="bfloat16", help="the results folder: bfloat16 or float32")
+    a = ap.parse_args()
+    suffix = "_quick" if a.quick else ""
     for name, fn in (("throughput", throughput), ("batch_scaling", batch_scaling), ("hf_compare", hf_compare),
                      ("overhead", overhead), ("profile_decode", profile), ("compare_commits", compare_commits),
                      ("compile_probe", compile_probe)):
-        doc = load(name + ("" if name in ("compare_commits", "compile_probe") else suffix))
+        doc = load(RESULTS / a.dtype, name + ("" if name in ("compare_commits", "compile_probe") else suffix))
         print(f"\n### {name}\n")
         try:
             print(fn(doc) if doc else "(no results)")
