@@ -1,12 +1,18 @@
-"""Print the markdown tables of BENCHMARKS.md from bench/results/DTYPE/*.json, so that every
+"""The markdown tables of BENCHMARKS.md, made from bench/results/DTYPE/*.json, so that every
 figure in it is copied by a program from a measured run, never typed by hand.
 
-    python bench/tables.py [--quick] [--dtype bfloat16]   # the full (or quick) run's tables
+    python bench/tables.py [--quick] [--dtype bfloat16]   # print the full (or quick) run's tables
+    python bench/tables.py --fill BENCHMARKS.md           # rewrite its marked tables in place
+
+In the markdown file a table stands between `<!-- table DTYPE/NAME -->` and `<!-- /table -->`
+(NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits,
+compile_probe, or any of them with `_quick`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -162,21 +168,42 @@ def compile_probe(doc: dict) -> str:
                                              "first call at a new batch shape"], rows)])
 
 
+RENDER = {"throughput": throughput, "batch_scaling": batch_scaling, "hf_compare": hf_compare, "overhead": overhead,
+          "profile_decode": profile, "compare_commits": compare_commits, "compile_probe": compile_probe}
+MARKED = re.compile(r"(<!-- table (\w+)/(\w+) -->\n).*?(<!-- /table -->)", re.S)
+
+
+def render(dtype: str, name: str) -> str:
+    if name.startswith("summary"):  # run.py's own table, as it printed it
+        path = RESULTS / dtype / f"{name}.md"
+        return path.read_text().strip() if path.exists() else "(no results)"
+    doc = load(RESULTS / dtype, name)
+    if doc is None:
+        return "(no results)"
+    try:
+        return RENDER[name.removesuffix("_quick")](doc)
+    except KeyError as e:  # written by an older version of the script
+        return f"(results in an older format, no {e}: rerun bench/{name.removesuffix('_quick')}.py)"
+
+
+def fill(path: Path) -> None:
+    text = path.read_text()
+    path.write_text(MARKED.sub(lambda m: m.group(1) + render(m.group(2), m.group(3)) + "\n" + m.group(4), text))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="bfloat16", help="the results folder: bfloat16 or float32")
+    ap.add_argument("--fill", type=Path, help="a markdown file whose marked tables to rewrite")
     a = ap.parse_args()
-    suffix = "_quick" if a.quick else ""
-    for name, fn in (("throughput", throughput), ("batch_scaling", batch_scaling), ("hf_compare", hf_compare),
-                     ("overhead", overhead), ("profile_decode", profile), ("compare_commits", compare_commits),
-                     ("compile_probe", compile_probe)):
-        doc = load(RESULTS / a.dtype, name + ("" if name in ("compare_commits", "compile_probe") else suffix))
+    if a.fill:
+        fill(a.fill)
+        return
+    for name in RENDER:
         print(f"\n### {name}\n")
-        try:
-            print(fn(doc) if doc else "(no results)")
-        except KeyError as e:  # written by an older version of the script
-            print(f"(results in an older format, no {e}: rerun bench/{name}.py)")
+        quick = "_quick" if a.quick and name not in ("compare_commits", "compile_probe") else ""
+        print(render(a.dtype, name + quick))
 
 
 if __name__ == "__main__":
