@@ -2,7 +2,7 @@
 
 Per revision: the dry-run decode step (scheduler, allocator and bookkeeping; no forward) and
 `prepare_step` at batch 16 to 512, and the full decode step of the 100M preset at batch 28 and
-97 (256-token contexts) in float32 and bfloat16. Each revision is checked out into a temporary
+97 (128-token prompts) in float32 and bfloat16. Each revision is checked out into a temporary
 worktree and measured by its own bench/overhead.py in its own processes, alternating (A B,
 B A, ...) so drifts in machine load hit both alike.
 
@@ -34,7 +34,7 @@ PROBE_OVERHEAD = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + 
 PROBE_FULL = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']; "
               "from common import MODELS, load_model; from overhead import full_step_ms; "
               "m = load_model('100m'); full_step_ms(m, MODELS['100m'], 4, 16, 2, 1); "
-              f"print(json.dumps({{b: full_step_ms(m, MODELS['100m'], b, 256, 4, 3)['median_ms'] for b in {FULL_BATCHES}}}))")
+              f"print(json.dumps({{b: full_step_ms(m, MODELS['100m'], b, 128, 4, 2)['median_ms'] for b in {FULL_BATCHES}}}))")
 
 
 def probe(tree: Path, code: str, dtype: str = "float32") -> dict:
