@@ -1,5 +1,8 @@
-"""The torch attention backend as it was before the speed work of issue 6, kept to measure
-that work side by side with the package's current one (same process, same contexts).
+"""The torch attention backend as it was before each step of the speed work of issue 6, kept to
+measure that work side by side with the package's current one (same process, same contexts).
+
+`FreshTensorsTorchAttention`: the split-K decode before its scratch buffers (attention.Workspace):
+every layer's gathered K/V and matmul outputs were fresh tensors.
 
 Before: decode gathered every sequence's K/V padded to the batch's longest context and ran
 one masked SDPA over it, so its cost was batch x longest context; prefill called SDPA on 3-D
@@ -48,3 +51,26 @@ class PaddedTorchAttention(TorchAttention):
             out[start:end] = oi.transpose(0, 1)
             start = end
         return out
+
+
+class FreshTensorsTorchAttention(TorchAttention):
+    name = "torch (before: fresh tensors every layer)"
+
+    def _decode(self, q, k_cache, v_cache, chunks, scale):
+        batch, n_heads, head_dim = q.shape
+        n_kv_heads = k_cache.shape[2]
+        shape = (batch, n_kv_heads, n_heads // n_kv_heads)
+        keys = k_cache.view(-1, chunks.size, n_kv_heads, head_dim).transpose(1, 2).index_select(0, chunks.index)
+        values = v_cache.view(-1, chunks.size, n_kv_heads, head_dim).transpose(1, 2).index_select(0, chunks.index)
+        queries = q.view(*shape, head_dim).index_select(0, chunks.seq)
+        scores = torch.matmul(queries, keys.transpose(-1, -2)).float().mul_(scale)
+        scores.masked_fill_(~chunks.valid[:, None, None, :], float("-inf"))
+        m = scores.amax(-1)
+        p = torch.exp(scores - m[..., None])
+        l, o = p.sum(-1), torch.matmul(p.to(values.dtype), values).float()
+        seq_max = torch.full(shape, float("-inf"), device=q.device)
+        seq_max.scatter_reduce_(0, chunks.seq[:, None, None].expand_as(m), m, "amax")
+        weight = torch.exp(m - seq_max[chunks.seq])
+        denom = torch.zeros(shape, device=q.device).index_add_(0, chunks.seq, weight * l)
+        out = torch.zeros(*shape, head_dim, device=q.device).index_add_(0, chunks.seq, weight[..., None] * o)
+        return (out / denom[..., None]).view(batch, n_heads, head_dim).to(q.dtype)

@@ -6,12 +6,13 @@ lengths) and over B uniform random prompts of the same mean length, then, after 
 - 4 decode steps timed by wrappers on the instance: whole step, `prepare_step`, and the
   attention backend (`cache.attend`, all layers: K/V write, gather, SDPA);
 - before/after: decode steps (CPU time) rotating the cache's attention backend step by step between
-  the package's torch backend and the one it replaced (baselines.py; same run, same contexts).
+  the package's torch backend and the ones it replaced (baselines.py; same run, same contexts).
 - before/after for prefill: the batch's prompts prefilled (one output token each) with each
   backend, interleaved, median of 3.
-And the same-KV-budget ShareGPT throughput (prefill included) with each, in both twins.
+And (unless --skip-same-budget) the same-KV-budget ShareGPT throughput (prefill included) with
+the package's backend and the padded one, in both twins.
 
-    python bench/profile_decode.py [--quick]
+    python bench/profile_decode.py [--quick] [--skip-same-budget]
 """
 from __future__ import annotations
 
@@ -27,14 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, Request, budget_for_rows, run_engine, describe_model, load_model, log,  # noqa: E402
                     make_cache, pyplot, random_requests, RandomSpec, save_json, set_threads, sharegpt_requests)
-from baselines import PaddedTorchAttention  # noqa: E402
+from baselines import FreshTensorsTorchAttention, PaddedTorchAttention  # noqa: E402
 
 from pagedllama.attention import TorchAttention  # noqa: E402
 from pagedllama.engine import Engine  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
 
 WARM, PROFILED, TIMED, WHATIF_ROUNDS = 2, 4, 4, 4
-BACKENDS = {"after (package)": TorchAttention, "before (padded)": PaddedTorchAttention}
+BACKENDS = {"package": TorchAttention, "before step buffers": FreshTensorsTorchAttention,
+            "before split-K (padded)": PaddedTorchAttention}
 
 
 def profile_case(model_name: str, twin: str, reqs: list[Request], top: int = 12) -> dict:
@@ -128,7 +130,7 @@ def prefill_ms(model_name: str, reqs: list[Request], repeats: int = 3) -> dict[s
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, same_budget: bool = True) -> dict:
     model_name = "100m"
     doc: dict = {"model": describe_model(model_name), "cases": []}
     batches = [16] if quick else [16, 64]
@@ -149,7 +151,7 @@ def run(quick: bool = False) -> dict:
                     f"({case['attend_pct']:.0f}%), prepare_step {case['prepare_ms']:.2f} ms; top: "
                     + ", ".join(f"{o['op']} {o['pct']:.0f}%" for o in case["top_ops"][:4]))
                 log("    what-if step ms: " + ", ".join(f"{k} {v:.1f}" for k, v in case["whatif_step_ms"].items()))
-    if not quick:
+    if not quick and same_budget:
         import throughput
 
         log("  before/after: same KV budget, ShareGPT (answers capped at 32), demo, in both twins")
@@ -187,10 +189,11 @@ def plot(doc: dict, quick: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 16 only, no same-budget what-if")
+    ap.add_argument("--skip-same-budget", action="store_true", help="no same-budget what-if")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
     a = ap.parse_args()
     set_threads(a.threads)
-    doc = run(a.quick)
+    doc = run(a.quick, not a.skip_same_budget)
     for c in doc["cases"]:
         print(f"\n{c['twin']} batch {c['batch']}, {c['workload']} (padding efficiency {c['padding_efficiency']:.2f}): "
               f"step {c['step_ms']:.1f} ms, attention {c['attend_ms']:.1f} ms ({c['attend_pct']:.0f}%), "
