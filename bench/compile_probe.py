@@ -1,9 +1,11 @@
 """Does torch.compile pay for the torch backend's decode attention on this CPU?
 
-Times `TorchAttention._decode` eager and compiled (inductor, dynamic shapes) on one layer of the
-100M preset's shape, over ShareGPT-like contexts (the shipped data's prompt lengths plus half their
-answers, the first 82 requests), in float32 and bfloat16, interleaved, and the compile time a
-process pays before its first step. A second batch checks whether a new shape recompiles.
+Times the package's `TorchAttention._decode` eager against two compiled versions (inductor,
+dynamic shapes): the package's own (which writes into kept scratch buffers through `out=`) and
+the same math with fresh tensors (bench/baselines.py), which suits the compiler better. One layer
+of the 100M preset's shape, over ShareGPT-like contexts (the shipped data's prompt lengths plus
+half their answers, the first 82 requests), float32 and bfloat16, interleaved; plus the compile
+time a process pays before its first step, and the first call at a new batch shape.
 
     python bench/compile_probe.py
 """
@@ -19,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_100M, log, save_json, set_threads, sharegpt_requests  # noqa: E402
+from common import BENCH_100M, log, save_json, set_threads, sharegpt_requests  # noqa: E402  (sets the path)
+from baselines import FreshTensorsTorchAttention  # noqa: E402
 
 from pagedllama.attention import TorchAttention, plan_decode_chunks  # noqa: E402
 
@@ -62,31 +65,27 @@ def run() -> dict:
     doc: dict = {"contexts": {"first": first, "second": second}, "dtypes": {}}
     for dtype in (torch.float32, torch.bfloat16):
         label = str(dtype).removeprefix("torch.")
-        eager = TorchAttention()
-        compiled_backend = TorchAttention()
-        compiled = torch.compile(compiled_backend._decode, dynamic=True)
-        args = case(first, dtype)
-        t = time.perf_counter()
-        compiled(*args)
-        compile_s = time.perf_counter() - t
-        torch.testing.assert_close(compiled(*args), eager._decode(*args))
-        rows = {"eager_ms": [], "compiled_ms": []}
+        eager = TorchAttention()._decode
+        fns = {"eager_ms": eager}
+        res: dict = {}
+        args, args2 = case(first, dtype), case(second, dtype, seed=1)
+        for name, fn in (("compiled_ms", TorchAttention()._decode),
+                         ("compiled_fresh_tensors_ms", FreshTensorsTorchAttention()._decode)):
+            compiled = torch.compile(fn, dynamic=True)
+            t = time.perf_counter()
+            torch.testing.assert_close(compiled(*args), eager(*args))
+            res[name.replace("_ms", "_compile_s")] = time.perf_counter() - t
+            t = time.perf_counter()
+            compiled(*args2)
+            res[name.replace("_ms", "_new_shape_s")] = time.perf_counter() - t
+            fns[name] = compiled
+        times: dict[str, list[float]] = {name: [] for name in fns}
         for r in range(3):
-            for name, fn in (("eager_ms", eager._decode), ("compiled_ms", compiled))[::1 if r % 2 == 0 else -1]:
-                rows[name].append(median_ms(fn, args))
-        args2 = case(second, dtype, seed=1)
-        t = time.perf_counter()
-        compiled(*args2)
-        second_shape_s = time.perf_counter() - t
-        res = {"compile_s": compile_s, "second_shape_first_call_s": second_shape_s,
-               "eager_ms": statistics.median(rows["eager_ms"]), "compiled_ms": statistics.median(rows["compiled_ms"]),
-               "second_shape_eager_ms": median_ms(eager._decode, args2),
-               "second_shape_compiled_ms": median_ms(compiled, args2)}
-        res["speedup"] = res["eager_ms"] / res["compiled_ms"]
+            for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                times[name].append(median_ms(fns[name], args))
+        res.update({name: statistics.median(t) for name, t in times.items()})
         doc["dtypes"][label] = res
-        log(f"  {label}: eager {res['eager_ms']:.1f} ms, compiled {res['compiled_ms']:.1f} ms "
-            f"({res['speedup']:.2f}x) after {compile_s:.0f} s of compiling; a new batch shape: "
-            f"{second_shape_s:.1f} s first call")
+        log(f"  {label}: " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
     save_json("compile_probe", doc)
     return doc
 
@@ -96,11 +95,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
     set_threads(ap.parse_args().threads)
     doc = run()
-    print(f"{'dtype':<10} {'eager ms':>9} {'compiled ms':>12} {'speedup':>8} {'compile s':>10} {'new shape s':>12}")
     for label, r in doc["dtypes"].items():
-        print(f"{label:<10} {r['eager_ms']:9.1f} {r['compiled_ms']:12.1f} {r['speedup']:8.2f} {r['compile_s']:10.0f} "
-              f"{r['second_shape_first_call_s']:12.1f}")
-
+        print(f"{label}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
 
 if __name__ == "__main__":
     main()
