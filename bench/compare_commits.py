@@ -34,7 +34,7 @@ PROBE_OVERHEAD = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + 
 PROBE_FULL = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']; "
               "from common import MODELS, load_model; from overhead import full_step_ms; "
               "m = load_model('100m'); full_step_ms(m, MODELS['100m'], 4, 16, 2, 1); "
-              f"print(json.dumps({{b: full_step_ms(m, MODELS['100m'], b, 128, 16, 2)['median_ms'] for b in {FULL_BATCHES}}}))")
+              f"print(json.dumps({{b: full_step_ms(m, MODELS['100m'], b, 128, 4, 2)['median_ms'] for b in {FULL_BATCHES}}}))")
 
 
 def probe(tree: Path, code: str, dtype: str = "float32") -> dict:
