@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedllama.attention import TorchAttention, gather_kv, write_kv
+from pagedllama.attention import TorchAttention, gather_kv, merge_chunks, write_kv
 
 
 class PaddedTorchAttention(TorchAttention):
@@ -68,9 +68,4 @@ class FreshTensorsTorchAttention(TorchAttention):
         m = scores.amax(-1)
         p = torch.exp(scores - m[..., None])
         l, o = p.sum(-1), torch.matmul(p.to(values.dtype), values).float()
-        seq_max = torch.full(shape, float("-inf"), device=q.device)
-        seq_max.scatter_reduce_(0, chunks.seq[:, None, None].expand_as(m), m, "amax")
-        weight = torch.exp(m - seq_max[chunks.seq])
-        denom = torch.zeros(shape, device=q.device).index_add_(0, chunks.seq, weight * l)
-        out = torch.zeros(*shape, head_dim, device=q.device).index_add_(0, chunks.seq, weight[..., None] * o)
-        return (out / denom[..., None]).view(batch, n_heads, head_dim).to(q.dtype)
+        return merge_chunks(m, l, o, chunks.seq, batch).view(batch, n_heads, head_dim).to(q.dtype)

@@ -85,6 +85,18 @@ def plan_decode_chunks(block_tables: torch.Tensor, context_lens: torch.Tensor, b
     return DecodeChunks(size, seq, slot // size, valid)
 
 
+def merge_chunks(m: torch.Tensor, l: torch.Tensor, o: torch.Tensor, seq: torch.Tensor, batch: int) -> torch.Tensor:
+    """Each sequence's attention output from its chunks' softmax statistics (split-K's second
+    pass): chunk maxima m and sums l (N, ...), weighted values o (N, ..., D), all float32; every
+    chunk is rescaled by exp(m - the sequence's max) before the sums are added up."""
+    seq_max = torch.full((batch, *m.shape[1:]), float("-inf"), device=m.device)
+    seq_max.scatter_reduce_(0, seq.view(-1, *[1] * (m.dim() - 1)).expand_as(m), m, "amax")
+    weight = torch.exp(m - seq_max[seq])
+    denom = torch.zeros_like(seq_max).index_add_(0, seq, weight * l)
+    out = torch.zeros(batch, *o.shape[1:], device=o.device).index_add_(0, seq, weight[..., None] * o)
+    return out / denom[..., None]
+
+
 class Workspace:
     """Scratch tensors kept from step to step, grown when a step needs more.
 
@@ -142,12 +154,7 @@ class TorchAttention:
         l = p.sum(-1)
         o = torch.bmm(p.to(values.dtype).view(-1, group, size), values.view(-1, size, head_dim),
                       out=scratch("o", n * n_kv_heads, group, head_dim)).view(n, n_kv_heads, group, head_dim).float()
-        seq_max = torch.full(shape, float("-inf"), device=q.device)
-        seq_max.scatter_reduce_(0, chunks.seq[:, None, None].expand_as(m), m, "amax")
-        weight = torch.exp(m - seq_max[chunks.seq])
-        denom = torch.zeros(shape, device=q.device).index_add_(0, chunks.seq, weight * l)
-        out = torch.zeros(*shape, head_dim, device=q.device).index_add_(0, chunks.seq, weight[..., None] * o)
-        return (out / denom[..., None]).view(batch, n_heads, head_dim).to(q.dtype)
+        return merge_chunks(m, l, o, chunks.seq, batch).view(batch, n_heads, head_dim).to(q.dtype)
 
     @staticmethod
     def _prefill(q, k, v, k_cache, v_cache, meta, scale):
