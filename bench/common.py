@@ -60,8 +60,9 @@ DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
 
 
 def cpu_has_amx_bf16() -> bool:
-    """Intel AMX tiles (Sapphire Rapids and later): oneDNN runs bfloat16 matmuls on them, several
-    times faster than float32 (measured here: 4.4x at batch 97). Without them bf16 is slow on CPU."""
+    """Intel AMX tiles (Sapphire Rapids and later): oneDNN runs bfloat16 matmuls on them, faster
+    than float32 at large batches (batch_scaling.py measures by how much). Without them bf16 is
+    slow on CPU."""
     try:
         return " amx_bf16" in Path("/proc/cpuinfo").read_text()
     except OSError:

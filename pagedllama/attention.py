@@ -101,8 +101,9 @@ class Workspace:
     """Scratch tensors kept from step to step, grown when a step needs more.
 
     A fresh multi-megabyte tensor per layer is paid for in page faults when it is first
-    written: on the CPU machines measured here that cost 2-4x the gather that fills it. The
-    torch backend's decode writes its gathered K/V and its matmul outputs into these instead.
+    written, which on the CPU machines measured here cost more than the gather that fills it
+    (bench/profile_decode.py measures the difference). The torch backend's decode writes its
+    gathered K/V and its matmul outputs into these instead.
     """
 
     def __init__(self):
