@@ -1,11 +1,12 @@
 """Does torch.compile pay for the torch backend's decode attention on this CPU?
 
-Times the package's `TorchAttention._decode` eager against two compiled versions (inductor,
-dynamic shapes): the package's own (which writes into kept scratch buffers through `out=`) and
-the same math with fresh tensors (bench/baselines.py), which suits the compiler better. One layer
-of the 100M preset's shape, over ShareGPT-like contexts (the shipped data's prompt lengths plus
-half their answers, the first 82 requests), float32 and bfloat16, interleaved; plus the compile
-time a process pays before its first step, and the first call at a new batch shape.
+Times two decode attentions eager and compiled (inductor, dynamic shapes): the package's
+`TorchAttention._decode` (groups of similar context length, one padded SDPA each, K/V gathered
+into kept scratch buffers) and the split-K decode it replaced (bench/baselines.py: thousands of
+tiny matmuls, the kind of graph a compiler could fuse). One layer of the 100M preset's shape,
+over ShareGPT-like contexts (the shipped data's prompt lengths plus half their answers, the
+first 82 requests), float32 and bfloat16, interleaved; plus the compile time a process pays
+before its first step, and the first call at a new batch shape.
 
     python bench/compile_probe.py
 """
@@ -22,15 +23,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH_100M, log, save_json, set_threads, sharegpt_requests  # noqa: E402  (sets the path)
-from baselines import FreshTensorsTorchAttention  # noqa: E402
+from baselines import SplitKTorchAttention, plan_decode_chunks  # noqa: E402
 
-from pagedllama.attention import TorchAttention, plan_decode_chunks  # noqa: E402
+from pagedllama.attention import TorchAttention, plan_decode_groups  # noqa: E402
 
 BLOCK = 16
 
 
-def case(contexts: list[int], dtype: torch.dtype, seed: int = 0):
-    """A scattered paged cache holding `contexts`, one query per sequence, and its chunk plan."""
+def case(contexts: list[int], dtype: torch.dtype, seed: int = 0) -> dict[str, tuple]:
+    """A scattered paged cache holding `contexts`, one query per sequence, and each decode's
+    arguments (its per-step plan made once, outside the timing)."""
     g = torch.Generator().manual_seed(seed)
     a = BENCH_100M
     blocks = [-(-c // BLOCK) for c in contexts]
@@ -44,8 +46,9 @@ def case(contexts: list[int], dtype: torch.dtype, seed: int = 0):
     k = torch.randn(num_blocks, BLOCK, a.n_kv_heads, a.head_dim, generator=g).to(dtype)
     v = torch.randn(num_blocks, BLOCK, a.n_kv_heads, a.head_dim, generator=g).to(dtype)
     q = torch.randn(len(contexts), a.n_heads, a.head_dim, generator=g).to(dtype)
-    chunks = plan_decode_chunks(tables, torch.tensor(contexts, dtype=torch.int32), BLOCK)
-    return q, k, v, chunks, a.head_dim ** -0.5
+    scale = a.head_dim ** -0.5
+    return {"package": (q, k, v, plan_decode_groups(contexts, tables), scale),
+            "split_k": (q, k, v, plan_decode_chunks(tables, torch.tensor(contexts, dtype=torch.int32), BLOCK), scale)}
 
 
 def median_ms(fn, args, repeats: int = 15) -> float:
@@ -65,25 +68,23 @@ def run() -> dict:
     doc: dict = {"contexts": {"first": first, "second": second}, "dtypes": {}}
     for dtype in (torch.float32, torch.bfloat16):
         label = str(dtype).removeprefix("torch.")
-        eager = TorchAttention()._decode
-        fns = {"eager_ms": eager}
-        res: dict = {}
         args, args2 = case(first, dtype), case(second, dtype, seed=1)
-        for name, fn in (("compiled_ms", TorchAttention()._decode),
-                         ("compiled_fresh_tensors_ms", FreshTensorsTorchAttention()._decode)):
-            compiled = torch.compile(fn, dynamic=True)
+        fns, res = {}, {}
+        for name, make in (("package", lambda: TorchAttention()._decode),
+                           ("split_k", lambda: SplitKTorchAttention()._split_k)):
+            eager, compiled = make(), torch.compile(make(), dynamic=True)
             t = time.perf_counter()
-            torch.testing.assert_close(compiled(*args), eager(*args))
-            res[name.replace("_ms", "_compile_s")] = time.perf_counter() - t
+            torch.testing.assert_close(compiled(*args[name]), eager(*args[name]))
+            res[f"{name}_compile_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            compiled(*args2)
-            res[name.replace("_ms", "_new_shape_s")] = time.perf_counter() - t
-            fns[name] = compiled
+            compiled(*args2[name])
+            res[f"{name}_new_shape_s"] = time.perf_counter() - t
+            fns[f"{name}_eager"], fns[f"{name}_compiled"] = (eager, args[name]), (compiled, args[name])
         times: dict[str, list[float]] = {name: [] for name in fns}
         for r in range(3):
             for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                times[name].append(median_ms(fns[name], args))
-        res.update({name: statistics.median(t) for name, t in times.items()})
+                times[name].append(median_ms(*fns[name]))
+        res.update({f"{name}_ms": statistics.median(t) for name, t in times.items()})
         doc["dtypes"][label] = res
         log(f"  {label}: " + ", ".join(f"{k} {v:.1f}" for k, v in res.items()))
     save_json("compile_probe", doc)

@@ -10,7 +10,7 @@ lengths) and over B uniform random prompts of the same mean length, then, after 
 - before/after for prefill: the batch's prompts prefilled (one output token each) with each
   backend, interleaved, median of 3.
 And (unless --skip-same-budget) the same-KV-budget ShareGPT throughput (prefill included) with
-the package's backend and the padded one, in both twins.
+the package's backend and the split-K one it replaced, in both twins.
 
     python bench/profile_decode.py [--quick] [--skip-same-budget]
 """
@@ -28,15 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, Request, budget_for_rows, run_engine, describe_model, load_model, log,  # noqa: E402
                     make_cache, pyplot, random_requests, RandomSpec, save_json, set_threads, sharegpt_requests)
-from baselines import FreshTensorsTorchAttention, PaddedTorchAttention  # noqa: E402
+from baselines import PaddedTorchAttention, SplitKTorchAttention  # noqa: E402
 
 from pagedllama.attention import TorchAttention  # noqa: E402
 from pagedllama.engine import Engine  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
 
 WARM, PROFILED, TIMED, WHATIF_ROUNDS = 2, 4, 4, 4
-BACKENDS = {"package": TorchAttention, "before step buffers": FreshTensorsTorchAttention,
-            "before split-K (padded)": PaddedTorchAttention}
+BACKENDS = {"package": TorchAttention, "before: split-K": SplitKTorchAttention,
+            "first: one padded batch": PaddedTorchAttention}
 
 
 def profile_case(model_name: str, twin: str, reqs: list[Request], top: int = 12) -> dict:
@@ -158,7 +158,7 @@ def run(quick: bool = False, same_budget: bool = True) -> dict:
         reqs = sharegpt_requests(cap=32)
         after = throughput.same_budget("demo", reqs, "ShareGPT, answers capped at 32", 3)
         before = throughput.same_budget("demo", reqs, "ShareGPT, answers capped at 32", 3,
-                                        backend_cls=PaddedTorchAttention)
+                                        backend_cls=SplitKTorchAttention)
         doc["whatif_same_budget"] = {"after": after, "before": before}
         log(f"    paged/naive: after {after['ratio']['median']:.2f}, before {before['ratio']['median']:.2f}")
     save_json("profile_decode" + ("_quick" if quick else ""), doc)
@@ -207,7 +207,7 @@ def main() -> None:
     if "whatif_same_budget" in doc:
         w = doc["whatif_same_budget"]
         print(f"\nsame KV budget, ShareGPT: paged/naive {w['after']['ratio']['median']:.2f} with the package's attention,"
-              f" {w['before']['ratio']['median']:.2f} with the padded one it replaced")
+              f" {w['before']['ratio']['median']:.2f} with the split-K one it replaced")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ Every backend stores this step's K/V into the cache, then attends each query to 
 sequence's keys (the causal mask aligned bottom-right: a sequence's new tokens are the
 last ones of its context). They differ only in who reads the block table:
 
-- `torch`: plain PyTorch ops, runs anywhere. Decode cuts every context into chunks of
-  `DECODE_CHUNK` slots, attends to each chunk and merges the chunks of a sequence by their
-  log-sum-exp (split-K, as flash-decoding does), so its work is the sum of the contexts, not
-  batch x longest context. Prefill runs SDPA per sequence.
+- `torch`: plain PyTorch ops, runs anywhere. Decode sorts the batch by context length and
+  cuts it into groups of similar length (`DECODE_MIN_FILL`); each group's K/V is gathered
+  through the block tables, padded to its longest context, into one SDPA call. So its work is
+  within 1/DECODE_MIN_FILL of the sum of the contexts, not batch x longest context, in a few
+  large fused calls. Prefill runs SDPA per sequence.
 - `triton`: the project's own kernel, which follows the block table itself (CUDA).
 - `flash-attn`: FlashAttention's paged kernels (CUDA, block size a multiple of 256).
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -29,9 +32,9 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "flash-attn", "triton", "torch")
 FLASH_ATTN_PAGE_MULTIPLE = 256  # flash_api.cpp rejects other page sizes in every 2.x release
-# Slots per chunk of the torch backend's decode. Chunks never straddle a block, so the chunk is
-# gcd(block_size, 16): 16 for both twins at their defaults, which then compute bit-identically.
-DECODE_CHUNK = 16
+# The torch backend's decode pads each group of sequences to its longest context; a group takes
+# in the next (shorter) sequence while its K/V stay at least this fraction real context.
+DECODE_MIN_FILL = 0.9
 
 
 class AttentionBackend(Protocol):
@@ -49,52 +52,66 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
-def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Each sequence's first `max_len` slots as a dense (B, max_len, Hkv, D) tensor.
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int,
+              empty: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
+    """Each sequence's first `max_len` slots as a dense (B, max_len, Hkv, D) tensor, gathered
+    into `empty(shape)` (default: a fresh tensor).
 
     When the context fits in one block (always so for the naive twin, whose single block is
     the whole preallocated row), this reads the rows directly with no block indirection.
     """
-    block_size = cache.shape[1]
+    block_size, slot_shape = cache.shape[1], cache.shape[2:]
+    if empty is None:
+        empty = partial(torch.empty, dtype=cache.dtype, device=cache.device)
     if max_len <= block_size:
-        return cache[:, :max_len].index_select(0, block_tables[:, 0])
+        rows = block_tables[:, 0]
+        return torch.index_select(cache[:, :max_len], 0, rows, out=empty((len(rows), max_len, *slot_shape)))
     num_blocks = -(-max_len // block_size)
-    blocks = cache.index_select(0, block_tables[:, :num_blocks].flatten())  # far faster than advanced indexing
-    return blocks.view(len(block_tables), num_blocks * block_size, *cache.shape[2:])[:, :max_len]
+    ids = block_tables[:, :num_blocks].flatten()
+    blocks = torch.index_select(cache, 0, ids, out=empty((len(ids), *cache.shape[1:])))  # far faster than advanced indexing
+    return blocks.view(len(block_tables), num_blocks * block_size, *slot_shape)[:, :max_len]
 
 
 @dataclass
-class DecodeChunks:
-    """Every sequence's context cut into chunks of `size` cache slots, as flat tensors."""
+class DecodeGroup:
+    """Sequences of similar context length, attended as one batch padded to the longest."""
 
-    size: int
-    seq: torch.Tensor  # (N,) int64: the sequence each chunk belongs to
-    index: torch.Tensor  # (N,) int64: the chunk in the cache viewed as (-1, size, Hkv, D)
-    valid: torch.Tensor  # (N, size) bool: slots inside the context (only a last chunk has others)
-
-
-def plan_decode_chunks(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodeChunks:
-    """Where each sequence's chunks lie in the cache, from its block table (once per step)."""
-    size = math.gcd(block_size, DECODE_CHUNK)
-    num_chunks = (context_lens.long() + size - 1) // size
-    seq = torch.repeat_interleave(torch.arange(len(context_lens), device=context_lens.device), num_chunks)
-    first = torch.cumsum(num_chunks, 0) - num_chunks
-    pos = (torch.arange(len(seq), device=seq.device) - first[seq]) * size  # first position in each chunk
-    slot = block_tables[seq, pos // block_size].long() * block_size + pos % block_size
-    valid = pos[:, None] + torch.arange(size, device=seq.device) < context_lens[seq][:, None]
-    return DecodeChunks(size, seq, slot // size, valid)
+    seqs: torch.Tensor | None  # (b,) int64: the group's rows in the step's batch; None: all, in order
+    block_tables: torch.Tensor  # (b, max_blocks) int32
+    max_len: int  # the longest context in the group, which every other one is padded to
+    mask: torch.Tensor | None  # (b, 1, 1, max_len) bool: keys inside each context; None if none is padded
 
 
-def merge_chunks(m: torch.Tensor, l: torch.Tensor, o: torch.Tensor, seq: torch.Tensor, batch: int) -> torch.Tensor:
-    """Each sequence's attention output from its chunks' softmax statistics (split-K's second
-    pass): chunk maxima m and sums l (N, ...), weighted values o (N, ..., D), all float32; every
-    chunk is rescaled by exp(m - the sequence's max) before the sums are added up."""
-    seq_max = torch.full((batch, *m.shape[1:]), float("-inf"), device=m.device)
-    seq_max.scatter_reduce_(0, seq.view(-1, *[1] * (m.dim() - 1)).expand_as(m), m, "amax")
-    weight = torch.exp(m - seq_max[seq])
-    denom = torch.zeros_like(seq_max).index_add_(0, seq, weight * l)
-    out = torch.zeros(batch, *o.shape[1:], device=o.device).index_add_(0, seq, weight[..., None] * o)
-    return out / denom[..., None]
+def plan_decode_groups(context_lens: list[int], block_tables: torch.Tensor,
+                       min_fill: float = DECODE_MIN_FILL) -> list[DecodeGroup]:
+    """Cut a decode batch into groups whose padded K/V is at least `min_fill` real context.
+
+    Sequences are taken longest first (a stable sort, so both twins cut a batch the same way);
+    a group grows while its contexts fill `min_fill` of (members x its longest). One group keeps
+    the batch's own order and needs no gather of queries or scatter of outputs.
+    """
+    order = sorted(range(len(context_lens)), key=context_lens.__getitem__, reverse=True)
+    cuts, start = [], 0
+    while start < len(order):
+        longest = used = context_lens[order[start]]
+        end = start + 1
+        while end < len(order) and used + context_lens[order[end]] >= min_fill * longest * (end - start + 1):
+            used += context_lens[order[end]]
+            end += 1
+        cuts.append(order[start:end])
+        start = end
+    if len(cuts) == 1:
+        cuts = [list(range(len(order)))]
+    device, groups = block_tables.device, []
+    for members in cuts:
+        lens = [context_lens[i] for i in members]
+        seqs = None if len(cuts) == 1 else torch.tensor(members, device=device)
+        mask = None
+        if min(lens) < max(lens):
+            lens_t = torch.tensor(lens, device=device)
+            mask = (torch.arange(max(lens), device=device) < lens_t[:, None])[:, None, None, :]
+        groups.append(DecodeGroup(seqs, block_tables if seqs is None else block_tables[seqs], max(lens), mask))
+    return groups
 
 
 class Workspace:
@@ -102,8 +119,8 @@ class Workspace:
 
     A fresh multi-megabyte tensor per layer is paid for in page faults when it is first
     written, which on the CPU machines measured here cost more than the gather that fills it
-    (bench/profile_decode.py measures the difference). The torch backend's decode writes its
-    gathered K/V and its matmul outputs into these instead.
+    (bench/profile_decode.py measures the difference). The torch backend's decode gathers its
+    K/V into these instead.
     """
 
     def __init__(self):
@@ -127,35 +144,23 @@ class TorchAttention:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.is_prefill:
             return self._prefill(q, k, v, k_cache, v_cache, meta, scale)
-        return self._decode(q, k_cache, v_cache, meta.decode_chunks, scale)
+        return self._decode(q, k_cache, v_cache, meta.decode_groups, scale)
 
-    def _decode(self, q, k_cache, v_cache, chunks: DecodeChunks, scale: float) -> torch.Tensor:
-        """One query per sequence. Each chunk gets its own softmax (its max m, sum l and
-        weighted values o); a sequence's chunks then merge, rescaled by exp(m - max m)."""
-        batch, n_heads, head_dim = q.shape
-        n_kv_heads, group, size, n = k_cache.shape[2], n_heads // k_cache.shape[2], chunks.size, len(chunks.index)
-        shape = (batch, n_kv_heads, group)  # query heads grouped by their KV head
-
-        def scratch(name, *dims):
-            return self.workspace.get(name, dims, q.dtype, q.device)
-
-        # Gathering from a transposed view lays each chunk out as (Hkv, size, D), ready for matmul.
-        keys, values = (torch.index_select(c.view(-1, size, n_kv_heads, head_dim).transpose(1, 2), 0, chunks.index,
-                                           out=scratch(name, n, n_kv_heads, size, head_dim))
-                        for name, c in (("keys", k_cache), ("values", v_cache)))
-        queries = torch.index_select(q.view(*shape, head_dim), 0, chunks.seq,
-                                     out=scratch("queries", n, n_kv_heads, group, head_dim))
-        # Softmax statistics in float32 whatever the cache dtype, as fused kernels keep them.
-        scores = torch.bmm(queries.view(-1, group, head_dim), keys.view(-1, size, head_dim).transpose(1, 2),
-                           out=scratch("scores", n * n_kv_heads, group, size))
-        scores = scores.view(n, n_kv_heads, group, size).float().mul_(scale)
-        scores.masked_fill_(~chunks.valid[:, None, None, :], float("-inf"))
-        m = scores.amax(-1)
-        p = torch.exp(scores - m[..., None])
-        l = p.sum(-1)
-        o = torch.bmm(p.to(values.dtype).view(-1, group, size), values.view(-1, size, head_dim),
-                      out=scratch("o", n * n_kv_heads, group, head_dim)).view(n, n_kv_heads, group, head_dim).float()
-        return merge_chunks(m, l, o, chunks.seq, batch).view(batch, n_heads, head_dim).to(q.dtype)
+    def _decode(self, q, k_cache, v_cache, groups: list[DecodeGroup], scale: float) -> torch.Tensor:
+        """One query per sequence. Each group gathers its K/V padded to its longest context and
+        runs one SDPA: PyTorch's fused CPU kernel, GQA without repeating K/V."""
+        out = torch.empty_like(q)
+        for g in groups:
+            keys, values = (gather_kv(cache, g.block_tables, g.max_len,
+                                      partial(self.workspace.get, name, dtype=q.dtype, device=q.device)).transpose(1, 2)
+                            for name, cache in (("keys", k_cache), ("values", v_cache)))
+            queries = q if g.seqs is None else q.index_select(0, g.seqs)
+            o = F.scaled_dot_product_attention(queries.unsqueeze(2), keys, values, attn_mask=g.mask, scale=scale,
+                                               enable_gqa=True).squeeze(2)
+            if g.seqs is None:
+                return o
+            out.index_copy_(0, g.seqs, o)
+        return out
 
     @staticmethod
     def _prefill(q, k, v, k_cache, v_cache, meta, scale):

@@ -25,7 +25,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from .attention import AttentionBackend, DecodeChunks, plan_decode_chunks
+from .attention import AttentionBackend, DecodeGroup, plan_decode_groups
 from .block_allocator import BlockAllocator
 from .config import ModelArgs
 from .prefix_cache import PrefixCache
@@ -50,14 +50,14 @@ class StepMetadata:
     logits_indices: torch.Tensor  # (B,) int64: the last query row of each sequence
     max_query_len: int
     max_context_len: int
-    query_lens: list[int]  # host copies, for loops over sequences in prefill
+    query_lens: list[int]  # host copies, for loops over sequences
     cached_lens: list[int]  # keys already in the cache before this step
-    block_size: int
+    host_context_lens: list[int]
 
     @cached_property
-    def decode_chunks(self) -> DecodeChunks:
+    def decode_groups(self) -> list[DecodeGroup]:
         """The torch backend's decode plan: made by the first layer that asks, reused by the rest."""
-        return plan_decode_chunks(self.block_tables, self.context_lens, self.block_size)
+        return plan_decode_groups(self.host_context_lens, self.block_tables)
 
 
 class KVCache:
@@ -320,7 +320,7 @@ class KVCache:
             max_context_len=max_context_len,
             query_lens=query_lens,
             cached_lens=cached,
-            block_size=self.block_size,
+            host_context_lens=context_lens,
         )
         self.commit(seqs, is_prefill)
         return tokens_t, positions, meta

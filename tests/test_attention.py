@@ -9,7 +9,9 @@ import torch
 
 import flash_attn_standin
 from conftest import CPU
-from pagedllama.attention import FlashAttention, TorchAttention, select_backend
+from hypothesis import given, strategies as st
+
+from pagedllama.attention import DECODE_MIN_FILL, FlashAttention, TorchAttention, plan_decode_groups, select_backend
 from pagedllama.config import ModelArgs
 from pagedllama.errors import UsageError
 from pagedllama.kv_cache import KVCache
@@ -69,6 +71,36 @@ def run_steps(backend, block_size, dtype, lengths=(1, 37, 300), seed=0):
 @pytest.mark.parametrize("block_size", [1, 16, 24, 512])
 def test_torch_backend(block_size, dtype):
     run_steps(TorchAttention(), block_size, dtype)
+
+
+@pytest.mark.parametrize("lengths", [(40, 40, 40), (64, 61, 60, 58)])
+def test_torch_backend_one_decode_group(lengths):
+    """Equal contexts (no mask) and nearly equal ones (one padded group) take the one-group path."""
+    run_steps(TorchAttention(), 16, torch.float32, lengths)
+
+
+@given(st.lists(st.integers(1, 3000), min_size=1, max_size=80), st.sampled_from([0.5, DECODE_MIN_FILL, 1.0]))
+def test_decode_groups_cover_the_batch_and_stay_full(lengths, min_fill):
+    tables = torch.arange(len(lengths) * 3, dtype=torch.int32).view(len(lengths), 3)
+    groups = plan_decode_groups(lengths, tables, min_fill)
+    if len(groups) == 1:
+        assert groups[0].seqs is None and groups[0].block_tables is tables
+        members = [list(range(len(lengths)))]
+    else:
+        members = [g.seqs.tolist() for g in groups]
+        assert sorted(i for m in members for i in m) == list(range(len(lengths)))
+    for g, m in zip(groups, members):
+        lens = [lengths[i] for i in m]
+        assert g.max_len == max(lens) and sum(lens) >= min_fill * len(lens) * max(lens)
+        assert torch.equal(g.block_tables, tables[m])
+        if g.mask is None:
+            assert min(lens) == max(lens)
+        else:
+            assert g.mask.shape == (len(m), 1, 1, max(lens)) and g.mask.sum(-1).flatten().tolist() == lens
+    for earlier, later in zip(members, members[1:]):  # longest first, and a group stops only when it must
+        assert min(lengths[i] for i in earlier) >= max(lengths[i] for i in later)
+        grown = [lengths[i] for i in earlier] + [lengths[later[0]]]
+        assert sum(grown) < min_fill * len(grown) * max(grown)
 
 
 def test_torch_backend_reuses_its_scratch_buffers_across_steps_of_any_size():
@@ -136,8 +168,8 @@ def test_benchmark_baseline_is_a_correct_attention():
     """bench/baselines.py keeps the torch backend the speed work replaced, for before/after
     measurements; they only mean something if it computes the same attention."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from baselines import FreshTensorsTorchAttention, PaddedTorchAttention
+    from baselines import PaddedTorchAttention, SplitKTorchAttention
 
-    for backend in (PaddedTorchAttention, FreshTensorsTorchAttention):
+    for backend in (PaddedTorchAttention, SplitKTorchAttention):
         for block_size in (16, 512):
             run_steps(backend(), block_size, torch.float32)
