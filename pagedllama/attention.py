@@ -68,7 +68,8 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int,
         return torch.index_select(cache[:, :max_len], 0, rows, out=empty((len(rows), max_len, *slot_shape)))
     num_blocks = -(-max_len // block_size)
     ids = block_tables[:, :num_blocks].flatten()
-    blocks = torch.index_select(cache, 0, ids, out=empty((len(ids), *cache.shape[1:])))  # far faster than advanced indexing
+    # index_select on whole blocks: far faster than advanced indexing
+    blocks = torch.index_select(cache, 0, ids, out=empty((len(ids), *cache.shape[1:])))
     return blocks.view(len(block_tables), num_blocks * block_size, *slot_shape)[:, :max_len]
 
 
@@ -118,9 +119,8 @@ class Workspace:
     """Scratch tensors kept from step to step, grown when a step needs more.
 
     A fresh multi-megabyte tensor per layer is paid for in page faults when it is first
-    written, which on the CPU machines measured here cost more than the gather that fills it
-    (bench/profile_decode.py measures the difference). The torch backend's decode gathers its
-    K/V into these instead.
+    written, a measurable share of a float32 decode step on the CPU machines measured here
+    (BENCHMARKS.md, "Making it fast"). The torch backend's decode gathers its K/V into these.
     """
 
     def __init__(self):

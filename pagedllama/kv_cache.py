@@ -9,9 +9,10 @@ Both twins use this one class and differ only in two numbers:
   grows, so at most `block_size - 1` of its slots are ever empty.
 
 Bookkeeping is split the way vLLM and nano-vllm split it: Python lists (`Sequence.block_table`)
-decide which physical block a request owns, and a device tensor (`block_tables`, one row per
-running request) mirrors them for the kernels. The tensor is updated one entry per new block;
-each step's slot mapping is computed from it with a few tensor ops, never per layer.
+decide which physical block a request owns; a host array (`host_block_tables`, one row per
+running request) mirrors them, updated one entry per new block with no tensor op, and each step
+copies its requests' rows to the device once, as the kernels' `block_tables`. The step's slot
+mapping is computed from it with a few tensor ops, never per layer.
 
 Blocks carry reference counts, so tables can share them: the samples or beams of one
 request hold their common blocks once, and with prefix caching so do requests whose
@@ -83,7 +84,7 @@ class KVCache:
         self.allocator = BlockAllocator(num_blocks)
         self.prefix_cache: PrefixCache | None = None
         self.max_blocks_per_seq = cdiv(max_seq_len, block_size)
-        self.block_tables = torch.zeros(max_num_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.host_block_tables = np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.num_cached_tokens = 0  # slots holding a token, each shared block counted once
         self.num_copies = 0  # blocks copied on write
@@ -217,7 +218,7 @@ class KVCache:
         self.kv[:, :, new] = self.kv[:, :, old]
         self.allocator.free(old)
         seq.block_table[i] = new
-        self.block_tables[seq.row, i] = new
+        self.host_block_tables[seq.row, i] = new
         self.num_cached_tokens += self._fill(seq, i)
         self.num_copies += 1
 
@@ -229,10 +230,8 @@ class KVCache:
         return block
 
     def _sync_row(self, seq: Sequence, start: int) -> None:
-        """Mirror `seq.block_table[start:]` into its row of the device tensor."""
-        if len(seq.block_table) > start:
-            new = torch.tensor(seq.block_table[start:], dtype=torch.int32)
-            self.block_tables[seq.row, start:len(seq.block_table)] = new.to(self.device, non_blocking=True)
+        """Mirror `seq.block_table[start:]` into its row of the host table."""
+        self.host_block_tables[seq.row, start:len(seq.block_table)] = seq.block_table[start:]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` holds all of `parent`'s blocks too; a shared block is copied when first written."""
@@ -241,7 +240,7 @@ class KVCache:
         for block in child.block_table:
             self.allocator.share(block)
         child.num_cached_tokens = parent.num_cached_tokens
-        self.block_tables[child.row] = self.block_tables[parent.row]
+        self.host_block_tables[child.row] = self.host_block_tables[parent.row]
 
     def restore(self, seqs: list[Sequence], tables: list[list[int]]) -> None:
         """Rows and new blocks for sequences coming back from swap space, which still count
@@ -277,8 +276,9 @@ class KVCache:
         """Input tokens, positions and attention metadata for one step over `seqs`.
 
         Prefill feeds every token not yet cached; decode feeds each sequence's last token.
-        The host side is one int64 array (rows, cached lengths, context lengths, tokens),
-        copied to the device once; everything else is derived there with a few tensor ops.
+        The host side is one int64 array (cached lengths, context lengths, tokens) and the step's
+        rows of the host block tables, each copied to the device once; everything else is
+        derived there with a few tensor ops.
         """
         context_lens = [len(s.token_ids) for s in seqs]
         if is_prefill:
@@ -288,9 +288,9 @@ class KVCache:
             cached = [n - 1 for n in context_lens]
             tokens = [s.token_ids[-1] for s in seqs]
         b, dev = len(seqs), self.device
-        host = np.array([s.row for s in seqs] + cached + context_lens + tokens, dtype=np.int64)
+        host = np.array(cached + context_lens + tokens, dtype=np.int64)
         packed = torch.from_numpy(host).to(dev, non_blocking=True)
-        rows, cached_t, context_lens_t, tokens_t = packed[:b], packed[b:2 * b], packed[2 * b:3 * b], packed[3 * b:]
+        cached_t, context_lens_t, tokens_t = packed[:b], packed[b:2 * b], packed[2 * b:]
         q_lens = context_lens_t - cached_t
         query_start_loc = torch.zeros(b + 1, dtype=torch.int64, device=dev)
         torch.cumsum(q_lens, 0, out=query_start_loc[1:])
@@ -302,7 +302,9 @@ class KVCache:
         else:
             positions = cached_t
         max_context_len = max(context_lens)
-        block_tables = self.block_tables[rows, :cdiv(max_context_len, self.block_size)]
+        rows = [s.row for s in seqs]
+        block_tables = torch.from_numpy(self.host_block_tables[rows, :cdiv(max_context_len, self.block_size)])
+        block_tables = block_tables.to(dev, non_blocking=True)
         token_rows = block_tables if not is_prefill else block_tables.repeat_interleave(q_lens, dim=0)
         block_of_token = token_rows.gather(1, (positions // self.block_size).unsqueeze(1)).squeeze(1)
         slot_mapping = block_of_token.long() * self.block_size + positions % self.block_size

@@ -20,7 +20,7 @@ def check_invariants(cache: KVCache, live: list[Sequence]) -> None:
     for s in live:
         reserved = len(s.block_table) * cache.block_size
         assert 0 <= reserved - s.num_tokens < cache.block_size, "more than one partly filled block"
-        assert cache.block_tables[s.row, :len(s.block_table)].tolist() == s.block_table
+        assert cache.host_block_tables[s.row, :len(s.block_table)].tolist() == s.block_table
 
 
 ops = st.lists(st.tuples(st.sampled_from(["admit", "grow", "free"]), st.integers(0, 30), st.integers(1, 40)),

@@ -137,7 +137,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for s in self.scheduler.running:
             assert 0 <= len(s.block_table) * bs - s.num_cached_tokens < bs
             assert s.num_cached_tokens == s.num_tokens - 1
-            assert self.cache.block_tables[s.row, :len(s.block_table)].tolist() == s.block_table
+            assert self.cache.host_block_tables[s.row, :len(s.block_table)].tolist() == s.block_table
             for i, b in enumerate(s.block_table):
                 assert fill.setdefault(b, min(bs, s.num_cached_tokens - i * bs)) == min(bs, s.num_cached_tokens - i * bs)
         assert self.cache.num_cached_tokens == sum(fill.values())

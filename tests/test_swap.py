@@ -59,7 +59,7 @@ def test_swap_round_trip_restores_kv_bit_for_bit():
     assert first.block_table == second.block_table and first.num_cached_tokens == 7
     assert all(cache.allocator.ref_counts[blk] == 2 for blk in first.block_table)
     assert torch.equal(cache.kv[:, :, first.block_table], before)
-    assert cache.block_tables[second.row, :2].tolist() == second.block_table
+    assert cache.host_block_tables[second.row, :2].tolist() == second.block_table
     assert swap.allocator.num_free == swap.allocator.num_blocks and cache.num_cached_tokens == 17
 
 
