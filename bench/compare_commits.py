@@ -7,6 +7,8 @@ worktree and measured by its own bench/overhead.py in its own processes, alterna
 B A, ...) so drifts in machine load hit both alike.
 
     python bench/compare_commits.py BEFORE [AFTER]    # AFTER defaults to the working tree
+
+Results go to bench/results/<dtype>/compare_commits_BEFORE.json (`--name` to change it).
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("before", help="git revision before the change")
     ap.add_argument("after", nargs="?", default=None, help="git revision after it (default: the working tree)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--name", default=None, help="results file name (default: compare_commits_BEFORE)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         trees = {}
@@ -75,7 +78,7 @@ def main() -> None:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     med = {name: {key: {b: statistics.median(r[key][b] for r in rs) for b in rs[0][key]} for key in rs[0]}
            for name, rs in runs.items()}
-    save_json("compare_commits", {"before": a.before, "after": a.after or "working tree", "runs": runs, "median": med})
+    save_json(a.name or f"compare_commits_{a.before}", {"before": a.before, "after": a.after or "working tree", "runs": runs, "median": med})
     print(f"{'measurement':<34} {'batch':>6} {'before':>9} {'after':>9} {'after/before':>13}")
     for key in med["before"]:
         unit = "ms" if key.startswith("full") else "us"

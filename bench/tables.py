@@ -5,7 +5,7 @@ figure in it is copied by a program from a measured run, never typed by hand.
     python bench/tables.py --fill BENCHMARKS.md           # rewrite its marked tables in place
 
 In the markdown file a table stands between `<!-- table DTYPE/NAME -->` and `<!-- /table -->`
-(NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits,
+(NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits_REV,
 compile_probe, or any of them with `_quick`).
 """
 from __future__ import annotations
@@ -184,8 +184,9 @@ def render(dtype: str, name: str) -> str:
     doc = load(RESULTS / dtype, name)
     if doc is None:
         return "(no results)"
+    key = "compare_commits" if name.startswith("compare_commits") else name.removesuffix("_quick")
     try:
-        return RENDER[name.removesuffix("_quick")](doc)
+        return RENDER[key](doc)
     except KeyError as e:  # written by an older version of the script
         return f"(results in an older format, no {e}: rerun bench/{name.removesuffix('_quick')}.py)"
 
@@ -206,7 +207,11 @@ def main() -> None:
         return
     for name in RENDER:
         print(f"\n### {name}\n")
-        quick = "_quick" if a.quick and name not in ("compare_commits", "compile_probe") else ""
+        if name == "compare_commits":
+            for path in sorted((RESULTS / a.dtype).glob("compare_commits_*.json")):
+                print(render(a.dtype, path.stem) + "\n")
+            continue
+        quick = "_quick" if a.quick and name != "compile_probe" else ""
         print(render(a.dtype, name + quick))
 
 
