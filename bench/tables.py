@@ -126,11 +126,15 @@ def overhead(doc: dict) -> str:
     return "\n".join(out)
 
 
+def short_op(op: str) -> str:
+    return "SDPA (CPU flash)" if "scaled_dot_product_flash" in op else op.removeprefix("aten::")
+
+
 def profile(doc: dict) -> str:
     out = [source(doc), ""]
     rows = []
     for c in doc["cases"]:
-        top = ", ".join(f"{o['op'].removeprefix('aten::')} {o['pct']:.0f}%" for o in c["top_ops"][:4])
+        top = ", ".join(f"{short_op(o['op'])} {o['pct']:.0f}%" for o in c["top_ops"][:4])
         w = c["whatif_step_ms"]
         rows.append([c["twin"], c["batch"], c["workload"], f"{c['padding_efficiency']:.2f}", f"{c['step_ms']:.1f}",
                      f"{c['attend_pct']:.0f}%", f"{c['prepare_ms']:.2f}", top]
