@@ -147,20 +147,22 @@ class TorchAttention:
         return self._decode(q, k_cache, v_cache, meta.decode_groups, scale)
 
     def _decode(self, q, k_cache, v_cache, groups: list[DecodeGroup], scale: float) -> torch.Tensor:
-        """One query per sequence. Each group gathers its K/V padded to its longest context and
-        runs one SDPA: PyTorch's fused CPU kernel, GQA without repeating K/V."""
+        """One query per sequence, attended group by group (see `plan_decode_groups`)."""
+        if groups[0].seqs is None:  # one group: the whole batch, in order
+            return self._attend_group(q, k_cache, v_cache, groups[0], scale)
         out = torch.empty_like(q)
         for g in groups:
-            keys, values = (gather_kv(cache, g.block_tables, g.max_len,
-                                      partial(self.workspace.get, name, dtype=q.dtype, device=q.device)).transpose(1, 2)
-                            for name, cache in (("keys", k_cache), ("values", v_cache)))
-            queries = q if g.seqs is None else q.index_select(0, g.seqs)
-            o = F.scaled_dot_product_attention(queries.unsqueeze(2), keys, values, attn_mask=g.mask, scale=scale,
-                                               enable_gqa=True).squeeze(2)
-            if g.seqs is None:
-                return o
-            out.index_copy_(0, g.seqs, o)
+            out.index_copy_(0, g.seqs, self._attend_group(q.index_select(0, g.seqs), k_cache, v_cache, g, scale))
         return out
+
+    def _attend_group(self, q, k_cache, v_cache, g: DecodeGroup, scale: float) -> torch.Tensor:
+        """The group's K/V gathered, padded to its longest context, into one SDPA call: PyTorch's
+        fused CPU kernel, GQA without repeating K/V."""
+        keys, values = (gather_kv(cache, g.block_tables, g.max_len,
+                                  partial(self.workspace.get, name, dtype=q.dtype, device=q.device)).transpose(1, 2)
+                        for name, cache in (("keys", k_cache), ("values", v_cache)))
+        return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=g.mask, scale=scale,
+                                              enable_gqa=True).squeeze(2)
 
     @staticmethod
     def _prefill(q, k, v, k_cache, v_cache, meta, scale):

@@ -53,12 +53,11 @@ class StepMetadata:
     max_context_len: int
     query_lens: list[int]  # host copies, for loops over sequences
     cached_lens: list[int]  # keys already in the cache before this step
-    host_context_lens: list[int]
 
     @cached_property
     def decode_groups(self) -> list[DecodeGroup]:
         """The torch backend's decode plan: made by the first layer that asks, reused by the rest."""
-        return plan_decode_groups(self.host_context_lens, self.block_tables)
+        return plan_decode_groups([c + q for c, q in zip(self.cached_lens, self.query_lens)], self.block_tables)
 
 
 class KVCache:
@@ -322,7 +321,6 @@ class KVCache:
             max_context_len=max_context_len,
             query_lens=query_lens,
             cached_lens=cached,
-            host_context_lens=context_lens,
         )
         self.commit(seqs, is_prefill)
         return tokens_t, positions, meta
