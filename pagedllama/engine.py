@@ -76,6 +76,7 @@ class Engine:
         self.scheduler = Scheduler(cache, max_prefill_tokens, swap=swap)
         self.memory = MemoryTracker(cache)
         self.sharing = SharingTracker()
+        self.dry_vocab_size = 1  # dry run: placeholder tokens, as many as the widest request's sequences
 
     def run(self, requests: list[Request], progress: bool = True,
             on_finish: Callable[[Sequence], None] | None = None) -> RunResult:
@@ -85,6 +86,7 @@ class Engine:
         order, or its best beams first.
         """
         rows = sum(r.width for r in requests)
+        self.dry_vocab_size = max([self.dry_vocab_size] + [r.width for r in requests])
         if rows > self.cache.max_num_seqs:
             raise ValueError(f"the requests run {rows} sequences but the cache has block-table rows for "
                              f"{self.cache.max_num_seqs}; size it for sharing.one_per_sequence(requests)")
@@ -125,8 +127,8 @@ class Engine:
         if self.model is None:
             self.cache.commit(batch, is_prefill)
             # Every token equally likely (greedy picks 0), so samples and beams still fork.
-            logits = torch.zeros(len(batch), max(s.group.width for s in batch))
-            positions = torch.tensor([s.num_tokens for s in batch])
+            logits = torch.zeros(len(batch), self.dry_vocab_size)
+            positions = torch.tensor([len(s.token_ids) for s in batch])
         else:
             tokens, positions, meta = self.cache.prepare_step(batch, is_prefill)
             logits = self.model(tokens, positions, self.cache, meta)
@@ -179,8 +181,9 @@ class Engine:
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in self.stop_ids:
             return "stop"
-        if seq.num_output_tokens >= seq.max_new_tokens:
+        num_tokens = len(seq.token_ids)  # once, not through properties: this runs per sequence per step
+        if num_tokens - seq.num_prompt_tokens >= seq.max_new_tokens:
             return "length"
-        if seq.num_tokens >= self.cache.max_seq_len:
+        if num_tokens >= self.cache.max_seq_len:
             return "max_seq_len"
         return None

@@ -12,7 +12,7 @@ Bookkeeping is split the way vLLM and nano-vllm split it: Python lists (`Sequenc
 decide which physical block a request owns; a host array (`host_block_tables`, one row per
 running request) mirrors them, updated one entry per new block with no tensor op, and each step
 copies its requests' rows to the device once, as the kernels' `block_tables`. The step's slot
-mapping is computed from it with a few tensor ops, never per layer.
+mapping is computed from the same rows on the host, once per step, never per layer.
 
 Blocks carry reference counts, so tables can share them: the samples or beams of one
 request hold their common blocks once, and with prefix caching so do requests whose
@@ -196,6 +196,20 @@ class KVCache:
             return last + 1 - len(table), None
         return 0, last if self.allocator.ref_counts[table[last]] > 1 else None
 
+    def grow_all(self, seqs: list[Sequence]) -> bool:
+        """`grow` each of `seqs` to its length if the pool has the blocks for all of them; if not,
+        change nothing and return False.
+
+        The common decode step, in one pass: only a sequence whose next token starts a block (one
+        step in `block_size`) or lands in a shared one needs more than a look at its table.
+        """
+        growing = [s for s in seqs if self._growth(s, s.num_tokens) != (0, None)]
+        if self.blocks_to_grow(growing) > self.allocator.num_free:
+            return False
+        for seq in seqs if self.prefix_cache else growing:  # prefix caching registers every filled block
+            self.grow(seq, seq.num_tokens)
+        return True
+
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Make room for `seq`'s tokens up to `num_tokens`, the last of which this step writes.
 
@@ -275,55 +289,53 @@ class KVCache:
         """Input tokens, positions and attention metadata for one step over `seqs`.
 
         Prefill feeds every token not yet cached; decode feeds each sequence's last token.
-        The host side is one int64 array (cached lengths, context lengths, tokens) and the step's
-        rows of the host block tables, each copied to the device once; everything else is
-        derived there with a few tensor ops.
+        Everything is computed on the host with numpy (on arrays this small an op costs a
+        microsecond, a tensor op several) and copied to the device in three arrays.
         """
-        context_lens = [len(s.token_ids) for s in seqs]
+        b, bs = len(seqs), self.block_size
+        context_lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, b)
         if is_prefill:
-            cached = [s.num_cached_tokens for s in seqs]
-            tokens = [t for s, c in zip(seqs, cached) for t in s.token_ids[c:]]
+            cached = np.fromiter((s.num_cached_tokens for s in seqs), np.int64, b)
+            tokens = [t for s, c in zip(seqs, cached.tolist()) for t in s.token_ids[c:]]
         else:
-            cached = [n - 1 for n in context_lens]
+            cached = context_lens - 1
             tokens = [s.token_ids[-1] for s in seqs]
-        b, dev = len(seqs), self.device
-        host = np.array(cached + context_lens + tokens, dtype=np.int64)
-        packed = torch.from_numpy(host).to(dev, non_blocking=True)
-        cached_t, context_lens_t, tokens_t = packed[:b], packed[b:2 * b], packed[2 * b:]
-        q_lens = context_lens_t - cached_t
-        query_start_loc = torch.zeros(b + 1, dtype=torch.int64, device=dev)
-        torch.cumsum(q_lens, 0, out=query_start_loc[1:])
-        context_start_loc = torch.zeros(b + 1, dtype=torch.int64, device=dev)
-        torch.cumsum(context_lens_t, 0, out=context_start_loc[1:])
+        query_lens = context_lens - cached
+        query_start_loc = np.zeros(b + 1, np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        context_start_loc = np.zeros(b + 1, np.int64)
+        np.cumsum(context_lens, out=context_start_loc[1:])
         if is_prefill:  # each sequence's positions run from its cached length up
-            starts = torch.repeat_interleave(query_start_loc[:-1] - cached_t, q_lens, output_size=len(tokens))
-            positions = torch.arange(len(tokens), device=dev) - starts
+            token_seq = np.repeat(np.arange(b), query_lens)
+            positions = np.arange(len(tokens)) - (query_start_loc[:-1] - cached)[token_seq]
         else:
-            positions = cached_t
-        max_context_len = max(context_lens)
-        rows = [s.row for s in seqs]
-        block_tables = torch.from_numpy(self.host_block_tables[rows, :cdiv(max_context_len, self.block_size)])
-        block_tables = block_tables.to(dev, non_blocking=True)
-        token_rows = block_tables if not is_prefill else block_tables.repeat_interleave(q_lens, dim=0)
-        block_of_token = token_rows.gather(1, (positions // self.block_size).unsqueeze(1)).squeeze(1)
-        slot_mapping = block_of_token.long() * self.block_size + positions % self.block_size
-        query_lens = [n - c for n, c in zip(context_lens, cached)] if is_prefill else [1] * b
+            token_seq, positions = np.arange(b), cached
+        max_context_len = int(context_lens.max())
+        block_tables = self.host_block_tables[[s.row for s in seqs], :cdiv(max_context_len, bs)]
+        slot_mapping = block_tables[token_seq, positions // bs] * bs + positions % bs
+        int64s = torch.from_numpy(np.concatenate([tokens, positions, slot_mapping, query_start_loc[1:] - 1]))
+        int32s = torch.from_numpy(np.concatenate([context_lens, cached, context_start_loc, query_start_loc])
+                                  .astype(np.int32))
+        dev, t = self.device, len(tokens)
+        tokens_t, positions_t, slot_mapping_t, logits_indices = int64s.to(dev, non_blocking=True).split([t, t, t, b])
+        context_lens_t, cached_t, context_start_t, query_start_t = \
+            int32s.to(dev, non_blocking=True).split([b, b, b + 1, b + 1])
         meta = StepMetadata(
             is_prefill=is_prefill,
-            slot_mapping=slot_mapping,
-            block_tables=block_tables,
-            context_lens=context_lens_t.int(),
-            cache_seqlens=cached_t.int(),
-            context_start_loc=context_start_loc.int(),
-            query_start_loc=query_start_loc.int(),
-            logits_indices=query_start_loc[1:] - 1,
-            max_query_len=max(query_lens),
+            slot_mapping=slot_mapping_t,
+            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
+            context_lens=context_lens_t,
+            cache_seqlens=cached_t,
+            context_start_loc=context_start_t,
+            query_start_loc=query_start_t,
+            logits_indices=logits_indices,
+            max_query_len=int(query_lens.max()),
             max_context_len=max_context_len,
-            query_lens=query_lens,
-            cached_lens=cached,
+            query_lens=query_lens.tolist(),
+            cached_lens=cached.tolist(),
         )
         self.commit(seqs, is_prefill)
-        return tokens_t, positions, meta
+        return tokens_t, positions_t, meta
 
     def commit(self, seqs: list[Sequence], is_prefill: bool) -> None:
         """Count the step's tokens as cached: prefill caches every token, decode the last one."""

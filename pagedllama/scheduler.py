@@ -111,9 +111,7 @@ class Scheduler:
     def _reserve_decode_slots(self) -> list[Sequence]:
         """Make sure every running sequence has a slot for its next token, preempting if needed."""
         running = self.running
-        if self.cache.blocks_to_grow(running) <= self.cache.allocator.num_free:
-            for seq in running:  # the common step: room for everyone, one pass, no preemption
-                self.cache.grow(seq, seq.num_tokens)
+        if self.cache.grow_all(running):  # the common step: room for everyone, no preemption
             return running
         scheduled = []
         for group in list(self.running_groups):

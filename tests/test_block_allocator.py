@@ -52,3 +52,56 @@ def test_allocator_invariants(block_size, num_blocks, ops):
         cache.free(seq)
     assert cache.allocator.num_free == num_blocks, "blocks leaked after every request ended"
     assert cache.num_cached_tokens == 0
+
+
+def _state(cache: KVCache, seqs: list[Sequence]):
+    return ([list(s.block_table) for s in seqs], list(cache.allocator.ref_counts), cache.allocator.num_free,
+            cache.num_cached_tokens, cache.host_block_tables.copy().tolist())
+
+
+@settings(max_examples=100, deadline=None)
+@given(block_size=st.sampled_from([1, 4, 16]), num_blocks=st.integers(4, 40),
+       prompts=st.lists(st.integers(1, 40), min_size=1, max_size=4), forks=st.lists(st.integers(0, 3), max_size=4),
+       steps=st.lists(st.lists(st.integers(0, 20), min_size=1, max_size=8), min_size=1, max_size=12))
+def test_grow_all_matches_growing_one_by_one(block_size, num_blocks, prompts, forks, steps):
+    """The scheduler's one-pass decode growth does what checking the whole batch and then growing
+    each sequence did, shared (forked) blocks included, and changes nothing when it refuses."""
+    def build():
+        cache = KVCache(TINY, num_blocks, block_size, 1024, 16, TorchAttention(), CPU, torch.float32)
+        seqs = []
+        for i, n in enumerate(prompts):
+            seq = Sequence(i, str(i), [0] * n, n, 10)
+            if cache.can_allocate(seq):
+                cache.allocate(seq)
+                cache.commit([seq], is_prefill=True)
+                seqs.append(seq)
+        for j, parent in enumerate(forks):
+            if seqs:
+                child = seqs[parent % len(seqs)].fork(100 + j, 0)
+                cache.fork(seqs[parent % len(seqs)], child)
+                seqs.append(child)
+        return cache, seqs
+
+    fast, fast_seqs = build()
+    slow, slow_seqs = build()
+    for picks in steps:
+        chosen = sorted({p % len(fast_seqs) for p in picks}) if fast_seqs else []
+        for seqs in (fast_seqs, slow_seqs):
+            for i in chosen:
+                seqs[i].token_ids.append(1)
+        batch = [fast_seqs[i] for i in chosen]
+        before = _state(fast, batch)
+        grown = fast.grow_all(batch)
+        expected = slow.blocks_to_grow([slow_seqs[i] for i in chosen]) <= slow.allocator.num_free
+        assert grown == expected
+        if not grown:
+            assert _state(fast, batch) == before
+            for seqs in (fast_seqs, slow_seqs):
+                for i in chosen:
+                    seqs[i].token_ids.pop()
+            continue
+        for i in chosen:
+            slow.grow(slow_seqs[i], slow_seqs[i].num_tokens)
+        fast.commit(batch, is_prefill=False)
+        slow.commit([slow_seqs[i] for i in chosen], is_prefill=False)
+        assert _state(fast, fast_seqs) == _state(slow, slow_seqs)
