@@ -1,8 +1,8 @@
 """Before/after of a speed change: two git revisions measured side by side.
 
 Per revision: the dry-run decode step (scheduler, allocator and bookkeeping; no forward) and
-`prepare_step` at batch 16 to 512, and the full decode step of the 100M preset at batch 28 and
-97 (128-token prompts) in float32 and bfloat16. Each revision is checked out into a temporary
+`prepare_step` at batch 16 to 512, and the full decode step (128-token prompts) of the 100M
+preset at batch 28 and 97 and of the demo at batch 32 and 256, in float32 and bfloat16. Each revision is checked out into a temporary
 worktree and measured by its own bench/overhead.py in its own processes, alternating (A B,
 B A, ...) so drifts in machine load hit both alike.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, log, save_json  # noqa: E402
 
 BATCHES = (16, 64, 256, 512)
-FULL_BATCHES = (28, 97)
+FULL_BATCHES = {"100m": (28, 97), "demo": (32, 256)}
 DTYPES = ("float32", "bfloat16")
 # Runs inside the measured tree, against its own package, through calls every revision has.
 PROBE_OVERHEAD = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']; "
@@ -35,19 +35,23 @@ PROBE_OVERHEAD = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + 
                   f"'prepare': {{b: prepare_step_us(TINY, 'paged', b, 48, 3)[0] for b in {BATCHES}}}}}))")
 PROBE_FULL = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/bench']; "
               "from common import MODELS, load_model; from overhead import full_step_ms; "
-              "m = load_model('100m'); full_step_ms(m, MODELS['100m'], 4, 16, 2, 1); "
-              f"print(json.dumps({{b: full_step_ms(m, MODELS['100m'], b, 128, 4, 2)['median_ms'] for b in {FULL_BATCHES}}}))")
+              "name, batches = sys.argv[2], json.loads(sys.argv[3]); "
+              "m = load_model(name); full_step_ms(m, MODELS[name], 4, 16, 2, 1); "
+              "print(json.dumps({b: full_step_ms(m, MODELS[name], b, 128, 4, 2)['median_ms'] for b in batches}))")
 
 
-def probe(tree: Path, code: str, dtype: str = "float32") -> dict:
+def probe(tree: Path, code: str, dtype: str = "float32", *args: str) -> dict:
     env = {**os.environ, "BENCH_DTYPE": dtype}
-    out = subprocess.run([sys.executable, "-c", code, str(tree)], capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run([sys.executable, "-c", code, str(tree), *args], capture_output=True, text=True, check=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure(tree: Path) -> dict:
     doc = probe(tree, PROBE_OVERHEAD)
-    doc.update({f"full_ms_{dt}": probe(tree, PROBE_FULL, dt) for dt in DTYPES})
+    for model, batches in FULL_BATCHES.items():
+        prefix = "full_ms" if model == "100m" else f"full_ms_{model}"  # the 100M keys as in earlier results
+        doc.update({f"{prefix}_{dt}": probe(tree, PROBE_FULL, dt, model, json.dumps(batches)) for dt in DTYPES})
     return {k: {int(b): v for b, v in d.items()} for k, d in doc.items()}
 
 

@@ -319,7 +319,7 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: to
     if state_dict["output.weight"] is state_dict["tok_embeddings.weight"]:
         model.output.weight = model.tok_embeddings.weight  # one Parameter, so .to() converts it once
     model.to(device=device, dtype=dtype)
-    model.rope = model.rope.to(device)  # a plain float32 attribute, which .to() leaves alone
+    model.rope = model.rope.to(device)  # a plain complex64 attribute, which .to() leaves alone
     return model.eval()
 
 

@@ -13,7 +13,7 @@ from pagedllama.checkpoint import (build_model, check_state_dict, detect_format,
                                    meta_params, random_state_dict, save_hf, save_meta)
 from pagedllama.config import NAMED_SHAPES, ModelArgs, RopeScaling, from_hf_config, load_config_file
 from pagedllama.errors import UserError
-from pagedllama.model import apply_rope, rope_cos_sin, rope_frequencies
+from pagedllama.model import apply_rope, rope_freqs_cis, rope_frequencies
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=192)
 PARAMS = meta_params(ARGS, multiple_of=32, ffn_dim_multiplier=None)
@@ -90,7 +90,7 @@ def test_hf_preferred_over_meta_and_original_subdir_found(tmp_path, sd):
     assert detect_format(tmp_path) == "hf"
 
 
-def test_stored_dtype_kept_and_built_model_casts_but_keeps_rope_float32(tmp_path, sd):
+def test_stored_dtype_kept_and_built_model_casts_but_keeps_rope_in_float32(tmp_path, sd):
     bf16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
     save_meta(bf16, PARAMS, tmp_path / "meta", num_shards=2)
     save_hf(bf16, ARGS, tmp_path / "hf")
@@ -99,7 +99,7 @@ def test_stored_dtype_kept_and_built_model_casts_but_keeps_rope_float32(tmp_path
         assert all(t.dtype == torch.bfloat16 for t in loaded.values())
     model = build(ARGS, sd, torch.bfloat16)
     assert model.layers[0].attention.wq.weight.dtype == torch.bfloat16
-    assert model.rope.dtype == torch.float32 and model.rope.shape[0] == 32
+    assert model.rope.dtype == torch.complex64 and model.rope.shape[0] == 32
     assert not model.training
 
 
@@ -131,11 +131,11 @@ def test_hf_layout_matches_rotate_half_rope(tmp_path, sd):
         t1, t2 = t[..., : hd // 2], t[..., hd // 2:]
         return t * cos + torch.cat([-t2, t1], -1) * sin
 
-    cos_sin = rope_cos_sin(ARGS, S, "cpu")
+    freqs_cis = rope_freqs_cis(ARGS, S, "cpu")
     q_hf = hf_rope((x @ raw["model.layers.0.self_attn.q_proj.weight"].T).unflatten(-1, (ARGS.n_heads, hd)))
     k_hf = hf_rope((x @ raw["model.layers.0.self_attn.k_proj.weight"].T).unflatten(-1, (ARGS.n_kv_heads, hd)))
-    q_m = apply_rope((x @ sd["layers.0.attention.wq.weight"].T).unflatten(-1, (ARGS.n_heads, hd)), cos_sin)
-    k_m = apply_rope((x @ sd["layers.0.attention.wk.weight"].T).unflatten(-1, (ARGS.n_kv_heads, hd)), cos_sin)
+    q_m = apply_rope((x @ sd["layers.0.attention.wq.weight"].T).unflatten(-1, (ARGS.n_heads, hd)), freqs_cis)
+    k_m = apply_rope((x @ sd["layers.0.attention.wk.weight"].T).unflatten(-1, (ARGS.n_kv_heads, hd)), freqs_cis)
     rep = ARGS.n_heads // ARGS.n_kv_heads
     scores_hf = torch.einsum("qhd,khd->hqk", q_hf, k_hf.repeat_interleave(rep, 1))
     scores_m = torch.einsum("qhd,khd->hqk", q_m, k_m.repeat_interleave(rep, 1))
