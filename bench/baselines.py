@@ -13,6 +13,9 @@ thousands of tiny matmuls.
 
 Now: decode groups sequences of similar context length and runs one padded SDPA per group
 (see attention.TorchAttention).
+
+`rope_real_halves` and `rms_norm_by_hand`: the model's RoPE and RMSNorm before they became one
+complex multiply and `F.rms_norm` (see model.py); the same results, by more, slower ops.
 """
 from __future__ import annotations
 
@@ -123,3 +126,19 @@ class SplitKTorchAttention(TorchAttention):
         o = torch.bmm(p.to(values.dtype).view(-1, group, CHUNK), values.view(-1, CHUNK, head_dim),
                       out=scratch("o", n * n_kv_heads, group, head_dim)).view(n, n_kv_heads, group, head_dim).float()
         return merge_chunks(m, l, o, chunks.seq, batch).view(batch, n_heads, head_dim).to(q.dtype)
+
+
+def rope_real_halves(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """RoPE with real cos and sin over the even and odd channels, stacked back (the first version)."""
+    cos_sin = torch.view_as_real(freqs_cis)  # (T, D/2, 2): the cos and sin table it used
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos_sin[:, None, :, 0], cos_sin[:, None, :, 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def rms_norm_by_hand(norm, x: torch.Tensor) -> torch.Tensor:
+    """`model.RMSNorm.forward` as first written, op by op."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return xf.type_as(x) * norm.weight

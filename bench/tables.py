@@ -6,7 +6,7 @@ figure in it is copied by a program from a measured run, never typed by hand.
 
 In the markdown file a table stands between `<!-- table DTYPE/NAME -->` and `<!-- /table -->`
 (NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits_REV,
-compile_probe, or any of them with `_quick`).
+compile_probe, model_ops, or any of them with `_quick`).
 """
 from __future__ import annotations
 
@@ -176,8 +176,19 @@ def compile_probe(doc: dict) -> str:
                                              "first call (compiling)", "first call at a new batch shape"], rows)])
 
 
+def model_ops(doc: dict) -> str:
+    ops = table(["model", "tokens", "op", "before, us", "package, us", "package / before"],
+                [[r["model"], r["tokens"], r["op"], f"{r['before']:.1f}", f"{r['package']:.1f}",
+                  f"**{r['package'] / r['before']:.2f}**"] for r in doc["ops"]])
+    steps = table(["model", "batch", "decode step before, ms", "package, ms", "package / before"],
+                  [[r["model"], r["batch"], f"{r['before']:.2f}", f"{r['package']:.2f}",
+                    f"**{r['package'] / r['before']:.2f}**"] for r in doc["steps"]])
+    return "\n".join([source(doc), "", ops, "", steps])
+
+
 RENDER = {"throughput": throughput, "batch_scaling": batch_scaling, "hf_compare": hf_compare, "overhead": overhead,
-          "profile_decode": profile, "compare_commits": compare_commits, "compile_probe": compile_probe}
+          "profile_decode": profile, "compare_commits": compare_commits, "compile_probe": compile_probe,
+          "model_ops": model_ops}
 MARKED = re.compile(r"(<!-- table (\w+)/(\w+) -->\n).*?(<!-- /table -->)", re.S)
 
 

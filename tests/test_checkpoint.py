@@ -142,6 +142,25 @@ def test_hf_layout_matches_rotate_half_rope(tmp_path, sd):
     torch.testing.assert_close(scores_hf, scores_m, atol=1e-6, rtol=1e-4)
 
 
+def test_benchmark_baselines_compute_the_same_rope_and_rms_norm(sd):
+    """bench/baselines.py keeps RoPE and RMSNorm as first written, for before/after timing
+    (bench/model_ops.py): that only means something if they compute what the package does."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from baselines import rms_norm_by_hand, rope_real_halves
+
+    gen = torch.Generator().manual_seed(3)
+    freqs_cis = rope_freqs_cis(ARGS, 32, "cpu")[torch.randint(32, (9,), generator=gen)]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build(ARGS, sd, dtype)
+        x = torch.randn(9, ARGS.n_heads, ARGS.head_dim, generator=gen).to(dtype)
+        torch.testing.assert_close(apply_rope(x, freqs_cis), rope_real_halves(x, freqs_cis))
+        h = torch.randn(9, ARGS.dim, generator=gen).to(dtype)
+        norm = model.layers[1].ffn_norm
+        torch.testing.assert_close(norm(h), rms_norm_by_hand(norm, h), rtol=0, atol=0)
+
+
 def test_tied_embeddings(tmp_path):
     args = ModelArgs(**{**ARGS.__dict__, "tie_word_embeddings": True})
     sd = random_state_dict(args, seed=3)
