@@ -15,9 +15,9 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -221,6 +221,7 @@ class RunStats:
     peak_running: int
     preemptions: int
     outputs: list[list[int]]
+    parts: list[RunStats] = field(default_factory=list)  # the runs `combine` made it of
 
     @property
     def tok_per_s(self) -> float:
@@ -253,31 +254,69 @@ class Clock:
             self.cpu = self.wall
 
 
-def run_engine(model: Transformer | None, cache: KVCache, reqs: list[Request]) -> RunStats:
-    """Generate every request to its length (greedy, EOS ignored, as the demo runs); time only the run."""
+# An engine run as a generator: it yields each step (a callable) for `lockstep` to run and time,
+# is sent back that step's (CPU, wall) seconds, and returns its RunStats.
+StepRun = Generator[Callable[[], object], tuple[float, float], RunStats]
+
+
+def engine_steps(model: Transformer | None, cache: KVCache, reqs: list[Request]) -> StepRun:
+    """Generate every request to its length (greedy, EOS ignored, as the demo runs), one step at a
+    time; only the steps are timed."""
     engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True,
                     max_prefill_tokens=MAX_PREFILL_TOKENS)
-    with Clock() as c:
-        res = engine.run(reqs, progress=False)
-    outs = [s.output_ids for s in res.sequences]
+    groups = engine.add(reqs)
+    cpu = wall = 0.0
+    steps = 0
+    while not engine.scheduler.done:
+        step_cpu, step_wall = yield engine.step
+        cpu, wall, steps = cpu + step_cpu, wall + step_wall, steps + 1
+    outs = [s.output_ids for g in groups for s in g.outputs()]
     st = engine.scheduler.stats
-    return RunStats(c.wall, c.cpu, sum(len(o) for o in outs), res.steps, st.peak_running, st.preemptions, outs)
+    return RunStats(wall, cpu, sum(len(o) for o in outs), steps, st.peak_running, st.preemptions, outs)
 
 
-def run_waves(model: Transformer, model_name: str, reqs: list[Request], wave: int, budget: int,
-              max_seq_len: int = MAX_SEQ_LEN, backend_cls=None) -> list[RunStats]:
+def naive_waves(model: Transformer, model_name: str, reqs: list[Request], wave: int, budget: int,
+                max_seq_len: int = MAX_SEQ_LEN, backend_cls=None) -> StepRun:
     """The naive twin serving more requests than its largest batch: consecutive static batches of
     `wave` requests, each with its own preallocated cache (as running llama3-naive.py repeatedly)."""
-    return [run_engine(model, make_cache("naive", model_name, reqs[i:i + wave], budget, max_seq_len,
-                                         backend=backend_cls() if backend_cls else None),
-                       reqs[i:i + wave]) for i in range(0, len(reqs), wave)]
+    runs = []
+    for i in range(0, len(reqs), wave):
+        cache = make_cache("naive", model_name, reqs[i:i + wave], budget, max_seq_len,
+                           backend=backend_cls() if backend_cls else None)
+        runs.append((yield from engine_steps(model, cache, reqs[i:i + wave])))
+    return combine(runs)
+
+
+def lockstep(runs: dict[str, StepRun]) -> dict[str, RunStats]:
+    """Advance several runs one step each in turn until all are done, timing every step.
+
+    This machine's speed drifts by tens of percent over minutes; runs taking turns step by
+    step see the same drift while they overlap (a run that outlasts the others ends alone).
+    """
+    pending = {name: (run, next(run)) for name, run in runs.items()}
+    done = {}
+    while pending:
+        for name, (run, step) in list(pending.items()):
+            with Clock() as c:
+                step()
+            try:
+                pending[name] = (run, run.send((c.cpu, c.wall)))
+            except StopIteration as stop:
+                done[name] = stop.value
+                del pending[name]
+    return done
+
+
+def run_engine(model: Transformer | None, cache: KVCache, reqs: list[Request]) -> RunStats:
+    """One engine run by itself."""
+    return lockstep({"run": engine_steps(model, cache, reqs)})["run"]
 
 
 def combine(runs: list[RunStats]) -> RunStats:
     return RunStats(sum(r.seconds for r in runs), sum(r.cpu_seconds for r in runs),
                     sum(r.output_tokens for r in runs), sum(r.steps for r in runs),
                     max(r.peak_running for r in runs), sum(r.preemptions for r in runs),
-                    [o for r in runs for o in r.outputs])
+                    [o for r in runs for o in r.outputs], runs)
 
 
 def paged_max_batch(model: str, reqs: list[Request], budget: int, max_seq_len: int = MAX_SEQ_LEN) -> tuple[int, bool]:
@@ -312,6 +351,24 @@ def paired(fns: dict[str, Callable[[], dict[str, float]]], repeats: int,
         log("    repeat %d (tok per CPU-s / per wall-s): %s" % (
             r + 1, ", ".join(f"{n} {out[n]['cpu'][-1]:.1f} / {out[n]['wall'][-1]:.1f}" for n in names)))
     return out
+
+
+def lockstep_repeats(runs: dict[str, Callable[[], StepRun]], repeats: int, log: Callable[[str], None] = print
+                     ) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, RunStats]]]:
+    """`repeats` rounds of `lockstep` over fresh runs, the order reversed every round. Returns
+    {name: {"cpu": [rate per round], "wall": [...]}} (as `paired`) and each round's RunStats."""
+    names = list(runs)
+    out: dict[str, dict[str, list[float]]] = {n: {"cpu": [], "wall": []} for n in names}
+    rounds = []
+    for r in range(repeats):
+        stats = lockstep({n: runs[n]() for n in (names if r % 2 == 0 else names[::-1])})
+        for n in names:
+            for k, v in stats[n].rates().items():
+                out[n][k].append(v)
+        rounds.append(stats)
+        log("    repeat %d, in lockstep (tok per CPU-s / per wall-s): %s" % (
+            r + 1, ", ".join(f"{n} {out[n]['cpu'][-1]:.1f} / {out[n]['wall'][-1]:.1f}" for n in names)))
+    return out, rounds
 
 
 def ratio_summary(num: list[float], den: list[float]) -> dict:

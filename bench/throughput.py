@@ -11,6 +11,10 @@
    first batch alone, as one llama3-naive.py run) and, in the full mode, naive rows with continuous
    batching, which isolates the memory layout from the batching policy.
 
+The runs compared are interleaved step by step (`common.lockstep`): one step of each in turn,
+each step timed, so the machine's slow drifts hit them alike; repeated, the order reversed
+each time, and each ratio the median of the per-repeat ratios.
+
     python bench/throughput.py [--quick] [--repeats N]
 """
 from __future__ import annotations
@@ -21,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (MAX_SEQ_LEN, RandomSpec, budget_for_rows, combine, default_budget,  # noqa: E402
-                    describe_model, load_model, log, make_cache, median, naive_continuous_cache,
-                    naive_max_batch, paired, paged_max_batch, random_requests, ratios, run_engine,
-                    run_waves, save_json, set_threads, sharegpt_requests, workload_stats)
+from common import (MAX_SEQ_LEN, RandomSpec, budget_for_rows, default_budget, describe_model,  # noqa: E402
+                    engine_steps, load_model, lockstep_repeats, log, make_cache, median, naive_continuous_cache,
+                    naive_max_batch, naive_waves, paged_max_batch, random_requests, ratios, save_json,
+                    set_threads, sharegpt_requests, workload_stats)
 
 RANDOM_CTX = 1024  # nano-vllm: lengths up to 1024 + 1024 in a 4096 context; here 256 + 256 in 1024
 
@@ -37,22 +41,19 @@ def same_batch(model_name: str, reqs, label: str, repeats: int, max_seq_len: int
     model = load_model(model_name)
     budget = budget_for_rows(model_name, len(reqs), max_seq_len)
     log(f"  same batch: {model_name}, {label}, batch {len(reqs)}, budget {budget / 2**20:.0f} MiB")
-    outs = {}
+    def run(twin):
+        return lambda: engine_steps(model, make_cache(twin, model_name, reqs, budget, max_seq_len), reqs)
 
-    def measure(twin):
-        def f():
-            r = run_engine(model, make_cache(twin, model_name, reqs, budget, max_seq_len), reqs)
+    tps, rounds = lockstep_repeats({twin: run(twin) for twin in ("naive", "paged")}, repeats, log)
+    for stats in rounds:
+        for twin, r in stats.items():
             assert r.preemptions == 0 and r.peak_running == len(reqs), (twin, r.preemptions, r.peak_running)
-            outs[twin] = r.outputs
-            return r.rates()
-        return f
-
-    tps = paired({"naive": measure("naive"), "paged": measure("paged")}, repeats, log)
+    outs = {twin: r.outputs for twin, r in rounds[-1].items()}
     return {"kind": "same_batch", "model": model_name, "workload": label, "batch": len(reqs),
             "max_seq_len": max_seq_len, "budget_bytes": budget, "workload_stats": workload_stats(reqs),
             "tok_per_s": tps, "naive_tok_per_cpu_s": median(tps["naive"]["cpu"]),
-            "paged_tok_per_cpu_s": median(tps["paged"]["cpu"]), "ratio": ratios(tps, "paged", "naive"), "target": 0.95, "identical_outputs": count_equal(outs["naive"], outs["paged"]),
-            "repeats": repeats}
+            "paged_tok_per_cpu_s": median(tps["paged"]["cpu"]), "ratio": ratios(tps, "paged", "naive"),
+            "target": 0.95, "identical_outputs": count_equal(outs["naive"], outs["paged"]), "repeats": repeats}
 
 
 def same_budget(model_name: str, reqs, label: str, repeats: int, max_seq_len: int = MAX_SEQ_LEN,
@@ -66,40 +67,25 @@ def same_budget(model_name: str, reqs, label: str, repeats: int, max_seq_len: in
     work = reqs[:k_paged]
     log(f"  same budget: {model_name}, {label}, budget {budget / 2**20:.1f} MiB: naive batch {k_naive}, "
         f"paged batch {k_paged}{' (all requests fit)' if exhausted else ''}")
-    first_wave: dict[str, list[float]] = {"cpu": [], "wall": []}
-    outs = {}
-
-    def naive():
-        runs = run_waves(model, model_name, work, k_naive, budget, max_seq_len, backend_cls)
-        for k, v in runs[0].rates().items():
-            first_wave[k].append(v)
-        r = combine(runs)
-        outs["naive"] = r.outputs
-        return r.rates()
-
-    def paged_():
-        backend = backend_cls() if backend_cls else None
-        r = run_engine(model, make_cache("paged", model_name, work, budget, max_seq_len, backend=backend), work)
-        assert r.preemptions == 0 and r.peak_running == k_paged, (r.preemptions, r.peak_running)
-        outs["paged"] = r.outputs
-        return r.rates()
-
-    fns = {"naive_waves": naive, "paged": paged_}
+    runs = {"naive_waves": lambda: naive_waves(model, model_name, work, k_naive, budget, max_seq_len, backend_cls),
+            "paged": lambda: engine_steps(model, make_cache("paged", model_name, work, budget, max_seq_len,
+                                                            backend=backend_cls() if backend_cls else None), work)}
     if continuous:
-        def naive_cont():
-            cache = naive_continuous_cache(model_name, k_naive, len(work), max_seq_len)
-            r = run_engine(model, cache, work)
-            outs["naive_continuous"] = r.outputs
-            return r.rates()
-        fns["naive_continuous"] = naive_cont
-    tps = paired(fns, repeats, log)
+        runs["naive_continuous"] = lambda: engine_steps(
+            model, naive_continuous_cache(model_name, k_naive, len(work), max_seq_len), work)
+    tps, rounds = lockstep_repeats(runs, repeats, log)
+    for stats in rounds:
+        r = stats["paged"]
+        assert r.preemptions == 0 and r.peak_running == k_paged, (r.preemptions, r.peak_running)
+    first_wave = {k: [stats["naive_waves"].parts[0].rates()[k] for stats in rounds] for k in ("cpu", "wall")}
+    outs = {name: r.outputs for name, r in rounds[-1].items()}
     doc = {"kind": "same_budget", "model": model_name, "workload": label, "max_seq_len": max_seq_len,
            "budget_bytes": budget, "naive_batch": k_naive, "paged_batch": k_paged, "pool_exhausted": exhausted,
            "batch_ratio": k_paged / k_naive, "workload_stats": workload_stats(work),
            "naive_waves": -(-k_paged // k_naive), "tok_per_s": tps, "naive_single_batch_tok_per_s": first_wave,
            "ratio": ratios(tps, "paged", "naive_waves"),
            "ratio_single_batch": ratios({**tps, "naive_single": first_wave}, "paged", "naive_single"),
-           "target": 4.0, "identical_outputs": count_equal(outs["naive"], outs["paged"]), "repeats": repeats}
+           "target": 4.0, "identical_outputs": count_equal(outs["naive_waves"], outs["paged"]), "repeats": repeats}
     if continuous:
         doc["ratio_vs_naive_continuous"] = ratios(tps, "paged", "naive_continuous")
     return doc

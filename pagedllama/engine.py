@@ -85,19 +85,7 @@ class Engine:
         The result lists each request's output sequences in request order: its samples in
         order, or its best beams first.
         """
-        rows = sum(r.width for r in requests)
-        self.dry_vocab_size = max([self.dry_vocab_size] + [r.width for r in requests])
-        if rows > self.cache.max_num_seqs:
-            raise ValueError(f"the requests run {rows} sequences but the cache has block-table rows for "
-                             f"{self.cache.max_num_seqs}; size it for sharing.one_per_sequence(requests)")
-        groups = []
-        for r in requests:
-            seq = Sequence(seq_id=next(self.scheduler.seq_ids), request_id=r.request_id, token_ids=list(r.prompt_ids),
-                           num_prompt_tokens=len(r.prompt_ids), max_new_tokens=r.max_new_tokens,
-                           sample_key=sample_key(r.request_id, r.sample_index))
-            seq.group = SequenceGroup(r.request_id, [seq], r.n, r.beam_width, r.sample_index)
-            self.scheduler.add(seq.group)
-            groups.append(seq.group)
+        groups = self.add(requests)
         bar = tqdm(total=sum(r.max_new_tokens * r.width for r in requests), unit="tok", disable=not progress,
                    file=sys.stderr, dynamic_ncols=True, desc="generating",
                    mininterval=0.1 if sys.stderr.isatty() else 5.0)
@@ -117,6 +105,24 @@ class Engine:
         finally:
             bar.close()
         return RunResult([s for g in groups for s in g.outputs()], steps, interrupted)
+
+    def add(self, requests: list[Request]) -> list[SequenceGroup]:
+        """Queue `requests` for `step` (which `run` calls until all are done); each request's
+        group collects its output sequences (`SequenceGroup.outputs`)."""
+        rows = sum(r.width for r in requests)
+        if rows > self.cache.max_num_seqs:
+            raise ValueError(f"the requests run {rows} sequences but the cache has block-table rows for "
+                             f"{self.cache.max_num_seqs}; size it for sharing.one_per_sequence(requests)")
+        self.dry_vocab_size = max([self.dry_vocab_size] + [r.width for r in requests])
+        groups = []
+        for r in requests:
+            seq = Sequence(seq_id=next(self.scheduler.seq_ids), request_id=r.request_id, token_ids=list(r.prompt_ids),
+                           num_prompt_tokens=len(r.prompt_ids), max_new_tokens=r.max_new_tokens,
+                           sample_key=sample_key(r.request_id, r.sample_index))
+            seq.group = SequenceGroup(r.request_id, [seq], r.n, r.beam_width, r.sample_index)
+            self.scheduler.add(seq.group)
+            groups.append(seq.group)
+        return groups
 
     def step(self) -> tuple[int, list[Sequence]]:
         """One forward pass: how many sequences it advanced, and the outputs it completed."""

@@ -57,6 +57,18 @@ def uniform_noise(seed: int, keys: torch.Tensor, positions: torch.Tensor, vocab:
     return (_shr(x, 40).float() + 0.5) / float(1 << 24)
 
 
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum of each row of a float32 (B, V) tensor.
+
+    On CPU through numpy, whose argmax is vectorized: PyTorch's CPU row reductions with indices
+    (`argmax`, `max(-1)`) run about 9x slower on a (256, 4352) batch of logits, a twentieth of
+    the demo's whole decode step. Both return the first maximum.
+    """
+    if x.device.type == "cpu":
+        return torch.from_numpy(x.numpy().argmax(-1))
+    return x.argmax(-1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | None,
            positions: torch.Tensor) -> torch.Tensor:
     """Token ids (B,) from float32 logits (B, vocab).
@@ -65,8 +77,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | No
     where the new token goes. Sampling is an exponential race: argmax(p / E) with E ~ Exp(1) picks
     token i with probability p_i, and needs no normalisation or cumulative search.
     """
-    if params.greedy:  # max(-1) picks the first maximum, as argmax does, and is faster on CPU
-        return logits.max(-1).indices
+    if params.greedy:
+        return first_argmax(logits)
     scaled = logits / params.temperature
     if params.top_p < 1.0:
         sorted_logits, order = scaled.sort(-1, descending=True)
@@ -74,4 +86,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | No
         beyond = probs.cumsum(-1) - probs > params.top_p  # the first token is always kept
         scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(beyond, float("-inf")))
     exp_noise = -uniform_noise(params.seed, keys, positions, logits.shape[-1]).log()
-    return (scaled - exp_noise.log()).max(-1).indices
+    return first_argmax(scaled - exp_noise.log())

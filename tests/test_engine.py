@@ -75,3 +75,19 @@ def test_sampling_is_batch_invariant(tiny_model, requests):
     greedy, _ = generate(tiny_model, make_cache(tiny_model, 16, 200, MAX_SEQ_LEN, 2), requests[2:3])
     assert alone[0] == batched[2]
     assert greedy[0] != batched[2]  # the sampled path really is not the greedy one
+
+
+def test_first_argmax_picks_the_first_maximum_like_torch():
+    """Greedy picks go through numpy on CPU (faster); they must be torch's argmax, ties included."""
+    from pagedllama.sampling import first_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 300, generator=gen)
+    x[3, [5, 17, 299]] = 10.0  # a three-way tie: the first wins
+    x[7] = 0.0  # all equal
+    with torch.inference_mode():  # as the model's logits are
+        y = x.clone()
+        picks = first_argmax(y)
+    assert picks.dtype == torch.int64
+    assert torch.equal(picks, x.argmax(-1))
+    assert picks[3] == 5 and picks[7] == 0
