@@ -15,7 +15,8 @@ Now: decode groups sequences of similar context length and runs one padded SDPA 
 (see attention.TorchAttention).
 
 `rope_real_halves` and `rms_norm_by_hand`: the model's RoPE and RMSNorm before they became one
-complex multiply and `F.rms_norm` (see model.py); the same results, by more, slower ops.
+complex multiply and `F.rms_norm` (see model.py); `max_indices`: the greedy pick before it went
+through numpy (sampling.first_argmax). The same results, by slower ops.
 """
 from __future__ import annotations
 
@@ -142,3 +143,8 @@ def rms_norm_by_hand(norm, x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
     return xf.type_as(x) * norm.weight
+
+
+def max_indices(x: torch.Tensor) -> torch.Tensor:
+    """The first maximum of each row, PyTorch's way (the greedy pick before `first_argmax`)."""
+    return x.max(-1).indices

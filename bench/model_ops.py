@@ -1,4 +1,4 @@
-"""Before/after of the model's RoPE and RMSNorm, the two versions alternated in one process.
+"""Before/after of the model's RoPE and RMSNorm and of the greedy pick, alternated in one process.
 
 This machine's speed drifts by tens of percent over minutes (other tenants of its cores), more
 than these changes move a whole step, so the versions are never measured minutes apart:
@@ -22,33 +22,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (DTYPE, MODELS, Request, budget_for_rows, load_model, log, make_cache, save_json,  # noqa: E402
                     set_threads)
-from baselines import rms_norm_by_hand, rope_real_halves  # noqa: E402
+from baselines import max_indices, rms_norm_by_hand, rope_real_halves  # noqa: E402
 
 import pagedllama.model  # noqa: E402
+import pagedllama.sampling  # noqa: E402
 from pagedllama.engine import Engine  # noqa: E402
 from pagedllama.model import RMSNorm  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
 
-VERSIONS = {"package": (pagedllama.model.apply_rope, RMSNorm.forward), "before": (rope_real_halves, rms_norm_by_hand)}
+VERSIONS = {"package": (pagedllama.model.apply_rope, RMSNorm.forward, pagedllama.sampling.first_argmax),
+            "before": (rope_real_halves, rms_norm_by_hand, max_indices)}
 ROUNDS = 9
 
 
 def use(version: str) -> None:
-    """Attention.forward looks `apply_rope` up in its module at each call; RMSNorm through its class."""
-    pagedllama.model.apply_rope, RMSNorm.forward = VERSIONS[version]
+    """Attention.forward and `sample` look `apply_rope` and `first_argmax` up in their modules at
+    each call; RMSNorm goes through its class."""
+    pagedllama.model.apply_rope, RMSNorm.forward, pagedllama.sampling.first_argmax = VERSIONS[version]
 
 
 def op_us(name: str, tokens: int, calls: int = 40) -> dict[str, dict[str, float]]:
-    """Per-call CPU time of RoPE (on the query and the key heads) and of one RMSNorm, per version."""
+    """Per-call CPU time of RoPE (on the query and the key heads), of one RMSNorm and of the greedy
+    pick over `tokens` rows of logits, per version."""
     model = load_model(name)
     args = model.args
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(tokens, args.n_heads, args.head_dim, generator=gen).to(DTYPE)
     k = torch.randn(tokens, args.n_kv_heads, args.head_dim, generator=gen).to(DTYPE)
     x = torch.randn(tokens, args.dim, generator=gen).to(DTYPE)
+    logits = torch.randn(tokens, args.vocab_size, generator=gen)
     freqs_cis, norm = model.rope[:tokens], model.layers[0].attention_norm
-    ops = {"rope (q and k)": lambda rope, _: (rope(q, freqs_cis), rope(k, freqs_cis)),
-           "rms_norm": lambda _, forward: forward(norm, x)}
+    ops = {"rope (q and k)": lambda rope, _, __: (rope(q, freqs_cis), rope(k, freqs_cis)),
+           "rms_norm": lambda _, forward, __: forward(norm, x),
+           "greedy pick": lambda _, __, pick: pick(logits)}
     out = {}
     for op, call in ops.items():
         times: dict[str, list[float]] = {v: [] for v in VERSIONS}

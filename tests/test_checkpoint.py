@@ -142,13 +142,15 @@ def test_hf_layout_matches_rotate_half_rope(tmp_path, sd):
     torch.testing.assert_close(scores_hf, scores_m, atol=1e-6, rtol=1e-4)
 
 
-def test_benchmark_baselines_compute_the_same_rope_and_rms_norm(sd):
-    """bench/baselines.py keeps RoPE and RMSNorm as first written, for before/after timing
-    (bench/model_ops.py): that only means something if they compute what the package does."""
+def test_benchmark_baselines_compute_the_same_rope_rms_norm_and_greedy_pick(sd):
+    """bench/baselines.py keeps RoPE, RMSNorm and the greedy pick as first written, for before/after
+    timing (bench/model_ops.py): that only means something if they compute what the package does."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from baselines import rms_norm_by_hand, rope_real_halves
+    from baselines import max_indices, rms_norm_by_hand, rope_real_halves
+
+    from pagedllama.sampling import first_argmax
 
     gen = torch.Generator().manual_seed(3)
     freqs_cis = rope_freqs_cis(ARGS, 32, "cpu")[torch.randint(32, (9,), generator=gen)]
@@ -159,6 +161,9 @@ def test_benchmark_baselines_compute_the_same_rope_and_rms_norm(sd):
         h = torch.randn(9, ARGS.dim, generator=gen).to(dtype)
         norm = model.layers[1].ffn_norm
         torch.testing.assert_close(norm(h), rms_norm_by_hand(norm, h), rtol=0, atol=0)
+    logits = torch.randn(9, ARGS.vocab_size, generator=gen)
+    logits[2, [4, 9]] = 50.0
+    assert torch.equal(first_argmax(logits), max_indices(logits))
 
 
 def test_tied_embeddings(tmp_path):
