@@ -312,7 +312,7 @@ class KVCache:
             token_seq, positions = np.arange(b), cached
         max_context_len = int(context_lens.max())
         block_tables = self.host_block_tables[[s.row for s in seqs], :cdiv(max_context_len, bs)]
-        slot_mapping = block_tables[token_seq, positions // bs] * bs + positions % bs
+        slot_mapping = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs  # int32 may overflow
         int64s = torch.from_numpy(np.concatenate([tokens, positions, slot_mapping, query_start_loc[1:] - 1]))
         int32s = torch.from_numpy(np.concatenate([context_lens, cached, context_start_loc, query_start_loc])
                                   .astype(np.int32))
