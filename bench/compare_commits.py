@@ -2,7 +2,9 @@
 
 Per revision: the dry-run decode step (scheduler, allocator and bookkeeping; no forward) and
 `prepare_step` at batch 16 to 512, and the full decode step (128-token prompts) of the 100M
-preset at batch 28 and 97 and of the demo at batch 32 and 256, in float32 and bfloat16. Each revision is checked out into a temporary
+preset at batch 28 and 97 and of the demo at batch 32 and 256, in float32 and bfloat16, with
+the part of those steps that is neither forward pass nor sampling (`in_step_us_*`, the overhead
+target's measure). Each revision is checked out into a temporary
 worktree and measured by its own bench/overhead.py in its own processes, alternating (A B,
 B A, ...) so drifts in machine load hit both alike.
 
@@ -37,7 +39,9 @@ PROBE_FULL = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/be
               "from common import MODELS, load_model; from overhead import full_step_ms; "
               "name, batches = sys.argv[2], json.loads(sys.argv[3]); "
               "m = load_model(name); full_step_ms(m, MODELS[name], 4, 16, 2, 1); "
-              "print(json.dumps({b: full_step_ms(m, MODELS[name], b, 128, 4, 2)['median_ms'] for b in batches}))")
+              "r = {b: full_step_ms(m, MODELS[name], b, 128, 4, 2) for b in batches}; "
+              "print(json.dumps([{b: x['median_ms'] for b, x in r.items()}, "
+              "{b: x.get('in_step_overhead_us') for b, x in r.items()}]))")
 
 
 def probe(tree: Path, code: str, dtype: str = "float32", *args: str) -> dict:
@@ -47,11 +51,15 @@ def probe(tree: Path, code: str, dtype: str = "float32", *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(tree: Path) -> dict:
+def measure(tree: Path, models: list[str]) -> dict:
     doc = probe(tree, PROBE_OVERHEAD)
-    for model, batches in FULL_BATCHES.items():
+    for model in models:
         prefix = "full_ms" if model == "100m" else f"full_ms_{model}"  # the 100M keys as in earlier results
-        doc.update({f"{prefix}_{dt}": probe(tree, PROBE_FULL, dt, model, json.dumps(batches)) for dt in DTYPES})
+        for dt in DTYPES:
+            ms, in_step = probe(tree, PROBE_FULL, dt, model, json.dumps(FULL_BATCHES[model]))
+            doc[f"{prefix}_{dt}"] = ms
+            if None not in in_step.values():  # revisions before the in-step measure lack it
+                doc[f"in_step_us_{model}_{dt}"] = in_step
     return {k: {int(b): v for b, v in d.items()} for k, d in doc.items()}
 
 
@@ -60,6 +68,8 @@ def main() -> None:
     ap.add_argument("before", help="git revision before the change")
     ap.add_argument("after", nargs="?", default=None, help="git revision after it (default: the working tree)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", nargs="+", choices=list(FULL_BATCHES), default=list(FULL_BATCHES),
+                    help="models whose full decode steps to time (default: all)")
     ap.add_argument("--name", default=None, help="results file name (default: compare_commits_BEFORE)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +84,7 @@ def main() -> None:
             runs: dict[str, list[dict]] = {"before": [], "after": []}
             for r in range(a.repeats):
                 for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                    runs[name].append(measure(trees[name]))
+                    runs[name].append(measure(trees[name], a.models))
                     log(f"  repeat {r + 1} {name}: {runs[name][-1]}")
         finally:
             for name, tree in trees.items():
@@ -87,6 +97,8 @@ def main() -> None:
     for key in med["before"]:
         unit = "ms" if key.startswith("full") else "us"
         for b, before in med["before"][key].items():
+            if key not in med["after"]:
+                continue
             after = med["after"][key][b]
             print(f"{key + ' (' + unit + ')':<34} {b:>6} {before:9.1f} {after:9.1f} {after / before:13.2f}")
 

@@ -18,6 +18,7 @@ class BlockAllocator:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
+        self.num_refs = 0  # sum of ref_counts: the block-table entries pointing into the pool
         self._free: deque[int] = deque(range(num_blocks))
 
     @property
@@ -33,6 +34,7 @@ class BlockAllocator:
             raise RuntimeError("no free KV block")  # callers check num_free first
         block = self._free.popleft()
         self.ref_counts[block] = 1
+        self.num_refs += 1
         return block
 
     def reuse(self, block: int) -> None:
@@ -40,16 +42,19 @@ class BlockAllocator:
         assert self.ref_counts[block] == 0, f"reusing block {block}, which is in use"
         self._free.remove(block)
         self.ref_counts[block] = 1
+        self.num_refs += 1
 
     def share(self, block: int) -> None:
         """One more table points at `block`."""
         assert self.ref_counts[block] > 0, f"sharing free block {block}"
         self.ref_counts[block] += 1
+        self.num_refs += 1
 
     def free(self, block: int) -> None:
         """One table lets go of `block`; it returns to the pool when none hold it."""
         assert self.ref_counts[block] > 0, f"double free of block {block}"
         self.ref_counts[block] -= 1
+        self.num_refs -= 1
         if self.ref_counts[block] == 0:
             self._free.append(block)
 

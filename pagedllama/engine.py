@@ -140,7 +140,7 @@ class Engine:
             logits = self.model(tokens, positions, self.cache, meta)
             positions = meta.context_lens.long()  # where each new token goes
         self.memory.record()
-        self.sharing.record(self.scheduler.running)
+        self.sharing.record(self.cache.allocator.num_refs)  # only running sequences hold blocks
         finished = []
         for seq, token in self._next_tokens(batch, logits, positions):
             seq.token_ids.append(token)

@@ -203,7 +203,7 @@ class KVCache:
         The common decode step, in one pass: only a sequence whose next token starts a block (one
         step in `block_size`) or lands in a shared one needs more than a look at its table.
         """
-        growing = [s for s in seqs if self._growth(s, s.num_tokens) != (0, None)]
+        growing = [s for s in seqs if self._growth(s, len(s.token_ids)) != (0, None)]
         if self.blocks_to_grow(growing) > self.allocator.num_free:
             return False
         for seq in seqs if self.prefix_cache else growing:  # prefix caching registers every filled block
@@ -311,7 +311,8 @@ class KVCache:
         else:
             token_seq, positions = np.arange(b), cached
         max_context_len = int(context_lens.max())
-        block_tables = self.host_block_tables[[s.row for s in seqs], :cdiv(max_context_len, bs)]
+        rows = np.fromiter((s.row for s in seqs), np.intp, b)
+        block_tables = self.host_block_tables[rows, :cdiv(max_context_len, bs)]
         slot_mapping = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs  # int32 may overflow
         int64s = torch.from_numpy(np.concatenate([tokens, positions, slot_mapping, query_start_loc[1:] - 1]))
         int32s = torch.from_numpy(np.concatenate([context_lens, cached, context_start_loc, query_start_loc])
@@ -339,10 +340,14 @@ class KVCache:
 
     def commit(self, seqs: list[Sequence], is_prefill: bool) -> None:
         """Count the step's tokens as cached: prefill caches every token, decode the last one."""
-        for s in seqs:
-            new = s.num_tokens - s.num_cached_tokens if is_prefill else 1
-            s.num_cached_tokens += new
-            self.num_cached_tokens += new
+        if is_prefill:
+            self.num_cached_tokens += sum(len(s.token_ids) - s.num_cached_tokens for s in seqs)
+            for s in seqs:
+                s.num_cached_tokens = len(s.token_ids)
+        else:
+            self.num_cached_tokens += len(seqs)
+            for s in seqs:
+                s.num_cached_tokens += 1
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: StepMetadata) -> torch.Tensor:

@@ -12,7 +12,7 @@ class Status(Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     """Prompt plus generated tokens; `block_table` lists the physical KV blocks it holds."""
 
@@ -50,7 +50,7 @@ class Sequence:
                        block_hashes=list(self.block_hashes), block_table=[], row=-1, num_cached_tokens=0)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SequenceGroup:
     """The sequences of one request, its parallel samples or its beams.
 

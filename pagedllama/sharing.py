@@ -13,7 +13,6 @@ from .report import human_bytes
 
 if TYPE_CHECKING:
     from .engine import Request
-    from .sequence import Sequence
 
 
 def one_per_sequence(requests: list[Request]) -> list[Request]:
@@ -28,8 +27,9 @@ class SharingTracker:
 
     peak_table_blocks: int = 0
 
-    def record(self, running: list[Sequence]) -> None:
-        self.peak_table_blocks = max(self.peak_table_blocks, sum(len(s.block_table) for s in running))
+    def record(self, table_blocks: int) -> None:
+        """`table_blocks`: the entries of the running sequences' block tables, the allocator's `num_refs`."""
+        self.peak_table_blocks = max(self.peak_table_blocks, table_blocks)
 
     def summary(self, memory: dict, n: int, beam_width: int) -> dict:
         """Figures for the report and --json, next to the memory summary of the same run."""

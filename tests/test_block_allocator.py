@@ -17,6 +17,7 @@ def check_invariants(cache: KVCache, live: list[Sequence]) -> None:
     assert len(owned) == len(set(owned)), "a block is owned twice"
     assert cache.allocator.num_used == len(owned)
     assert cache.allocator.num_free + cache.allocator.num_used == cache.num_blocks
+    assert cache.allocator.num_refs == sum(cache.allocator.ref_counts)
     for s in live:
         reserved = len(s.block_table) * cache.block_size
         assert 0 <= reserved - s.num_tokens < cache.block_size, "more than one partly filled block"

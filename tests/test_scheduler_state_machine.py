@@ -107,6 +107,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         held = Counter(b for s in running for b in s.block_table)
         allocator = self.cache.allocator
         assert all(allocator.ref_counts[b] == held[b] for b in range(self.cache.num_blocks))
+        assert allocator.num_refs == sum(held.values())  # what the sharing report's peak counts
         assert allocator.num_free + allocator.num_used == self.cache.num_blocks
         assert allocator.num_used == len(held) and sorted(allocator._free) == sorted(set(range(allocator.num_blocks)) - set(held))
         swap = self.scheduler.swap
