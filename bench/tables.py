@@ -6,7 +6,7 @@ figure in it is copied by a program from a measured run, never typed by hand.
 
 In the markdown file a table stands between `<!-- table DTYPE/NAME -->` and `<!-- /table -->`
 (NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits_REV,
-compile_probe, model_ops, or any of them with `_quick`).
+bookkeeping_ab_REV, compile_probe, model_ops, or any of them with `_quick`).
 """
 from __future__ import annotations
 
@@ -168,6 +168,18 @@ def compare_commits(doc: dict) -> str:
                       table(["measurement", "batch", "before", "after", "after / before"], rows)])
 
 
+def bookkeeping_ab(doc: dict) -> str:
+    m = doc["machine"]
+    head = (f"_{doc['time']}, commit `{m['git_commit']}`{' (package files modified)' if m.get('package_files_modified') else ''}"
+            f", tiny model with a cache-evicting stub forward, 1 thread_: `{doc['before']}` against `{doc['after']}`, "
+            f"{len(doc['repeats'])} repeats")
+    rows = [[b, f"{doc['median_us'][b]['before']:.0f}", f"{doc['median_us'][b]['after']:.0f}",
+             f"**{statistics.median(doc['ratios'][b]):.2f}** ({min(doc['ratios'][b]):.2f}-{max(doc['ratios'][b]):.2f})"]
+            for b in map(str, doc["batches"])]
+    return "\n".join([head, "", table(["batch", "bookkeeping before, us/step", "after, us/step",
+                                       "after / before (min-max)"], rows)])
+
+
 def compile_probe(doc: dict) -> str:
     rows = []
     for label, r in doc["dtypes"].items():
@@ -191,7 +203,7 @@ def model_ops(doc: dict) -> str:
 
 RENDER = {"throughput": throughput, "batch_scaling": batch_scaling, "hf_compare": hf_compare, "overhead": overhead,
           "profile_decode": profile, "compare_commits": compare_commits, "compile_probe": compile_probe,
-          "model_ops": model_ops}
+          "model_ops": model_ops, "bookkeeping_ab": bookkeeping_ab}
 MARKED = re.compile(r"(<!-- table (\w+)/(\w+) -->\n).*?(<!-- /table -->)", re.S)
 
 
@@ -202,7 +214,7 @@ def render(dtype: str, name: str) -> str:
     doc = load(RESULTS / dtype, name)
     if doc is None:
         return "(no results)"
-    key = "compare_commits" if name.startswith("compare_commits") else name.removesuffix("_quick")
+    key = next((k for k in ("compare_commits", "bookkeeping_ab") if name.startswith(k)), name.removesuffix("_quick"))
     try:
         return RENDER[key](doc)
     except KeyError as e:  # written by an older version of the script
@@ -225,8 +237,8 @@ def main() -> None:
         return
     for name in RENDER:
         print(f"\n### {name}\n")
-        if name == "compare_commits":
-            for path in sorted((RESULTS / a.dtype).glob("compare_commits_*.json")):
+        if name in ("compare_commits", "bookkeeping_ab"):
+            for path in sorted((RESULTS / a.dtype).glob(f"{name}_*.json")):
                 print(render(a.dtype, path.stem) + "\n")
             continue
         quick = "_quick" if a.quick and name != "compile_probe" else ""
