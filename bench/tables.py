@@ -6,7 +6,7 @@ figure in it is copied by a program from a measured run, never typed by hand.
 
 In the markdown file a table stands between `<!-- table DTYPE/NAME -->` and `<!-- /table -->`
 (NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits_REV,
-bookkeeping_ab_REV, compile_probe, model_ops, or any of them with `_quick`).
+bookkeeping_ab_REV, compile_probe, model_ops, or any of them with `_quick`; `gpu/gpu` for bench/gpu.py's results).
 """
 from __future__ import annotations
 
@@ -180,6 +180,26 @@ def bookkeeping_ab(doc: dict) -> str:
                                        "after / before (min-max)"], rows)])
 
 
+def gpu(doc: dict) -> str:
+    bw = doc["copy_bytes_per_s"]
+    a = doc["args"]
+    head = (f"_{doc['time']}, {doc['device_name']}, torch {doc['torch']}, {doc['dtype']}, dim {a['dim']}, "
+            f"{a['n_layers']} layers, {a['n_heads']} / {a['n_kv_heads']} KV heads, block size {doc['block_size']}_; "
+            f"copy bandwidth {bw / 1e9:.0f} GB/s (read + written)")
+    kernel = table(["batch", "context", "Triton paged, us", "SDPA contiguous, us", "paged / SDPA time",
+                    "paged GB/s", "SDPA GB/s", "max abs diff"],
+                   [[r["batch"], r["context"], f"{r['paged_us']:.0f}", f"{r['sdpa_us']:.0f}",
+                     f"**{r['paged_us'] / r['sdpa_us']:.2f}**", f"{r['paged_bytes_per_s'] / 1e9:.0f}",
+                     f"{r['sdpa_bytes_per_s'] / 1e9:.0f}", f"{r['max_abs_diff']:.1e}"] for r in doc["kernel"]])
+    out = [head, "", kernel]
+    if "decode" in doc:
+        out += ["", table(["twin", "batch", "attention", "mean context", "decode step, ms", "floor, ms",
+                           "step / floor"],
+                          [[r["twin"], r["batch"], r["backend"], r["mean_context"], f"{r['step_ms']:.2f}",
+                            f"{r['floor_ms']:.2f}", f"**{r['step_ms'] / r['floor_ms']:.2f}**"] for r in doc["decode"]])]
+    return "\n".join(out)
+
+
 def compile_probe(doc: dict) -> str:
     rows = []
     for label, r in doc["dtypes"].items():
@@ -203,7 +223,7 @@ def model_ops(doc: dict) -> str:
 
 RENDER = {"throughput": throughput, "batch_scaling": batch_scaling, "hf_compare": hf_compare, "overhead": overhead,
           "profile_decode": profile, "compare_commits": compare_commits, "compile_probe": compile_probe,
-          "model_ops": model_ops, "bookkeeping_ab": bookkeeping_ab}
+          "model_ops": model_ops, "bookkeeping_ab": bookkeeping_ab, "gpu": gpu}
 MARKED = re.compile(r"(<!-- table (\w+)/(\w+) -->\n).*?(<!-- /table -->)", re.S)
 
 

@@ -292,20 +292,22 @@ def check_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor], hf_na
         raise UserError(f"the checkpoint has an unexpected tensor {extra[0]}; it is not a Llama 3 checkpoint")
 
 
-def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
-    """Deterministic float32 weights for the demo model and tests; residual outputs are scaled down
-    by 1/sqrt(2 n_layers) so activations stay O(1) through depth."""
-    g = torch.Generator().manual_seed(seed)
+def random_state_dict(args: ModelArgs, seed: int, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Deterministic weights for the demo model, tests and benchmarks; residual outputs are scaled
+    down by 1/sqrt(2 n_layers) so activations stay O(1) through depth. Made on `device` in `dtype`
+    (an 8B-shaped model is made on the GPU it runs on, never in host memory in float32)."""
+    g = torch.Generator(device).manual_seed(seed)
     out_std = 0.02 / math.sqrt(2 * args.n_layers)
     sd = {}
     for name, shape in expected_shapes(args).items():
         if len(shape) == 1:
-            sd[name] = torch.ones(shape)
+            sd[name] = torch.ones(shape, device=device, dtype=dtype)
         elif name == "output.weight" and args.tie_word_embeddings:
             sd[name] = sd["tok_embeddings.weight"]
         else:
             std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
-            sd[name] = torch.randn(shape, generator=g) * std
+            sd[name] = torch.randn(shape, generator=g, device=device, dtype=dtype).mul_(std)
     return sd
 
 

@@ -1,0 +1,216 @@
+"""The GPU measurements: Llama-3-8B-shaped random weights in bfloat16 on one CUDA device.
+
+1. Copy bandwidth: a device-to-device copy of 2 GiB; bytes read plus bytes written, per second.
+2. Decode attention kernel: the project's Triton paged kernel, which follows a block table of
+   16-slot blocks scattered through the pool, against PyTorch's SDPA on the same K/V laid out
+   contiguously, one query per sequence (a decode step) at several batches and contexts; the
+   outputs are compared, and each kernel's K/V bytes per second set against the copy bandwidth.
+3. The decode step against its memory-bandwidth floor: the paged twin's decode step (the CLI's
+   `--attention auto`: flash-attn if installed, else Triton) at batch 1 to 256, and the naive
+   twin's at the same batch, against (bytes of weights + K/V read per step) / copy bandwidth.
+   The embedding table is not counted (a step reads one row of it per sequence).
+
+    python bench/gpu.py            # CUDA with triton; a few minutes on an H200
+    python bench/gpu.py --smoke    # any machine: a tiny shape through the same code, Triton's
+                                   # CPU interpreter for the kernel (the tests run this)
+
+Results: bench/results/gpu/gpu.json (written after each part, so a run cut short keeps what it
+measured); `python bench/tables.py --fill BENCHMARKS.md` renders them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pagedllama.attention import select_backend  # noqa: E402
+from pagedllama.budget import build_cache  # noqa: E402
+from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
+from pagedllama.config import NAMED_SHAPES, ModelArgs  # noqa: E402
+from pagedllama.engine import Engine, Request  # noqa: E402
+from pagedllama.sampling import SamplingParams  # noqa: E402
+
+GIB = 1 << 30
+BLOCK_SIZE = 16
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
+FULL = {"args": NAMED_SHAPES["llama3-8b"], "copy_bytes": 2 * GIB, "kernel_batches": (1, 16, 64, 256),
+        "kernel_contexts": (1024, 4096), "step_batches": (1, 16, 64, 256), "prompt": 512, "steps": 16, "repeats": 20}
+SMOKE_PLAN = {"args": TINY, "copy_bytes": 1 << 20, "kernel_batches": (1, 3), "kernel_contexts": (40,),
+              "step_batches": (1, 3), "prompt": 20, "steps": 2, "repeats": 2}
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
+    """Median seconds of a call: CUDA events on a GPU (after a warm-up call), the host clock elsewhere."""
+    def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    return median_seconds
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
+    """Bytes per second of a device-to-device copy, counting what is read and what is written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timer(device)(lambda: dst.copy_(src), repeats)
+
+
+def kernel_case(args: ModelArgs, batch: int, context: int, device: torch.device, dtype: torch.dtype,
+                repeats: int) -> dict:
+    """Decode attention over `context` keys per sequence: Triton through the block table vs SDPA on a
+    contiguous (batch, kv_heads, context, head_dim) copy of the same K/V."""
+    from pagedllama.triton_attention import paged_attention
+
+    g = torch.Generator(device).manual_seed(batch * 100003 + context)
+    hkv, h, d = args.n_kv_heads, args.n_heads, args.head_dim
+    blocks_per_seq = -(-context // BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq
+    k_cache, v_cache = (torch.randn(num_blocks, BLOCK_SIZE, hkv, d, generator=g, device=device, dtype=dtype)
+                        for _ in range(2))
+    block_table = torch.randperm(num_blocks, generator=g, device=device).view(batch, blocks_per_seq).int()
+    q = torch.randn(batch, h, d, generator=g, device=device, dtype=dtype)
+    context_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    k_dense, v_dense = (c[block_table.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
+                        for c in (k_cache, v_cache))
+    scale = d ** -0.5
+
+    def paged():
+        return paged_attention(q, k_cache, v_cache, block_table, context_lens, query_start_loc, 1, context, scale)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q[:, :, None], k_dense, v_dense, scale=scale, enable_gqa=True)[:, :, 0]
+
+    diff = (paged().float() - sdpa().float()).abs().max().item()
+    clock = timer(device)
+    t_paged, t_sdpa = clock(paged, repeats), clock(sdpa, repeats)
+    kv_bytes = 2 * batch * context * hkv * d * k_cache.element_size()
+    return {"batch": batch, "context": context, "kv_bytes": kv_bytes, "paged_us": 1e6 * t_paged,
+            "sdpa_us": 1e6 * t_sdpa, "paged_bytes_per_s": kv_bytes / t_paged, "sdpa_bytes_per_s": kv_bytes / t_sdpa,
+            "max_abs_diff": diff}
+
+
+def weight_bytes_read(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads: every parameter but the embedding table."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("tok_embeddings"))
+
+
+def decode_steps(model, args: ModelArgs, twin: str, batch: int, prompt: int, steps: int, device: torch.device,
+                 dtype: torch.dtype, attention: str) -> dict:
+    """Median decode-step time of one twin at `batch`, every sequence `prompt` tokens into its context."""
+    g = torch.Generator().manual_seed(batch)
+    reqs = [Request(f"r{i}", torch.randint(1, args.vocab_size, (prompt,), generator=g).tolist(), steps + 1)
+            for i in range(batch)]
+    max_seq_len = prompt + steps + 1
+    block_size = max_seq_len if twin == "naive" else BLOCK_SIZE
+    bpt = args.kv_bytes_per_token(dtype.itemsize)
+    # Room for the whole batch plus the scheduler's watermark (1% of the pool kept free while
+    # anything runs): naive rows are sized by the requests build_cache is given, so add spares.
+    spares = reqs[:batch // 99 + 1]
+    num_blocks = (batch + len(spares)) * -(-max_seq_len // block_size)
+    cache = build_cache(twin, args, reqs + spares, num_blocks * block_size * bpt, max_seq_len,
+                        select_backend(attention, device, dtype, block_size), device, dtype,
+                        block_size=None if twin == "naive" else block_size, num_blocks=None if twin == "naive" else num_blocks)
+    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, max_prefill_tokens=32768)
+    engine.add(reqs)
+    while engine.scheduler.waiting:  # prefill
+        engine.step()
+    assert len(engine.scheduler.running) == batch, "the batch did not fit at once"
+    engine.step()  # the first decode step: compiles the decode kernels
+    times = []
+    for _ in range(steps - 1):
+        t0 = time.perf_counter()
+        engine.step()  # ends by copying the sampled tokens to the host: the GPU work is done
+        times.append(time.perf_counter() - t0)
+    context = prompt + 1 + steps // 2
+    return {"twin": twin, "batch": batch, "backend": cache.backend.name, "step_ms": 1e3 * statistics.median(times),
+            "mean_context": context, "kv_bytes_read": batch * context * bpt}
+
+
+def save(doc: dict, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="a tiny shape on whatever device is here (tests)")
+    ap.add_argument("--attention", default="auto", help="the decode steps' backend, as the CLI's --attention")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results file (default: bench/results/gpu/gpu.json; none with --smoke)")
+    a = ap.parse_args()
+    plan = SMOKE_PLAN if a.smoke else FULL
+    out = a.out or (None if a.smoke else ROOT / "bench" / "results" / "gpu" / "gpu.json")
+    if torch.cuda.is_available():
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    elif a.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        torch.set_num_threads(1)  # a second thread stalls whenever another process holds the other core
+    else:
+        sys.exit("bench/gpu.py needs a CUDA GPU (run it with --smoke to check it on this machine)")
+    args: ModelArgs = plan["args"]
+    doc: dict = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": a.smoke, "device": str(device),
+                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "args": asdict(args), "block_size": BLOCK_SIZE}
+    bandwidth = copy_bandwidth(device, plan["copy_bytes"], plan["repeats"])
+    doc["copy_bytes_per_s"] = bandwidth
+    log(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + written)")
+    save(doc, out)
+
+    doc["kernel"] = []
+    for batch in plan["kernel_batches"]:
+        for context in plan["kernel_contexts"]:
+            r = kernel_case(args, batch, context, device, dtype, plan["repeats"])
+            doc["kernel"].append(r)
+            log(f"kernel B={batch} ctx={context}: triton paged {r['paged_us']:.0f} us, SDPA contiguous "
+                f"{r['sdpa_us']:.0f} us, max diff {r['max_abs_diff']:.1e}")
+            save(doc, out)
+
+    model = build_model(args, random_state_dict(args, 0, device, dtype), device, dtype, plan["prompt"] + plan["steps"] + 1)
+    doc["weight_bytes_read"] = weights = weight_bytes_read(model)
+    doc["decode"] = []
+    for batch in plan["step_batches"]:
+        for twin in ("paged", "naive"):
+            r = decode_steps(model, args, twin, batch, plan["prompt"], plan["steps"], device, dtype, a.attention)
+            r["floor_ms"] = 1e3 * (weights + r["kv_bytes_read"]) / bandwidth
+            doc["decode"].append(r)
+            log(f"decode {twin} B={batch} ({r['backend']}): {r['step_ms']:.2f} ms, floor {r['floor_ms']:.2f} ms")
+            save(doc, out)
+    if out is not None:
+        log(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""bench/gpu.py, the GPU measurements, checked here through its --smoke run: the same code on a tiny
+shape, Triton's kernel under its CPU interpreter. What it computes must hold before a GPU runs it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+
+pytest.importorskip("triton")
+
+GPU_BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("gpu") / "smoke.json"
+    subprocess.run([sys.executable, str(GPU_BENCH), "--smoke", "--out", str(out)], check=True, capture_output=True,
+                   timeout=300)
+    return json.loads(out.read_text())
+
+
+def test_paged_kernel_agrees_with_sdpa_on_the_contiguous_cache(smoke):
+    assert [(r["batch"], r["context"]) for r in smoke["kernel"]] == [(1, 40), (3, 40)]
+    for r in smoke["kernel"]:
+        assert r["max_abs_diff"] < 1e-4
+        assert r["kv_bytes"] == 2 * r["batch"] * r["context"] * TINY.n_kv_heads * TINY.head_dim * 4  # float32 here
+        assert r["paged_bytes_per_s"] == pytest.approx(r["kv_bytes"] / (r["paged_us"] / 1e6))
+
+
+def test_decode_floor_counts_weights_but_the_embedding_and_the_kv_read(smoke):
+    weights = (TINY.num_params() - TINY.vocab_size * TINY.dim) * 4
+    assert smoke["weight_bytes_read"] == weights
+    assert {(r["twin"], r["batch"]) for r in smoke["decode"]} == {(t, b) for t in ("paged", "naive") for b in (1, 3)}
+    for r in smoke["decode"]:
+        assert r["kv_bytes_read"] == r["batch"] * r["mean_context"] * TINY.kv_bytes_per_token(4)
+        assert r["floor_ms"] == pytest.approx(1e3 * (weights + r["kv_bytes_read"]) / smoke["copy_bytes_per_s"])
+        assert r["step_ms"] > 0
+
+
+def test_without_a_gpu_the_full_run_says_so():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is here")
+    run = subprocess.run([sys.executable, str(GPU_BENCH)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr and "Traceback" not in run.stderr
