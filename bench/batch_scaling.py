@@ -12,7 +12,6 @@ costs little more at batch 97 than at batch 6, as on a GPU.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from common import (DTYPE, MODELS, RESULTS, cpu_has_amx_bf16, describe_model, load_model, log,  # noqa: E402
-                    pyplot, save_json, set_threads)
+                    pyplot, save_json, bench_parser, parse)
 from overhead import full_step_ms  # noqa: E402
 
 BATCHES = [1, 2, 6, 16, 28, 64, 97]
@@ -81,11 +80,7 @@ def plot(doc: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="demo model only")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
-    a = ap.parse_args()
-    set_threads(a.threads)
+    a = parse(bench_parser(__doc__, quick_help="demo model only"))
     doc = run(a.quick)
     for name, m in doc["models"].items():
         for label, d in m["dtypes"].items():

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, log, save_json, set_threads  # noqa: E402
+from common import log, save_json, set_threads, worktree  # noqa: E402
 from overhead import MAX_SEQ_LEN, TINY, requests  # noqa: E402
 
 EVICT = torch.zeros(6_000_000)  # 24 MB, more than this CPU's L2 and its share of L3
@@ -111,19 +109,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     set_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        tree = Path(tmp) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), a.before], check=True)
-        try:
-            pkgs = {"before": import_package("pagedllama_before", tree), "after": import_package("pagedllama")}
-            doc: dict = {"before": a.before, "after": "working tree", "batches": a.batch, "repeats": []}
-            for rep in range(a.repeats):
-                doc["repeats"].append({b: lockstep(pkgs, b, a.steps, seed=rep) for b in a.batch})
-                log(f"  repeat {rep + 1}: " + ", ".join(
-                    f"B={b} " + " ".join(f"{n} {1e6 * statistics.median(t):.0f}us" for n, t in r.items())
-                    for b, r in doc["repeats"][-1].items()))
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    with worktree(a.before) as tree:
+        pkgs = {"before": import_package("pagedllama_before", tree), "after": import_package("pagedllama")}
+        doc: dict = {"before": a.before, "after": "working tree", "batches": a.batch, "repeats": []}
+        for rep in range(a.repeats):
+            doc["repeats"].append({b: lockstep(pkgs, b, a.steps, seed=rep) for b in a.batch})
+            log(f"  repeat {rep + 1}: " + ", ".join(
+                f"B={b} " + " ".join(f"{n} {1e6 * statistics.median(t):.0f}us" for n, t in r.items())
+                for b, r in doc["repeats"][-1].items()))
     doc["median_us"] = {b: {n: 1e6 * statistics.median(statistics.median(r[b][n]) for r in doc["repeats"])
                             for n in pkgs} for b in a.batch}
     doc["ratios"] = {b: [statistics.median(r[b]["after"]) / statistics.median(r[b]["before"]) for r in doc["repeats"]]

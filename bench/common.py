@@ -8,14 +8,18 @@ ratios meaningful.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +57,46 @@ def set_threads(n: int | None = None) -> int:
 
 
 set_threads()
+
+
+def bench_parser(description: str, quick_help: str | None = None, repeats: bool = False,
+                 quick: bool = True) -> argparse.ArgumentParser:
+    """A benchmark script's command line, with the flags they share: --quick, --repeats, --threads."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if quick:
+        ap.add_argument("--quick", action="store_true", help=quick_help)
+    if repeats:
+        ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
+    return ap
+
+
+def parse(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed flags, with torch's threads set from --threads."""
+    a = ap.parse_args()
+    set_threads(a.threads)
+    return a
+
+
+def print_summary(rows: list[tuple]) -> None:
+    """Summary rows (name, value, target, met, wall-clock value or None), one a line."""
+    for name, value, target, ok, wall in rows:
+        wall = "" if wall is None else f" (wall {wall:.2f})"
+        print(f"{name:<100} {value:7.2f}{wall}  target {target:<12} {'ok' if ok else 'MISSED'}")
+
+
+@contextmanager
+def worktree(rev: str) -> Iterator[Path]:
+    """Git revision `rev` checked out in a temporary worktree, removed afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), rev], check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+
+
 CPU = torch.device("cpu")
 # BENCH_DEVICE=cuda runs the throughput and Hugging Face benchmarks on a GPU (written for it, not run
 # in the session that produced BENCHMARKS.md: no GPU there).

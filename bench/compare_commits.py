@@ -20,12 +20,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, log, save_json  # noqa: E402
+from common import ROOT, log, save_json, worktree  # noqa: E402
 
 BATCHES = (16, 64, 256, 512)
 FULL_BATCHES = {"100m": (28, 97), "demo": (32, 256)}
@@ -72,24 +72,14 @@ def main() -> None:
                     help="models whose full decode steps to time (default: all)")
     ap.add_argument("--name", default=None, help="results file name (default: compare_commits_BEFORE)")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        trees = {}
-        for name, rev in (("before", a.before), ("after", a.after)):
-            if rev is None:
-                trees[name] = ROOT
-                continue
-            trees[name] = Path(tmp) / name
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(trees[name]), rev], check=True)
-        try:
-            runs: dict[str, list[dict]] = {"before": [], "after": []}
-            for r in range(a.repeats):
-                for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                    runs[name].append(measure(trees[name], a.models))
-                    log(f"  repeat {r + 1} {name}: {runs[name][-1]}")
-        finally:
-            for name, tree in trees.items():
-                if tree != ROOT:
-                    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    with ExitStack() as stack:
+        trees = {"before": stack.enter_context(worktree(a.before)),
+                 "after": ROOT if a.after is None else stack.enter_context(worktree(a.after))}
+        runs: dict[str, list[dict]] = {"before": [], "after": []}
+        for r in range(a.repeats):
+            for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                runs[name].append(measure(trees[name], a.models))
+                log(f"  repeat {r + 1} {name}: {runs[name][-1]}")
     med = {name: {key: {b: statistics.median(r[key][b] for r in rs) for b in rs[0][key]} for key in rs[0]}
            for name, rs in runs.items()}
     save_json(a.name or f"compare_commits_{a.before}", {"before": a.before, "after": a.after or "working tree", "runs": runs, "median": med})

@@ -12,7 +12,6 @@ before its first step, and the first call at a new batch shape.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH_100M, log, save_json, set_threads, sharegpt_requests  # noqa: E402  (sets the path)
+from common import BENCH_100M, log, save_json, bench_parser, parse, sharegpt_requests  # noqa: E402  (sets the path)
 from baselines import SplitKTorchAttention, plan_decode_chunks  # noqa: E402
 
 from pagedllama.attention import TorchAttention, plan_decode_groups  # noqa: E402
@@ -92,9 +91,7 @@ def run() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
-    set_threads(ap.parse_args().threads)
+    parse(bench_parser(__doc__, quick=False))
     doc = run()
     for label, r in doc["dtypes"].items():
         print(f"{label}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))

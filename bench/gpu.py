@@ -9,6 +9,10 @@
    `--attention auto`: flash-attn if installed, else Triton) at batch 1 to 256, and the naive
    twin's at the same batch, against (bytes of weights + K/V read per step) / copy bandwidth.
    The embedding table is not counted (a step reads one row of it per sequence).
+4. Same KV budget, the product's headline case on a real GPU: the budget Llama 3 8B has on a
+   24 GB GPU (6.19 preallocations of 8192 tokens), ShareGPT prompts with their reference answer
+   lengths capped at 128; the naive twin in consecutive waves of its largest batch (as running
+   llama3-naive.py repeatedly), the paged twin at its largest batch; output tokens per second.
 
     python bench/gpu.py            # CUDA with triton; a few minutes on an H200
     python bench/gpu.py --smoke    # any machine: a tiny shape through the same code, Triton's
@@ -33,13 +37,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pagedllama.attention import select_backend  # noqa: E402
-from pagedllama.budget import build_cache  # noqa: E402
+from pagedllama.budget import build_cache, naive_max_rows, reference_preallocations  # noqa: E402
+from pagedllama.capacity import find_max_batch  # noqa: E402
 from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
 from pagedllama.config import NAMED_SHAPES, ModelArgs  # noqa: E402
 from pagedllama.engine import Engine, Request  # noqa: E402
@@ -47,11 +52,13 @@ from pagedllama.sampling import SamplingParams  # noqa: E402
 
 GIB = 1 << 30
 BLOCK_SIZE = 16
-TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4352, hidden_dim=160)  # demo tokenizer's vocab
 FULL = {"args": NAMED_SHAPES["llama3-8b"], "copy_bytes": 2 * GIB, "kernel_batches": (1, 16, 64, 256),
-        "kernel_contexts": (1024, 4096), "step_batches": (1, 16, 64, 256), "prompt": 512, "steps": 16, "repeats": 20}
+        "kernel_contexts": (1024, 4096), "step_batches": (1, 16, 64, 256), "prompt": 512, "steps": 16, "repeats": 20,
+        "budget_max_seq_len": 8192, "budget_requests": 256, "budget_cap": 128}
 SMOKE_PLAN = {"args": TINY, "copy_bytes": 1 << 20, "kernel_batches": (1, 3), "kernel_contexts": (40,),
-              "step_batches": (1, 3), "prompt": 20, "steps": 2, "repeats": 2}
+              "step_batches": (1, 3), "prompt": 20, "steps": 2, "repeats": 2,
+              "budget_max_seq_len": 4096, "budget_requests": 10, "budget_cap": 4}
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
@@ -154,6 +161,52 @@ def decode_steps(model, args: ModelArgs, twin: str, batch: int, prompt: int, ste
             "mean_context": context, "kv_bytes_read": batch * context * bpt}
 
 
+def generate(model, cache, reqs: list[Request], device: torch.device) -> tuple[list[list[int]], float]:
+    """Every request to its length (greedy, EOS ignored): the output tokens and the seconds it took."""
+    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    result = engine.run(reqs, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return [s.output_ids for s in result.sequences], time.perf_counter() - t0
+
+
+def same_budget(model, args: ModelArgs, max_seq_len: int, num_requests: int, cap: int, device: torch.device,
+                dtype: torch.dtype, attention: str) -> dict:
+    """Output tokens per second of each twin at its largest batch within the same KV budget."""
+    from common import sharegpt_requests  # the shipped ShareGPT sample, tokenized as the demo does
+
+    bpt = args.kv_bytes_per_token(dtype.itemsize)
+    budget = int(reference_preallocations() * max_seq_len * bpt)
+    reqs = sharegpt_requests(num_requests, max_seq_len, cap)
+    naive_batch = naive_max_rows(budget, max_seq_len, bpt)
+    paged_batch, _ = find_max_batch("paged", args, reqs, budget, max_seq_len, dtype, BLOCK_SIZE)
+    reqs = reqs[:paged_batch]
+
+    def cache(twin: str, batch: list[Request]):
+        block_size = max_seq_len if twin == "naive" else BLOCK_SIZE
+        return build_cache(twin, args, batch, budget, max_seq_len, select_backend(attention, device, dtype, block_size),
+                           device, dtype, block_size=None if twin == "naive" else BLOCK_SIZE)
+
+    for twin in ("paged", "naive"):  # warm-up: each twin's kernels compiled before the clock runs
+        generate(model, cache(twin, reqs[:2]), [Request(r.request_id, r.prompt_ids[:16], 2) for r in reqs[:2]], device)
+    paged_out, paged_s = generate(model, cache("paged", reqs), reqs, device)
+    naive_out, naive_s = [], 0.0
+    for i in range(0, len(reqs), naive_batch):
+        out, s = generate(model, cache("naive", reqs[i:i + naive_batch]), reqs[i:i + naive_batch], device)
+        naive_out += out
+        naive_s += s
+    tokens = sum(len(o) for o in paged_out)
+    assert tokens == sum(len(o) for o in naive_out), "the twins generated different numbers of tokens"
+    return {"budget_bytes": budget, "max_seq_len": max_seq_len, "answer_cap": cap, "requests": len(reqs),
+            "naive_batch": naive_batch, "paged_batch": paged_batch, "output_tokens": tokens,
+            "requested_tokens": sum(r.max_new_tokens for r in reqs),
+            "naive_tok_per_s": tokens / naive_s, "paged_tok_per_s": tokens / paged_s,
+            "identical_requests": sum(a == b for a, b in zip(paged_out, naive_out))}
+
+
 def save(doc: dict, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +251,8 @@ def main() -> None:
                 f"{r['sdpa_us']:.0f} us, max diff {r['max_abs_diff']:.1e}")
             save(doc, out)
 
-    model = build_model(args, random_state_dict(args, 0, device, dtype), device, dtype, plan["prompt"] + plan["steps"] + 1)
+    model = build_model(args, random_state_dict(args, 0, device, dtype), device, dtype,
+                        max(plan["prompt"] + plan["steps"] + 1, plan["budget_max_seq_len"]))
     doc["weight_bytes_read"] = weights = weight_bytes_read(model)
     doc["decode"] = []
     for batch in plan["step_batches"]:
@@ -208,6 +262,13 @@ def main() -> None:
             doc["decode"].append(r)
             log(f"decode {twin} B={batch} ({r['backend']}): {r['step_ms']:.2f} ms, floor {r['floor_ms']:.2f} ms")
             save(doc, out)
+
+    doc["same_budget"] = r = same_budget(model, args, plan["budget_max_seq_len"], plan["budget_requests"],
+                                         plan["budget_cap"], device, dtype, a.attention)
+    log(f"same KV budget ({r['budget_bytes'] / GIB:.1f} GiB): naive batch {r['naive_batch']} "
+        f"{r['naive_tok_per_s']:.0f} tok/s, paged batch {r['paged_batch']} {r['paged_tok_per_s']:.0f} tok/s, "
+        f"paged / naive {r['paged_tok_per_s'] / r['naive_tok_per_s']:.2f}")
+    save(doc, out)
     if out is not None:
         log(f"results: {out}")
 

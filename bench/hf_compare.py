@@ -24,7 +24,6 @@ tokens, so the timed runs do the same work.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (DEVICE, DTYPE, MODELS, Clock, RandomSpec, budget_for_rows, describe_model,  # noqa: E402
                     load_model, log, make_cache, median, paired, random_requests, ratios, run_engine, save_json,
-                    sharegpt_requests, set_threads, state_dict, workload_stats)
+                    sharegpt_requests, bench_parser, parse, print_summary, state_dict, workload_stats)
 
 from pagedllama.checkpoint import save_hf  # noqa: E402
 
@@ -248,15 +247,8 @@ def summary_rows(doc: dict) -> list[tuple]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
-    a = ap.parse_args()
-    set_threads(a.threads)
-    doc = run(a.quick, a.repeats)
-    for name, value, target, ok, wall in summary_rows(doc):
-        print(f"{name:<100} {value:6.2f} (wall {wall:.2f})  target {target:<5} {'ok' if ok else 'MISSED'}")
+    a = parse(bench_parser(__doc__, repeats=True))
+    print_summary(summary_rows(run(a.quick, a.repeats)))
 
 
 if __name__ == "__main__":

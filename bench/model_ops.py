@@ -10,7 +10,6 @@ than these changes move a whole step, so the versions are never measured minutes
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (DTYPE, MODELS, Request, budget_for_rows, load_model, log, make_cache, save_json,  # noqa: E402
-                    set_threads)
+                    bench_parser, parse)
 from baselines import max_indices, rms_norm_by_hand, rope_real_halves  # noqa: E402
 
 import pagedllama.model  # noqa: E402
@@ -121,12 +120,7 @@ def run(quick: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
-    a = ap.parse_args()
-    set_threads(a.threads)
-    run(a.quick)
+    run(parse(bench_parser(__doc__)).quick)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ does not count.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (BLOCK_SIZE, CPU, DTYPE, MODELS, RESULTS, describe_model, load_model, log, pyplot,  # noqa: E402
-                    save_json, set_threads)
+                    save_json, bench_parser, parse, print_summary)
 
 from pagedllama.attention import TorchAttention  # noqa: E402
 from pagedllama.budget import build_cache  # noqa: E402
@@ -294,14 +293,7 @@ def summary_rows(doc: dict) -> list[tuple]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
-    a = ap.parse_args()
-    set_threads(a.threads)
-    doc = run(a.quick)
-    for name, value, target, ok, _ in summary_rows(doc):
-        print(f"{name:<100} {value:7.2f}  target {target:<12} {'ok' if ok else 'MISSED'}")
+    print_summary(summary_rows(run(parse(bench_parser(__doc__)).quick)))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the package's backend and the split-K one it replaced, in both twins.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (RESULTS, Request, budget_for_rows, run_engine, describe_model, load_model, log,  # noqa: E402
-                    make_cache, pyplot, random_requests, RandomSpec, save_json, set_threads, sharegpt_requests)
+                    make_cache, pyplot, random_requests, RandomSpec, save_json, bench_parser, parse, sharegpt_requests)
 from baselines import PaddedTorchAttention, SplitKTorchAttention  # noqa: E402
 
 from pagedllama.attention import TorchAttention  # noqa: E402
@@ -187,12 +186,9 @@ def plot(doc: dict, quick: bool) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="batch 16 only, no same-budget what-if")
+    ap = bench_parser(__doc__, quick_help="batch 16 only, no same-budget what-if")
     ap.add_argument("--skip-same-budget", action="store_true", help="no same-budget what-if")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
-    a = ap.parse_args()
-    set_threads(a.threads)
+    a = parse(ap)
     doc = run(a.quick, not a.skip_same_budget)
     for c in doc["cases"]:
         print(f"\n{c['twin']} batch {c['batch']}, {c['workload']} (padding efficiency {c['padding_efficiency']:.2f}): "

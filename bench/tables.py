@@ -197,6 +197,14 @@ def gpu(doc: dict) -> str:
                            "step / floor"],
                           [[r["twin"], r["batch"], r["backend"], r["mean_context"], f"{r['step_ms']:.2f}",
                             f"{r['floor_ms']:.2f}", f"**{r['step_ms'] / r['floor_ms']:.2f}**"] for r in doc["decode"]])]
+    if "same_budget" in doc:
+        r = doc["same_budget"]
+        out += ["", table(["same KV budget", "requests (ShareGPT, answers capped)", "naive batch", "paged batch",
+                           "naive tok/s (waves)", "paged tok/s", "paged / naive", "identical"],
+                          [[f"{r['budget_bytes'] / 2 ** 30:.2f} GiB", f"{r['requests']} (at {r['answer_cap']})",
+                            r["naive_batch"], r["paged_batch"], f"{r['naive_tok_per_s']:.0f}",
+                            f"{r['paged_tok_per_s']:.0f}", f"**{r['paged_tok_per_s'] / r['naive_tok_per_s']:.2f}**",
+                            f"{r['identical_requests']}/{r['requests']}"]])]
     return "\n".join(out)
 
 

@@ -19,7 +19,6 @@ each time, and each ratio the median of the per-repeat ratios.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (MAX_SEQ_LEN, RandomSpec, budget_for_rows, default_budget, describe_model,  # noqa: E402
                     engine_steps, load_model, lockstep_repeats, log, make_cache, median, naive_continuous_cache,
                     naive_max_batch, naive_waves, paged_max_batch, random_requests, ratios, save_json,
-                    set_threads, sharegpt_requests, workload_stats)
+                    bench_parser, parse, print_summary, sharegpt_requests, workload_stats)
 
 RANDOM_CTX = 1024  # nano-vllm: lengths up to 1024 + 1024 in a 4096 context; here 256 + 256 in 1024
 
@@ -168,15 +167,8 @@ def summary_rows(results: dict) -> list[tuple]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $BENCH_THREADS)")
-    a = ap.parse_args()
-    set_threads(a.threads)
-    res = run(a.quick, a.repeats)
-    for name, value, target, ok, wall in summary_rows(res):
-        print(f"{name:<90} {value:6.2f} (wall {wall:.2f})  target {target:<6} {'ok' if ok else 'MISSED'}")
+    a = parse(bench_parser(__doc__, repeats=True))
+    print_summary(summary_rows(run(a.quick, a.repeats)))
 
 
 if __name__ == "__main__":
