@@ -2,6 +2,7 @@
 shape, Triton's kernel under its CPU interpreter. What it computes must hold before a GPU runs it."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,13 +12,15 @@ import pytest
 
 from pagedllama.config import ModelArgs
 
-pytest.importorskip("triton")
 
 GPU_BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> dict:
+    # Looked up, not imported: triton reads TRITON_INTERPRET at its first import (test_triton_attention sets it).
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (the smoke run's kernel part needs it)")
     out = tmp_path_factory.mktemp("gpu") / "smoke.json"
     subprocess.run([sys.executable, str(GPU_BENCH), "--smoke", "--out", str(out)], check=True, capture_output=True,
                    timeout=300)
