@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import (DTYPE, MODELS, RESULTS, cpu_has_amx_bf16, describe_model, load_model, log,  # noqa: E402
+from common import (DTYPE, MODELS, save_plot, cpu_has_amx_bf16, describe_model, load_model, log,  # noqa: E402
                     pyplot, save_json, bench_parser, parse)
 from overhead import full_step_ms  # noqa: E402
 
@@ -73,10 +73,7 @@ def plot(doc: dict) -> None:
     ax.set_ylabel("decode throughput / batch-1 throughput")
     ax.set_title("decode throughput vs batch, 1 CPU thread", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / ("batch_scaling" + ("_quick" if doc["quick"] else "") + ".png"), dpi=120)
-    plt.close(fig)
+    save_plot(fig, "batch_scaling" + ("_quick" if doc["quick"] else ""))
 
 
 def main() -> None:

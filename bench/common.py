@@ -479,6 +479,16 @@ def pyplot():
     return plt
 
 
+def save_plot(fig, name: str) -> Path:
+    """`fig` laid out and written to the results folder as NAME.png, then closed."""
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

@@ -204,7 +204,7 @@ def run(quick: bool, repeats: int = 3) -> dict:
 
 
 def plot(doc: dict) -> None:
-    from common import RESULTS, pyplot
+    from common import pyplot, save_plot
 
     plt = pyplot()
     cases = doc["cases"]
@@ -222,10 +222,7 @@ def plot(doc: dict) -> None:
     ax.set_title(f"pagedllama vs transformers {doc['transformers']} ({DEVICE.type}, "
                  f"{str(DTYPE).removeprefix('torch.')}, greedy)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / ("hf_compare" + ("_quick" if doc["quick"] else "") + ".png"), dpi=120)
-    plt.close(fig)
+    save_plot(fig, "hf_compare" + ("_quick" if doc["quick"] else ""))
 
 
 def summary_rows(doc: dict) -> list[tuple]:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (BLOCK_SIZE, CPU, DTYPE, MODELS, RESULTS, describe_model, load_model, log, pyplot,  # noqa: E402
+from common import (BLOCK_SIZE, CPU, DTYPE, MODELS, save_plot, describe_model, load_model, log, pyplot,  # noqa: E402
                     save_json, bench_parser, parse, print_summary)
 
 from pagedllama.attention import TorchAttention  # noqa: E402
@@ -271,10 +271,7 @@ def plot(doc: dict) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.set_title("as layers grow", fontsize=9)
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / ("overhead" + ("_quick" if doc["quick"] else "") + ".png"), dpi=120)
-    plt.close(fig)
+    save_plot(fig, "overhead" + ("_quick" if doc["quick"] else ""))
 
 
 def summary_rows(doc: dict) -> list[tuple]:

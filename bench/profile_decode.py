@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (RESULTS, Request, budget_for_rows, run_engine, describe_model, load_model, log,  # noqa: E402
+from common import (save_plot, Request, budget_for_rows, run_engine, describe_model, load_model, log,  # noqa: E402
                     make_cache, pyplot, random_requests, RandomSpec, save_json, bench_parser, parse, sharegpt_requests)
 from baselines import PaddedTorchAttention, SplitKTorchAttention  # noqa: E402
 
@@ -179,10 +179,7 @@ def plot(doc: dict, quick: bool) -> None:
     ax.set_ylabel("decode step (ms, median)")
     ax.set_title("100M preset decode step by attention implementation (same run, rotating per step)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / ("profile_decode" + ("_quick" if quick else "") + ".png"), dpi=120)
-    plt.close(fig)
+    save_plot(fig, "profile_decode" + ("_quick" if quick else ""))
 
 
 def main() -> None:

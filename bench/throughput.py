@@ -129,7 +129,7 @@ def run(quick: bool, repeats: int = 3) -> dict:
 
 
 def plot(results: dict) -> None:
-    from common import RESULTS, pyplot
+    from common import pyplot, save_plot
 
     plt = pyplot()
     rows = [(f"same batch\n{r['model']} B={r['batch']}\n{r['workload'].split(',')[0]}", r) for r in results["same_batch"]]
@@ -148,10 +148,7 @@ def plot(results: dict) -> None:
     ax.set_xticks(list(xs), [n for n, _ in rows], fontsize=7)
     ax.set_ylabel("paged / naive output tokens per CPU-second")
     ax.set_title("paged over naive (median of paired repeats; bars: min-max; red: target)", fontsize=9)
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / ("throughput" + ("_quick" if results["quick"] else "") + ".png"), dpi=120)
-    plt.close(fig)
+    save_plot(fig, "throughput" + ("_quick" if results["quick"] else ""))
 
 
 def summary_rows(results: dict) -> list[tuple]:
