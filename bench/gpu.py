@@ -49,9 +49,9 @@ from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
 from pagedllama.config import NAMED_SHAPES, ModelArgs  # noqa: E402
 from pagedllama.engine import Engine, Request  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
+from overhead import BLOCK_SIZE, cache_for  # noqa: E402  (the bench's shared pieces: one cache-sizing rule)
 
 GIB = 1 << 30
-BLOCK_SIZE = 16
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4352, hidden_dim=160)  # demo tokenizer's vocab
 FULL = {"args": NAMED_SHAPES["llama3-8b"], "copy_bytes": 2 * GIB, "kernel_batches": (1, 16, 64, 256),
         "kernel_contexts": (1024, 4096), "step_batches": (1, 16, 64, 256), "prompt": 512, "steps": 16, "repeats": 20,
@@ -136,15 +136,8 @@ def decode_steps(model, args: ModelArgs, twin: str, batch: int, prompt: int, ste
     reqs = [Request(f"r{i}", torch.randint(1, args.vocab_size, (prompt,), generator=g).tolist(), steps + 1)
             for i in range(batch)]
     max_seq_len = prompt + steps + 1
-    block_size = max_seq_len if twin == "naive" else BLOCK_SIZE
-    bpt = args.kv_bytes_per_token(dtype.itemsize)
-    # Room for the whole batch plus the scheduler's watermark (1% of the pool kept free while
-    # anything runs): naive rows are sized by the requests build_cache is given, so add spares.
-    spares = reqs[:batch // 99 + 1]
-    num_blocks = (batch + len(spares)) * -(-max_seq_len // block_size)
-    cache = build_cache(twin, args, reqs + spares, num_blocks * block_size * bpt, max_seq_len,
-                        select_backend(attention, device, dtype, block_size), device, dtype,
-                        block_size=None if twin == "naive" else block_size, num_blocks=None if twin == "naive" else num_blocks)
+    backend = select_backend(attention, device, dtype, max_seq_len if twin == "naive" else BLOCK_SIZE)
+    cache = cache_for(args, twin, reqs, True, dtype, max_seq_len, backend, device)  # room for the whole batch
     engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, max_prefill_tokens=32768)
     engine.add(reqs)
     while engine.scheduler.waiting:  # prefill
@@ -158,7 +151,7 @@ def decode_steps(model, args: ModelArgs, twin: str, batch: int, prompt: int, ste
         times.append(time.perf_counter() - t0)
     context = prompt + 1 + steps // 2
     return {"twin": twin, "batch": batch, "backend": cache.backend.name, "step_ms": 1e3 * statistics.median(times),
-            "mean_context": context, "kv_bytes_read": batch * context * bpt}
+            "mean_context": context, "kv_bytes_read": batch * context * args.kv_bytes_per_token(dtype.itemsize)}
 
 
 def generate(model, cache, reqs: list[Request], device: torch.device) -> tuple[list[list[int]], float]:

@@ -61,20 +61,24 @@ def requests(batch: int, prompt: int, out: int, seed: int = 0) -> list[Request]:
             for i in range(batch)]
 
 
-def cache_for(args: ModelArgs, twin: str, reqs: list[Request], storage: bool, dtype: torch.dtype = DTYPE):
-    """A cache that holds the whole batch: naive rows of MAX_SEQ_LEN, or exactly enough paged blocks."""
+def cache_for(args: ModelArgs, twin: str, reqs: list[Request], storage: bool, dtype: torch.dtype = DTYPE,
+              max_seq_len: int = MAX_SEQ_LEN, backend=None, device: torch.device = CPU):
+    """A cache that holds the whole batch: naive rows of `max_seq_len`, or exactly enough paged blocks
+    (`backend`: the torch one by default)."""
     bpt = args.kv_bytes_per_token(dtype.itemsize)
     if twin == "naive":
         # The scheduler keeps 1% of the blocks free (its watermark) while anything runs, and the
         # naive cache has exactly one row per request, so from batch 100 on the last requests would
         # wait; spare rows (sized through extra placeholder requests) keep the whole batch resident.
         reqs = reqs + reqs[:len(reqs) // 99 + 1]
-        budget = len(reqs) * MAX_SEQ_LEN * bpt
+        budget = len(reqs) * max_seq_len * bpt
         num_blocks = None
     else:
         num_blocks = sum(-(-(len(r.prompt_ids) + r.max_new_tokens) // BLOCK_SIZE) for r in reqs) + 1
         budget = num_blocks * BLOCK_SIZE * bpt
-    return build_cache(twin, args, reqs, budget, MAX_SEQ_LEN, TorchAttention() if storage else None, CPU, dtype,
+    if storage and backend is None:
+        backend = TorchAttention()
+    return build_cache(twin, args, reqs, budget, max_seq_len, backend, device, dtype,
                        block_size=None if twin == "naive" else BLOCK_SIZE, num_blocks=num_blocks, storage=storage)
 
 
