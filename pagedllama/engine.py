@@ -76,7 +76,7 @@ class Engine:
         self.scheduler = Scheduler(cache, max_prefill_tokens, swap=swap)
         self.memory = MemoryTracker(cache)
         self.sharing = SharingTracker()
-        self.dry_vocab_size = 1  # dry run: placeholder tokens, as many as the widest request's sequences
+        self.max_width = 1  # the most sequences a request runs (samples or beams)
 
     def run(self, requests: list[Request], progress: bool = True,
             on_finish: Callable[[Sequence], None] | None = None) -> RunResult:
@@ -113,7 +113,7 @@ class Engine:
         if rows > self.cache.max_num_seqs:
             raise ValueError(f"the requests run {rows} sequences but the cache has block-table rows for "
                              f"{self.cache.max_num_seqs}; size it for sharing.one_per_sequence(requests)")
-        self.dry_vocab_size = max([self.dry_vocab_size] + [r.width for r in requests])
+        self.max_width = max([self.max_width] + [r.width for r in requests])
         groups = []
         for r in requests:
             seq = Sequence(seq_id=next(self.scheduler.seq_ids), request_id=r.request_id, token_ids=list(r.prompt_ids),
@@ -132,8 +132,8 @@ class Engine:
             raise OutOfKVMemory(f"{e}; raise --kv-cache-gb or lower --max-seq-len") from None
         if self.model is None:
             self.cache.commit(batch, is_prefill)
-            # Every token equally likely (greedy picks 0), so samples and beams still fork.
-            logits = torch.zeros(len(batch), self.dry_vocab_size)
+            # Placeholder tokens, every one equally likely (greedy picks 0), so samples and beams still fork.
+            logits = torch.zeros(len(batch), self.max_width)
             positions = torch.tensor([len(s.token_ids) for s in batch])
         else:
             tokens, positions, meta = self.cache.prepare_step(batch, is_prefill)
@@ -160,6 +160,8 @@ class Engine:
         A request's first token comes from its prompt's logits; with n samples, that is when
         the other n - 1 fork off, each drawing its first token from the same logits row.
         """
+        if self.max_width == 1:  # every request runs one sequence: row i is batch[i]'s, nothing forks
+            return self._sample(batch, logits, positions)
         targets, rows, beams = [], [], {}
         for i, seq in enumerate(batch):
             group = seq.group
@@ -178,11 +180,15 @@ class Engine:
             if beams or len(rows) != len(batch):  # not simply every row once, in order
                 index = torch.tensor(rows, device=logits.device)
                 rows_logits, rows_positions = logits[index], positions[index]
-            keys = None if self.sampling.greedy else torch.tensor([s.sample_key for s in targets], device=logits.device)
-            picks = list(zip(targets, sample(rows_logits, self.sampling, keys, rows_positions).tolist()))
+            picks = self._sample(targets, rows_logits, rows_positions)
         for idx in beams.values():
             picks += advance_beams(self.scheduler, [batch[i] for i in idx], logits[idx])
         return picks
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, positions: torch.Tensor) -> list[tuple[Sequence, int]]:
+        """The next token of each of `seqs`, from its row of `logits`."""
+        keys = None if self.sampling.greedy else torch.tensor([s.sample_key for s in seqs], device=logits.device)
+        return list(zip(seqs, sample(logits, self.sampling, keys, positions).tolist()))
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in self.stop_ids:

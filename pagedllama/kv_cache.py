@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -201,9 +202,14 @@ class KVCache:
         change nothing and return False.
 
         The common decode step, in one pass: only a sequence whose next token starts a block (one
-        step in `block_size`) or lands in a shared one needs more than a look at its table.
+        step in `block_size`) or lands in a shared one needs more than a look at its table; when
+        no block is shared at all (every used block held once), the length alone says which.
         """
-        growing = [s for s in seqs if self._growth(s, len(s.token_ids)) != (0, None)]
+        if self.allocator.num_refs == self.allocator.num_used:
+            bs = self.block_size
+            growing = [s for s in seqs if len(s.token_ids) > len(s.block_table) * bs]
+        else:
+            growing = [s for s in seqs if self._growth(s, len(s.token_ids)) != (0, None)]
         if self.blocks_to_grow(growing) > self.allocator.num_free:
             return False
         for seq in seqs if self.prefix_cache else growing:  # prefix caching registers every filled block
@@ -293,13 +299,14 @@ class KVCache:
         microsecond, a tensor op several) and copied to the device in three arrays.
         """
         b, bs = len(seqs), self.block_size
-        context_lens = np.fromiter((len(s.token_ids) for s in seqs), np.int64, b)
+        token_ids = [s.token_ids for s in seqs]
+        context_lens = np.fromiter(map(len, token_ids), np.int64, b)
         if is_prefill:
             cached = np.fromiter((s.num_cached_tokens for s in seqs), np.int64, b)
-            tokens = [t for s, c in zip(seqs, cached.tolist()) for t in s.token_ids[c:]]
+            tokens = [t for ids, c in zip(token_ids, cached.tolist()) for t in ids[c:]]
         else:
             cached = context_lens - 1
-            tokens = [s.token_ids[-1] for s in seqs]
+            tokens = [ids[-1] for ids in token_ids]
         query_lens = context_lens - cached
         query_start_loc = np.zeros(b + 1, np.int64)
         np.cumsum(query_lens, out=query_start_loc[1:])
@@ -311,7 +318,7 @@ class KVCache:
         else:
             token_seq, positions = np.arange(b), cached
         max_context_len = int(context_lens.max())
-        rows = np.fromiter((s.row for s in seqs), np.intp, b)
+        rows = np.fromiter(map(attrgetter("row"), seqs), np.intp, b)
         block_tables = self.host_block_tables[rows, :cdiv(max_context_len, bs)]
         slot_mapping = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs  # int32 may overflow
         int64s = torch.from_numpy(np.concatenate([tokens, positions, slot_mapping, query_start_loc[1:] - 1]))
