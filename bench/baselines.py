@@ -11,8 +11,10 @@ unfused math kernel.
 sequence's chunks by their log-sum-exp (split-K). Its work was the sum of the contexts, but in
 thousands of tiny matmuls.
 
-Now: decode groups sequences of similar context length and runs one padded SDPA per group
-(see attention.TorchAttention).
+Then: decode groups sequences of similar context length and runs one padded SDPA per group
+(see attention.TorchAttention). `PerHeadGqaTorchAttention` is that grouped decode as first
+written: every query head its own single-row query, SDPA's `enable_gqa` mapping it to its KV
+head, in every dtype. Now, in float32, the query heads of a KV head are the rows of one query.
 
 `rope_real_halves` and `rms_norm_by_hand`: the model's RoPE and RMSNorm before they became one
 complex multiply and `F.rms_norm` (see model.py); `max_indices`: the greedy pick before it went
@@ -21,6 +23,7 @@ through numpy (sampling.first_argmax). The same results, by slower ops.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +130,17 @@ class SplitKTorchAttention(TorchAttention):
         o = torch.bmm(p.to(values.dtype).view(-1, group, CHUNK), values.view(-1, CHUNK, head_dim),
                       out=scratch("o", n * n_kv_heads, group, head_dim)).view(n, n_kv_heads, group, head_dim).float()
         return merge_chunks(m, l, o, chunks.seq, batch).view(batch, n_heads, head_dim).to(q.dtype)
+
+
+class PerHeadGqaTorchAttention(TorchAttention):
+    name = "torch (before: a single-row query per head in float32 too)"
+
+    def _attend_group(self, q, k_cache, v_cache, g, scale):
+        keys, values = (gather_kv(cache, g.block_tables, g.max_len,
+                                  partial(self.workspace.get, name, dtype=q.dtype, device=q.device)).transpose(1, 2)
+                        for name, cache in (("keys", k_cache), ("values", v_cache)))
+        return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=g.mask, scale=scale,
+                                              enable_gqa=True).squeeze(2)
 
 
 def rope_real_halves(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:

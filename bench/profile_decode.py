@@ -27,15 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (save_plot, Request, budget_for_rows, run_engine, describe_model, load_model, log,  # noqa: E402
                     make_cache, pyplot, random_requests, RandomSpec, save_json, bench_parser, parse, sharegpt_requests)
-from baselines import PaddedTorchAttention, SplitKTorchAttention  # noqa: E402
+from baselines import PaddedTorchAttention, PerHeadGqaTorchAttention, SplitKTorchAttention  # noqa: E402
 
 from pagedllama.attention import TorchAttention  # noqa: E402
 from pagedllama.engine import Engine  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
 
 WARM, PROFILED, TIMED, WHATIF_ROUNDS = 2, 4, 4, 4
-BACKENDS = {"package": TorchAttention, "before: split-K": SplitKTorchAttention,
-            "first: one padded batch": PaddedTorchAttention}
+BACKENDS = {"package": TorchAttention, "before: a query row per head": PerHeadGqaTorchAttention,
+            "before: split-K": SplitKTorchAttention, "first: one padded batch": PaddedTorchAttention}
 
 
 def profile_case(model_name: str, twin: str, reqs: list[Request], top: int = 12) -> dict:
