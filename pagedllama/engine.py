@@ -138,7 +138,7 @@ class Engine:
         else:
             tokens, positions, meta = self.cache.prepare_step(batch, is_prefill)
             logits = self.model(tokens, positions, self.cache, meta)
-            positions = meta.context_lens.long()  # where each new token goes
+            positions = meta.context_lens  # where each new token goes
         self.memory.record()
         self.sharing.record(self.cache.allocator.num_refs)  # only running sequences hold blocks
         finished = []
