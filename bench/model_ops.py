@@ -1,4 +1,5 @@
-"""Before/after of the model's RoPE and RMSNorm and of the greedy pick, alternated in one process.
+"""Before/after of the model's RoPE and RMSNorm, of the greedy pick and of the torch backend's
+decode attention, alternated in one process.
 
 This machine's speed drifts by tens of percent over minutes (other tenants of its cores), more
 than these changes move a whole step, so the versions are never measured minutes apart:
@@ -10,6 +11,7 @@ than these changes move a whole step, so the versions are never measured minutes
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 import time
@@ -21,28 +23,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (DTYPE, MODELS, Request, budget_for_rows, load_model, log, make_cache, save_json,  # noqa: E402
                     bench_parser, parse)
-from baselines import max_indices, rms_norm_by_hand, rope_real_halves  # noqa: E402
+from baselines import PerHeadGqaTorchAttention, max_indices, rms_norm_by_hand, rope_real_halves  # noqa: E402
 
 import pagedllama.model  # noqa: E402
 import pagedllama.sampling  # noqa: E402
+from pagedllama.attention import TorchAttention, plan_decode_groups  # noqa: E402
 from pagedllama.engine import Engine  # noqa: E402
 from pagedllama.model import RMSNorm  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
 
-VERSIONS = {"package": (pagedllama.model.apply_rope, RMSNorm.forward, pagedllama.sampling.first_argmax),
-            "before": (rope_real_halves, rms_norm_by_hand, max_indices)}
+VERSIONS = {"package": (pagedllama.model.apply_rope, RMSNorm.forward, pagedllama.sampling.first_argmax,
+                        TorchAttention._attend_group),
+            "before": (rope_real_halves, rms_norm_by_hand, max_indices, PerHeadGqaTorchAttention._attend_group)}
 ROUNDS = 9
 
 
 def use(version: str) -> None:
     """Attention.forward and `sample` look `apply_rope` and `first_argmax` up in their modules at
-    each call; RMSNorm goes through its class."""
-    pagedllama.model.apply_rope, RMSNorm.forward, pagedllama.sampling.first_argmax = VERSIONS[version]
+    each call; RMSNorm and the decode attention go through their classes."""
+    (pagedllama.model.apply_rope, RMSNorm.forward, pagedllama.sampling.first_argmax,
+     TorchAttention._attend_group) = VERSIONS[version]
+
+
+def decode_attention(args, batch: int, gen: torch.Generator):
+    """A call of the torch backend's decode attention, with a given `_attend_group`, over `batch`
+    contexts of 64-512 tokens in 16-slot blocks scattered through a pool."""
+    lens = torch.randint(64, 513, (batch,), generator=gen).tolist()
+    blocks = [-(-n // 16) for n in lens]
+    order = torch.randperm(sum(blocks), generator=gen).int()
+    tables = torch.zeros(batch, max(blocks), dtype=torch.int32)
+    for i, (start, n) in enumerate(zip(itertools.accumulate([0] + blocks), blocks)):
+        tables[i, :n] = order[start:start + n]
+    k_cache, v_cache = (torch.randn(sum(blocks), 16, args.n_kv_heads, args.head_dim, generator=gen).to(DTYPE)
+                        for _ in range(2))
+    q = torch.randn(batch, args.n_heads, args.head_dim, generator=gen).to(DTYPE)
+    groups, backend = plan_decode_groups(lens, tables), TorchAttention()
+    return lambda attend: [attend(backend, q if g.seqs is None else q[g.seqs], k_cache, v_cache, g,
+                                  args.head_dim ** -0.5) for g in groups]
 
 
 def op_us(name: str, tokens: int, calls: int = 40) -> dict[str, dict[str, float]]:
     """Per-call CPU time of RoPE (on the query and the key heads), of one RMSNorm and of the greedy
-    pick over `tokens` rows of logits, per version."""
+    pick over `tokens` rows of logits, and of one layer's decode attention at batch `tokens`, per
+    version."""
     model = load_model(name)
     args = model.args
     gen = torch.Generator().manual_seed(0)
@@ -51,9 +74,11 @@ def op_us(name: str, tokens: int, calls: int = 40) -> dict[str, dict[str, float]
     x = torch.randn(tokens, args.dim, generator=gen).to(DTYPE)
     logits = torch.randn(tokens, args.vocab_size, generator=gen)
     freqs_cis, norm = model.rope[:tokens], model.layers[0].attention_norm
-    ops = {"rope (q and k)": lambda rope, _, __: (rope(q, freqs_cis), rope(k, freqs_cis)),
-           "rms_norm": lambda _, forward, __: forward(norm, x),
-           "greedy pick": lambda _, __, pick: pick(logits)}
+    attend = decode_attention(args, tokens, gen)
+    ops = {"rope (q and k)": lambda rope, _, __, ___: (rope(q, freqs_cis), rope(k, freqs_cis)),
+           "rms_norm": lambda _, forward, __, ___: forward(norm, x),
+           "greedy pick": lambda _, __, pick, ___: pick(logits),
+           "decode attention (contexts 64-512)": lambda _, __, ___, attend_group: attend(attend_group)}
     out = {}
     for op, call in ops.items():
         times: dict[str, list[float]] = {v: [] for v in VERSIONS}

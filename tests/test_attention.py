@@ -168,8 +168,8 @@ def test_benchmark_baseline_is_a_correct_attention():
     """bench/baselines.py keeps the torch backend the speed work replaced, for before/after
     measurements; they only mean something if it computes the same attention."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from baselines import PaddedTorchAttention, SplitKTorchAttention
+    from baselines import PaddedTorchAttention, PerHeadGqaTorchAttention, SplitKTorchAttention
 
-    for backend in (PaddedTorchAttention, SplitKTorchAttention):
+    for backend in (PaddedTorchAttention, SplitKTorchAttention, PerHeadGqaTorchAttention):
         for block_size in (16, 512):
             run_steps(backend(), block_size, torch.float32)
