@@ -6,7 +6,7 @@ figure in it is copied by a program from a measured run, never typed by hand.
 
 In the markdown file a table stands between `<!-- table DTYPE/NAME -->` and `<!-- /table -->`
 (NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits_REV,
-bookkeeping_ab_REV, compile_probe, model_ops, or any of them with `_quick`; `gpu/gpu` for bench/gpu.py's results).
+bookkeeping_ab_REV, compile_probe, model_ops, gqa_rows, or any of them with `_quick`; `gpu/gpu` for bench/gpu.py's results).
 """
 from __future__ import annotations
 
@@ -229,9 +229,19 @@ def model_ops(doc: dict) -> str:
     return "\n".join([source(doc), "", ops, "", steps])
 
 
+def gqa_rows(doc: dict) -> str:
+    m = doc["machine"]
+    return "\n".join([f"_{doc['time']}, commit `{m['git_commit']}`, {m['torch_threads']} thread(s)_", "",
+                      table(["dtype", "head shape", "KV heads x query heads each, D", "batch", "context",
+                             "per head (enable_gqa), ms", "rows, ms", "rows / per head"],
+                            [[r["dtype"], r["shape"], f"{r['kv_heads']} x {r['group']}, {r['head_dim']}", r["batch"],
+                              r["context"], f"{r['per head']:.2f}", f"{r['rows']:.2f}",
+                              f"**{r['rows'] / r['per head']:.2f}**"] for r in doc["rows"]])])
+
+
 RENDER = {"throughput": throughput, "batch_scaling": batch_scaling, "hf_compare": hf_compare, "overhead": overhead,
           "profile_decode": profile, "compare_commits": compare_commits, "compile_probe": compile_probe,
-          "model_ops": model_ops, "bookkeeping_ab": bookkeeping_ab, "gpu": gpu}
+          "model_ops": model_ops, "bookkeeping_ab": bookkeeping_ab, "gqa_rows": gqa_rows, "gpu": gpu}
 MARKED = re.compile(r"(<!-- table (\w+)/(\w+) -->\n).*?(<!-- /table -->)", re.S)
 
 

@@ -173,3 +173,14 @@ def test_benchmark_baseline_is_a_correct_attention():
     for backend in (PaddedTorchAttention, SplitKTorchAttention, PerHeadGqaTorchAttention):
         for block_size in (16, 512):
             run_steps(backend(), block_size, torch.float32)
+
+
+def test_gqa_rows_benchmark_times_the_same_attention_both_ways():
+    """bench/gqa_rows.py times decode SDPA per head and with a KV head's query heads as rows; the
+    torch backend picks between them by dtype, so both must be the same attention."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from gqa_rows import forms
+
+    for dtype in (torch.float32, torch.bfloat16):
+        f = forms(batch=3, context=40, kv_heads=2, group=3, head_dim=16, dtype=dtype)
+        torch.testing.assert_close(f["rows"]().reshape(3, 6, 16), f["per head"]().squeeze(2))
