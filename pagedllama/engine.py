@@ -185,7 +185,8 @@ class Engine:
             picks += advance_beams(self.scheduler, [batch[i] for i in idx], logits[idx])
         return picks
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, positions: torch.Tensor) -> list[tuple[Sequence, int]]:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
+                positions: torch.Tensor) -> list[tuple[Sequence, int]]:
         """The next token of each of `seqs`, from its row of `logits`."""
         keys = None if self.sampling.greedy else torch.tensor([s.sample_key for s in seqs], device=logits.device)
         return list(zip(seqs, sample(logits, self.sampling, keys, positions).tolist()))
