@@ -161,9 +161,9 @@ class TorchAttention:
 
         In float32 the query heads that share a KV head go in as the rows of one query block
         (nothing masks one from another in decode), so that kernel reads each KV head once for
-        all of them rather than once per query head: 0.3-0.9x the time of `enable_gqa` on the
-        CPUs measured (BENCHMARKS.md). Its bfloat16 kernel for single queries is as fast or
-        faster with `enable_gqa`.
+        all of them rather than once per query head: 0.35-0.71x the time of `enable_gqa` on the
+        CPU measured (bench/gqa_rows.py). In bfloat16 its kernel for single-row queries is the
+        faster one, so `enable_gqa` stays.
         """
         keys, values = (gather_kv(cache, g.block_tables, g.max_len,
                                   partial(self.workspace.get, name, dtype=q.dtype, device=q.device)).transpose(1, 2)
