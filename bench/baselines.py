@@ -23,12 +23,11 @@ through numpy (sampling.first_argmax). The same results, by slower ops.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from pagedllama.attention import TorchAttention, gather_kv, write_kv
+from pagedllama.attention import TorchAttention, gather_kv, sdpa_per_head, write_kv
 
 CHUNK = 16
 
@@ -135,12 +134,8 @@ class SplitKTorchAttention(TorchAttention):
 class PerHeadGqaTorchAttention(TorchAttention):
     name = "torch (before: a single-row query per head in float32 too)"
 
-    def _attend_group(self, q, k_cache, v_cache, g, scale):
-        keys, values = (gather_kv(cache, g.block_tables, g.max_len,
-                                  partial(self.workspace.get, name, dtype=q.dtype, device=q.device)).transpose(1, 2)
-                        for name, cache in (("keys", k_cache), ("values", v_cache)))
-        return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=g.mask, scale=scale,
-                                              enable_gqa=True).squeeze(2)
+    def _decode_sdpa(self, q, keys, values, mask, scale):
+        return sdpa_per_head(q, keys, values, mask, scale)
 
 
 def rope_real_halves(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:

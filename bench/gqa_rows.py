@@ -1,7 +1,7 @@
 """Decode SDPA with grouped-query attention: a single-row query per head, or a KV head's query heads
 as the rows of one query, in float32 and bfloat16, alternated in one process.
 
-The torch backend's decode (`TorchAttention._attend_group`) takes the rows form in float32 and
+The torch backend's decode (`TorchAttention._decode_sdpa`) takes the rows form in float32 and
 the per-head form (`enable_gqa`) otherwise; this is the measurement behind that choice. K/V are
 laid out as the backend's gather leaves them, (batch, context, KV heads, head_dim) seen through a
 transpose, and every sequence attends to its whole context (no mask), at the head shapes of the
@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import log, save_json, bench_parser, parse  # noqa: E402
+
+from pagedllama.attention import sdpa_per_head, sdpa_query_rows  # noqa: E402
 
 SHAPES = {"demo": (2, 2, 64), "100m": (4, 3, 64), "Llama 3 8B": (8, 4, 128)}  # KV heads, query heads per KV head, D
 CASES = ((6, 620), (32, 240), (97, 300))  # batch, context
@@ -33,8 +34,9 @@ def forms(batch: int, context: int, kv_heads: int, group: int, head_dim: int, dt
     q = torch.randn(batch, kv_heads * group, head_dim, generator=gen).to(dtype)
     keys, values = (torch.randn(batch, context, kv_heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
                     for _ in range(2))
-    return {"per head": lambda: F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, enable_gqa=True),
-            "rows": lambda: F.scaled_dot_product_attention(q.view(batch, kv_heads, group, head_dim), keys, values)}
+    scale = head_dim ** -0.5
+    return {"per head": lambda: sdpa_per_head(q, keys, values, None, scale),
+            "rows": lambda: sdpa_query_rows(q, keys, values, None, scale)}
 
 
 def ms_per_call(fn, calls: int) -> float:

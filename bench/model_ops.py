@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import MethodType
 
 import torch
 
@@ -33,8 +34,8 @@ from pagedllama.model import RMSNorm  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
 
 VERSIONS = {"package": (pagedllama.model.apply_rope, RMSNorm.forward, pagedllama.sampling.first_argmax,
-                        TorchAttention._attend_group),
-            "before": (rope_real_halves, rms_norm_by_hand, max_indices, PerHeadGqaTorchAttention._attend_group)}
+                        TorchAttention._decode_sdpa),
+            "before": (rope_real_halves, rms_norm_by_hand, max_indices, PerHeadGqaTorchAttention._decode_sdpa)}
 ROUNDS = 9
 
 
@@ -42,12 +43,12 @@ def use(version: str) -> None:
     """Attention.forward and `sample` look `apply_rope` and `first_argmax` up in their modules at
     each call; RMSNorm and the decode attention go through their classes."""
     (pagedllama.model.apply_rope, RMSNorm.forward, pagedllama.sampling.first_argmax,
-     TorchAttention._attend_group) = VERSIONS[version]
+     TorchAttention._decode_sdpa) = VERSIONS[version]
 
 
 def decode_attention(args, batch: int, gen: torch.Generator):
-    """A call of the torch backend's decode attention, with a given `_attend_group`, over `batch`
-    contexts of 64-512 tokens in 16-slot blocks scattered through a pool."""
+    """A call of the torch backend's decode attention (K/V gather and SDPA), with a given
+    `_decode_sdpa`, over `batch` contexts of 64-512 tokens in 16-slot blocks scattered through a pool."""
     lens = torch.randint(64, 513, (batch,), generator=gen).tolist()
     blocks = [-(-n // 16) for n in lens]
     order = torch.randperm(sum(blocks), generator=gen).int()
@@ -58,8 +59,12 @@ def decode_attention(args, batch: int, gen: torch.Generator):
                         for _ in range(2))
     q = torch.randn(batch, args.n_heads, args.head_dim, generator=gen).to(DTYPE)
     groups, backend = plan_decode_groups(lens, tables), TorchAttention()
-    return lambda attend: [attend(backend, q if g.seqs is None else q[g.seqs], k_cache, v_cache, g,
-                                  args.head_dim ** -0.5) for g in groups]
+
+    def attend(decode_sdpa):
+        backend._decode_sdpa = MethodType(decode_sdpa, backend)
+        return [backend._attend_group(q if g.seqs is None else q[g.seqs], k_cache, v_cache, g, args.head_dim ** -0.5)
+                for g in groups]
+    return attend
 
 
 def op_us(name: str, tokens: int, calls: int = 40) -> dict[str, dict[str, float]]:
@@ -78,7 +83,7 @@ def op_us(name: str, tokens: int, calls: int = 40) -> dict[str, dict[str, float]
     ops = {"rope (q and k)": lambda rope, _, __, ___: (rope(q, freqs_cis), rope(k, freqs_cis)),
            "rms_norm": lambda _, forward, __, ___: forward(norm, x),
            "greedy pick": lambda _, __, pick, ___: pick(logits),
-           "decode attention (contexts 64-512)": lambda _, __, ___, attend_group: attend(attend_group)}
+           "decode attention (contexts 64-512)": lambda _, __, ___, decode_sdpa: attend(decode_sdpa)}
     out = {}
     for op, call in ops.items():
         times: dict[str, list[float]] = {v: [] for v in VERSIONS}

@@ -73,6 +73,22 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int,
     return blocks.view(len(block_tables), num_blocks * block_size, *slot_shape)[:, :max_len]
 
 
+def sdpa_per_head(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float) -> torch.Tensor:
+    """Decode attention, q (B, H, D) against keys/values (B, Hkv, L, D): each query head a
+    single-row query, mapped to its KV head by SDPA (`enable_gqa`)."""
+    return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
+                                          enable_gqa=True).squeeze(2)
+
+
+def sdpa_query_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    """The same attention with the query heads of each KV head as the rows of one query (in decode
+    nothing masks one from another): (B, Hkv, H / Hkv, D) against each KV head once."""
+    rows = q.view(q.shape[0], keys.shape[1], -1, q.shape[-1])
+    return F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scale).view(q.shape)
+
+
 @dataclass
 class DecodeGroup:
     """Sequences of similar context length, attended as one batch padded to the longest."""
@@ -157,23 +173,20 @@ class TorchAttention:
 
     def _attend_group(self, q, k_cache, v_cache, g: DecodeGroup, scale: float) -> torch.Tensor:
         """The group's K/V gathered, padded to its longest context, into one SDPA call: PyTorch's
-        fused CPU kernel, GQA without repeating K/V.
-
-        In float32 the query heads that share a KV head go in as the rows of one query block
-        (nothing masks one from another in decode), so that kernel reads each KV head once for
-        all of them rather than once per query head: 0.35-0.71x the time of `enable_gqa` on the
-        CPU measured (bench/gqa_rows.py). In bfloat16 its kernel for single-row queries is the
-        faster one, so `enable_gqa` stays.
-        """
+        fused CPU kernel, GQA without repeating K/V."""
         keys, values = (gather_kv(cache, g.block_tables, g.max_len,
                                   partial(self.workspace.get, name, dtype=q.dtype, device=q.device)).transpose(1, 2)
                         for name, cache in (("keys", k_cache), ("values", v_cache)))
+        return self._decode_sdpa(q, keys, values, g.mask, scale)
+
+    def _decode_sdpa(self, q, keys, values, mask, scale) -> torch.Tensor:
+        """In float32 the query heads that share a KV head go in as the rows of one query, so the
+        kernel reads each KV head once for all of them rather than once per query head: 0.35-0.71x
+        the time on the CPU measured (bench/gqa_rows.py). In bfloat16 its kernel for single-row
+        queries is the faster one."""
         if q.dtype == torch.float32:
-            b, heads, head_dim = q.shape
-            q_rows = q.view(b, keys.shape[1], -1, head_dim)  # (b, kv heads, query heads per KV head, D)
-            return F.scaled_dot_product_attention(q_rows, keys, values, attn_mask=g.mask, scale=scale).view(q.shape)
-        return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=g.mask, scale=scale,
-                                              enable_gqa=True).squeeze(2)
+            return sdpa_query_rows(q, keys, values, mask, scale)
+        return sdpa_per_head(q, keys, values, mask, scale)
 
     @staticmethod
     def _prefill(q, k, v, k_cache, v_cache, meta, scale):
