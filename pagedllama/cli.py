@@ -175,7 +175,8 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
     conversations, skipped = load_sharegpt(data_path)
     loaded = shape_only(args) if args.simulate else load(args.model, args.tokenizer, device, dtype, args.max_seq_len)
     if block_size is not None and block_size > loaded.max_seq_len:
-        raise UsageError(f"--block-size {block_size} is larger than --max-seq-len {loaded.max_seq_len}")
+        raise UsageError(f"--block-size {block_size} is larger than --max-seq-len {loaded.max_seq_len}; "
+                         f"use a --block-size of at most {loaded.max_seq_len} or raise --max-seq-len")
     whole_dataset = whole_dataset or args.find_max_batch
     count = max(len(conversations) if whole_dataset else 0, args.batch_size or 0)
     # Searches follow the dataset's answer lengths, as the demo does: real models stop at EOS.

@@ -227,7 +227,7 @@ CASES = [
     # block size and backend
     Case("block-size-0", "paged", lambda e: ["2", "--block-size", "0"], 2, ["--block-size", "positive"]),
     Case("block-size-above-max-seq-len", "paged", lambda e: ["2", *e.run_flags(e.ws.meta, "--block-size", "128")],
-         2, ["--block-size 128", "--max-seq-len 64"]),
+         2, ["--block-size 128", "--max-seq-len 64", "at most 64"]),
     Case("flash-attn-on-cpu", "paged", lambda e: ["2", *e.run_flags(e.ws.meta, "--attention", "flash-attn",
                                                                       "--device", "cpu")], 2,
          ["needs a CUDA GPU", "--attention torch"]),
