@@ -16,6 +16,8 @@ from pagedllama.engine import Engine, Request  # noqa: E402
 from pagedllama.kv_cache import KVCache  # noqa: E402
 from pagedllama.model import Transformer  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
+from pagedllama.scheduler import Scheduler  # noqa: E402
+from pagedllama.sequence import Sequence, SequenceGroup  # noqa: E402
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
 CPU = torch.device("cpu")
@@ -51,3 +53,23 @@ def random_requests(lengths: list[tuple[int, int]], vocab: int, seed: int = 0) -
     g = torch.Generator().manual_seed(seed)
     return [Request(f"r{i}", torch.randint(0, vocab, (p,), generator=g).tolist(), n)
             for i, (p, n) in enumerate(lengths)]
+
+
+def new_group(scheduler: Scheduler, num_tokens: int, max_new_tokens: int) -> SequenceGroup:
+    """Queue a one-sequence request of `num_tokens` prompt tokens."""
+    seq = Sequence(next(scheduler.seq_ids), f"r{scheduler.stats.num_requests}", list(range(num_tokens)),
+                   num_tokens, max_new_tokens)
+    seq.group = SequenceGroup(seq.request_id, [seq])
+    scheduler.add(seq.group)
+    return seq.group
+
+
+def dry_step(scheduler: Scheduler) -> tuple[list[Sequence], bool]:
+    """What a dry-run engine step does: schedule, count as cached, append a token, retire."""
+    batch, is_prefill = scheduler.schedule()
+    scheduler.cache.commit(batch, is_prefill)
+    for seq in batch:
+        seq.token_ids.append(0)
+        if seq.num_output_tokens == seq.max_new_tokens:
+            scheduler.finish(seq, "length")
+    return batch, is_prefill

@@ -91,3 +91,10 @@ def test_first_argmax_picks_the_first_maximum_like_torch():
     assert picks.dtype == torch.int64
     assert torch.equal(picks, x.argmax(-1))
     assert picks[3] == 5 and picks[7] == 0
+
+
+def test_a_request_stops_at_the_context_length(tiny_model):
+    """A request asking for more tokens than its context holds ends at `max_seq_len` tokens."""
+    engine = Engine(tiny_model, make_cache(tiny_model, 4, 16, 32, 1), SamplingParams(), frozenset(), ignore_eos=True)
+    seq, = engine.run(random_requests([(10, 100)], tiny_model.args.vocab_size), progress=False).sequences
+    assert seq.finish_reason == "max_seq_len" and seq.num_tokens == 32

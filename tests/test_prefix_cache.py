@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from conftest import CPU, TINY, make_cache
+from conftest import CPU, TINY, dry_step, make_cache, new_group
 from pagedllama import cli
 from pagedllama.engine import Engine, Request
 from pagedllama.kv_cache import KVCache
 from pagedllama.sampling import SamplingParams
+from pagedllama.scheduler import Scheduler
 from pagedllama.sequence import Sequence
 
 SLOT = TINY.kv_bytes_per_token(4)
@@ -63,6 +64,20 @@ def test_freed_blocks_stay_cached_and_are_evicted_least_recently_used_first():
     again = admit(list(y.token_ids))  # y's cached blocks come back into use, holding their tokens
     assert again.block_table[:2] == [3, 4] and again.num_cached_tokens == 9
     assert cache.num_cached_tokens == 16 + 9 and cache.allocator.num_used == 4 + 3
+
+
+def test_a_block_filled_by_a_decode_step_is_found_by_the_next_admission():
+    """Blocks of 4: a 7-token prompt's decode step writes token 8, filling its second block. A
+    request arriving right after, with those 8 tokens and one more, finds both blocks."""
+    cache = KVCache(TINY, 8, 4, 64, 2, None, CPU, torch.float32, storage=False)
+    cache.enable_prefix_caching()
+    scheduler = Scheduler(cache, watermark=0)
+    first = new_group(scheduler, 7, 4).seqs[0]
+    dry_step(scheduler)
+    dry_step(scheduler)
+    assert first.num_cached_tokens == 8
+    seq = Sequence(next(scheduler.seq_ids), "next", first.token_ids[:8] + [1], 9, 1)
+    assert cache.prefix_cache.lookup(seq) == first.block_table[:2]
 
 
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])

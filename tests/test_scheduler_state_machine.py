@@ -49,12 +49,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.groups.append(seq.group)
 
     @precondition(lambda self: not self.scheduler.done)
-    @rule(token=st.integers(0, 2))
-    def step(self, token):
+    @rule(tokens=st.lists(st.integers(0, 2), min_size=ROWS, max_size=ROWS))
+    def step(self, tokens):
+        """Each sequence gets its own next token, so forked ones diverge."""
         batch, is_prefill = self.scheduler.schedule()
         starts = [s.num_cached_tokens if is_prefill else s.num_tokens - 1 for s in batch]
         self.cache.commit(batch, is_prefill)
-        for seq, start in zip(batch, starts):
+        for seq, start, token in zip(batch, starts, tokens):
             self._write(seq, start)
             seq.token_ids.append(token)
             if seq.num_output_tokens == seq.max_new_tokens:
@@ -82,7 +83,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for _ in range(200):
             if self.scheduler.done:
                 break
-            self.step(0)
+            self.step([0] * ROWS)
         assert self.scheduler.done, "requests never finished"
         assert self.cache.allocator.num_free == self.cache.num_blocks, "blocks leaked"
         assert self.cache.num_cached_tokens == 0
@@ -153,10 +154,15 @@ class SchedulerMachine(RuleBasedStateMachine):
                 written = [int(self.cache.k[0][self._slot(s, p)][0, 0]) for p in range(s.num_cached_tokens)]
                 assert written == [t + 1 for t in s.token_ids[:s.num_cached_tokens]]
             if prefix_cache:
-                full = s.num_cached_tokens // self.cache.block_size
-                for i, b in enumerate(s.block_table[:full]):
+                bs = self.cache.block_size
+                parent, own = 0, []  # the hash of each full block, worked out afresh from the tokens
+                for i in range(s.num_tokens // bs):
+                    parent = hash((parent, tuple(s.token_ids[i * bs:(i + 1) * bs])))
+                    own.append(parent)
+                assert prefix_cache.hashes(s) == own, "a sequence's block hashes are not of its own tokens"
+                for i, b in enumerate(s.block_table[:s.num_cached_tokens // bs]):
                     h = prefix_cache._hash_of.get(b)
-                    assert h is None or h == prefix_cache.hashes(s)[i], "a cached block holds another prefix"
+                    assert h is None or h == own[i], "a cached block holds another prefix"
 
 
 TestSchedulerStateMachine = SchedulerMachine.TestCase

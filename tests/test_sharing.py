@@ -12,7 +12,7 @@ from pagedllama import cli
 from pagedllama.engine import Engine, Request
 from pagedllama.kv_cache import KVCache
 from pagedllama.sampling import SamplingParams
-from pagedllama.sharing import one_per_sequence
+from pagedllama.sharing import SharingTracker, one_per_sequence
 
 SLOT = TINY.kv_bytes_per_token(4)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
@@ -71,6 +71,13 @@ def test_memory_saved_by_sharing_hand_count(twin):
     assert sharing["unshared_peak_bytes"] == unshared * block_size * SLOT
     assert sharing["saved_bytes"] == (unshared - blocks) * block_size * SLOT
     assert memory["peak_used_bytes"] == holding * SLOT and cache.num_copies == 2
+
+
+def test_sharing_keeps_the_peak_over_steps_not_the_last_step():
+    tracker = SharingTracker()
+    for table_blocks in (3, 9, 4):
+        tracker.record(table_blocks)
+    assert tracker.peak_table_blocks == 9
 
 
 def test_cli_twins_side_by_side_with_samples(tmp_path, capsys):

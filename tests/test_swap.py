@@ -6,37 +6,18 @@ import json
 import pytest
 import torch
 
-from conftest import CPU, TINY, generate, make_cache, random_requests
+from conftest import CPU, TINY, dry_step, generate, make_cache, new_group, random_requests
 from pagedllama import cli
 from pagedllama.engine import Engine
 from pagedllama.kv_cache import KVCache
 from pagedllama.sampling import SamplingParams
 from pagedllama.scheduler import Scheduler
-from pagedllama.sequence import Sequence, SequenceGroup, Status
+from pagedllama.sequence import Status
 from pagedllama.swap import SwapSpace
 
 SLOT = TINY.kv_bytes_per_token(4)
 # Requests that outgrow a 16-block pool of 4 slots while decoding: running ones are preempted.
 LENGTHS = [(20, 30), (30, 25), (10, 30), (5, 20)]
-
-
-def new_group(scheduler: Scheduler, num_tokens: int, max_new_tokens: int) -> SequenceGroup:
-    seq = Sequence(next(scheduler.seq_ids), f"r{scheduler.stats.num_requests}", list(range(num_tokens)),
-                   num_tokens, max_new_tokens)
-    seq.group = SequenceGroup(seq.request_id, [seq])
-    scheduler.add(seq.group)
-    return seq.group
-
-
-def step(scheduler: Scheduler) -> tuple[list[Sequence], bool]:
-    """What a dry-run engine step does: schedule, count as cached, append a token, retire."""
-    batch, is_prefill = scheduler.schedule()
-    scheduler.cache.commit(batch, is_prefill)
-    for seq in batch:
-        seq.token_ids.append(0)
-        if seq.num_output_tokens == seq.max_new_tokens:
-            scheduler.finish(seq, "length")
-    return batch, is_prefill
 
 
 def test_swap_round_trip_restores_kv_bit_for_bit():
@@ -45,7 +26,7 @@ def test_swap_round_trip_restores_kv_bit_for_bit():
     scheduler = Scheduler(cache, watermark=0, swap=swap)
     new_group(scheduler, 10, 5)
     b = new_group(scheduler, 7, 5)
-    step(scheduler)
+    dry_step(scheduler)
     scheduler.fork(b.seqs[0], sample_key=1)  # b's two sequences share both of b's blocks
     cache.kv.copy_(torch.randn_like(cache.kv))
     before = cache.kv[:, :, b.seqs[0].block_table].clone()
@@ -69,19 +50,62 @@ def test_swapped_request_resumes_before_new_admissions():
     cache = KVCache(TINY, 9, 4, 64, 4, None, CPU, torch.float32, storage=False)
     scheduler = Scheduler(cache, watermark=0, swap=SwapSpace(cache, 100 * 4 * SLOT))
     old, young = new_group(scheduler, 4, 8), new_group(scheduler, 16, 8)
-    step(scheduler)
+    dry_step(scheduler)
     for key in (1, 2):
         scheduler.fork(old.seqs[0], key)
     for _ in range(5):
-        step(scheduler)
+        dry_step(scheduler)
     assert [s.status for s in young.seqs] == [Status.SWAPPED] and scheduler.stats.swaps == 1
     assert cache.allocator.num_free == 2
     late, samples = new_group(scheduler, 4, 1), list(old.seqs)
     while not old.finished:
-        batch, is_prefill = step(scheduler)
+        batch, is_prefill = dry_step(scheduler)
         assert batch == samples and not is_prefill and late.seqs[0].status is Status.WAITING
-    batch, is_prefill = step(scheduler)
+    batch, is_prefill = dry_step(scheduler)
     assert is_prefill and batch == late.finished and young.seqs[0].status is Status.RUNNING
+
+
+def test_requests_swapped_out_together_come_back_in_admission_order():
+    """Blocks of 4, a pool of 4: `a` (1 block), `b` (2) and `c` (1) fill it. When `a`'s three
+    samples each need a block, `c` and then `b` are swapped out; they come back `b` first, when
+    `a` is done."""
+    cache = KVCache(TINY, 4, 4, 64, 5, None, CPU, torch.float32, storage=False)
+    scheduler = Scheduler(cache, watermark=0, swap=SwapSpace(cache, 100 * 4 * SLOT))
+    a, b, c = new_group(scheduler, 4, 2), new_group(scheduler, 7, 4), new_group(scheduler, 3, 4)
+    dry_step(scheduler)
+    for key in (1, 2):
+        scheduler.fork(a.seqs[0], key)
+    dry_step(scheduler)
+    assert scheduler.stats.swaps == 2 and list(scheduler.swapped) == [b, c] and len(a.finished) == 3
+    dry_step(scheduler)
+    assert scheduler.running_groups == [b, c]
+
+
+def test_swapping_in_keeps_the_watermark_while_others_run():
+    """A pool of 11 blocks of 4 keeps 1 free while anything runs. When `b` is swapped out, exactly
+    its 5 blocks are free: taking them all back would leave none, so it waits for `a`."""
+    cache = KVCache(TINY, 11, 4, 64, 2, None, CPU, torch.float32, storage=False)
+    scheduler = Scheduler(cache, watermark=0.1, swap=SwapSpace(cache, 100 * 4 * SLOT))
+    a, b = new_group(scheduler, 16, 12), new_group(scheduler, 16, 12)
+    while not scheduler.stats.swaps:
+        dry_step(scheduler)
+    assert cache.allocator.num_free == 5 == len(scheduler.swap.tables[b.seqs[0]])
+    dry_step(scheduler)
+    assert b.seqs[0].status is Status.SWAPPED and scheduler.stats.swaps == 1
+    while not scheduler.done:
+        dry_step(scheduler)
+    assert a.finished and b.finished
+
+
+def test_a_swap_pool_with_exactly_the_blocks_needed_swaps():
+    cache = KVCache(TINY, 4, 4, 64, 2, None, CPU, torch.float32, storage=False)
+    scheduler = Scheduler(cache, watermark=0, swap=SwapSpace(cache, 2 * 4 * SLOT))
+    new_group(scheduler, 8, 4)
+    second = new_group(scheduler, 8, 4)  # the two prompts fill the pool; the first to grow preempts the second
+    dry_step(scheduler)
+    dry_step(scheduler)
+    assert scheduler.stats.swaps == 1 and scheduler.stats.swap_fallbacks == 0
+    assert second.seqs[0].status is Status.SWAPPED and scheduler.swap.allocator.num_free == 0
 
 
 @pytest.mark.parametrize("swap_blocks,fallbacks", [(6, True), (1000, False)])
