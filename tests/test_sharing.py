@@ -73,6 +73,16 @@ def test_memory_saved_by_sharing_hand_count(twin):
     assert memory["peak_used_bytes"] == holding * SLOT and cache.num_copies == 2
 
 
+def test_samples_still_fork_when_a_one_sample_request_is_added_later():
+    """`Engine.add` twice: the second call's single-sample request must not turn off forking."""
+    cache = KVCache(TINY, 40, 4, 64, 4, None, CPU, torch.float32, storage=False)
+    engine = Engine(None, cache, SamplingParams(), frozenset(), ignore_eos=True)
+    sampled, single = engine.add([Request("r0", list(range(6)), 3, n=3)])[0], engine.add([Request("r1", [1], 3)])[0]
+    while not engine.scheduler.done:
+        engine.step()
+    assert len(sampled.outputs()) == 3 and len(single.outputs()) == 1
+
+
 def test_sharing_keeps_the_peak_over_steps_not_the_last_step():
     tracker = SharingTracker()
     for table_blocks in (3, 9, 4):
