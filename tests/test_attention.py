@@ -91,7 +91,8 @@ def test_decode_groups_cover_the_batch_and_stay_full(lengths, min_fill):
         assert sorted(i for m in members for i in m) == list(range(len(lengths)))
     for g, m in zip(groups, members):
         lens = [lengths[i] for i in m]
-        assert g.max_len == max(lens) and sum(lens) >= min_fill * len(lens) * max(lens)
+        # fill at least min_fill, up to float rounding (0.9 * 3 * 3000 is 8100.000000000001)
+        assert g.max_len == max(lens) and sum(lens) >= min_fill * len(lens) * max(lens) * (1 - 1e-12)
         assert torch.equal(g.block_tables, tables[m])
         if g.mask is None:
             assert min(lens) == max(lens)
