@@ -63,6 +63,7 @@ class MemoryTracker:
             "end_reserved_bytes": end.reserved_tokens * slot,
             "end_used_bytes": end.used_tokens * slot,
             "end_fragmented_bytes": end.fragmented_tokens * slot,
+            "blocks_in_use_after": self.cache.allocator.num_used,
             "peak_utilization": peak.used_tokens / peak.reserved_tokens if peak.reserved_tokens else 0.0,
             "fragmented_pct_of_budget": 100 * peak.fragmented_tokens * slot / budget_bytes if budget_bytes else 0.0,
         }
@@ -91,9 +92,10 @@ def format_memory_report(m: dict, title: str) -> str:
         ("holding tokens at peak", human_bytes(m["peak_used_bytes"]), pct(m["peak_used_bytes"])),
         ("fragmented at peak", human_bytes(m["peak_fragmented_bytes"]), pct(m["peak_fragmented_bytes"])),
         ("KV utilization at peak", f"{100 * m['peak_utilization']:.1f}%", "holding / reserved"),
-        ("reserved at end", human_bytes(m["end_reserved_bytes"]), pct(m["end_reserved_bytes"])),
-        ("holding tokens at end", human_bytes(m["end_used_bytes"]), pct(m["end_used_bytes"])),
-        ("fragmented at end", human_bytes(m["end_fragmented_bytes"]), pct(m["end_fragmented_bytes"])),
+        ("reserved at last step", human_bytes(m["end_reserved_bytes"]), pct(m["end_reserved_bytes"])),
+        ("holding tokens at last step", human_bytes(m["end_used_bytes"]), pct(m["end_used_bytes"])),
+        ("fragmented at last step", human_bytes(m["end_fragmented_bytes"]), pct(m["end_fragmented_bytes"])),
+        ("blocks in use after", f"{m['blocks_in_use_after']}", f"of {m['num_blocks']}: finished requests free theirs"),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [title, "-" * len(title)]

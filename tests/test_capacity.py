@@ -44,6 +44,7 @@ def run_checking_every_step(model, cache, requests):
     engine.memory.record = record_and_check
     engine.run(requests, progress=False)
     assert len(checked) == len(engine.memory.timeline) > 1
+    assert engine.memory.summary(0)["blocks_in_use_after"] == cache.allocator.num_used == 0  # every block freed
     return engine
 
 
@@ -164,6 +165,7 @@ def test_cli_simulate_and_find_max_batch_json(tmp_path, capsys):
     code, out, _ = run_cli("paged", ["4", "--simulate", "llama3-8b", "--gpu-memory-gb", "24",
                                      "--json", str(path)], capsys)
     assert code == 0 and "Fragmented Memory:" in out
+    assert re.search(r"blocks in use after +0 +of \d+", out)
     doc = json.loads(path.read_text())
     assert doc["scheduler"]["all_resident"] and doc["memory"]["block_size"] == 16
 
