@@ -73,6 +73,27 @@ def test_round_trip_gives_same_weights_and_outputs(tmp_path, sd, fmt, shards):
     assert torch.equal(greedy(ref, PROMPT, 8), greedy(got, PROMPT, 8))
 
 
+def test_meta_shards_merge_as_tensor_parallel_ranks_hold_them(tmp_path, sd):
+    """Shards written by hand, as each of 2 model-parallel ranks holds its part (not by save_meta, so a
+    wrong split rule in both directions cannot hide): column-parallel weights (wq, wk, wv, w1, w3,
+    output) and Llama 3's vocab-parallel embedding keep a slice of the rows, row-parallel ones (wo,
+    w2) a slice of the columns, and every rank has the norms whole."""
+    columns_split = ("attention.wo.weight", "feed_forward.w2.weight")
+    for rank in range(2):
+        shard = {}
+        for key, t in sd.items():
+            if t.dim() == 1:
+                part = t
+            elif key.endswith(columns_split):
+                part = t[:, rank * t.shape[1] // 2:(rank + 1) * t.shape[1] // 2]
+            else:
+                part = t[rank * t.shape[0] // 2:(rank + 1) * t.shape[0] // 2]
+            shard[key] = part.clone()
+        torch.save(shard, tmp_path / f"consolidated.0{rank}.pth")
+    (tmp_path / "params.json").write_text(json.dumps(PARAMS))
+    assert_same_state(load_checkpoint(tmp_path)[1], sd)
+
+
 def test_hf_bin_weights_load_when_no_safetensors(tmp_path, sd):
     save_hf(sd, ARGS, tmp_path)
     torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
