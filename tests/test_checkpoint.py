@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -246,6 +247,30 @@ def test_meta_params_ffn_size_and_rope_factor(tmp_path, name, multiple_of, mult,
     assert meta_params(shape, multiple_of, mult) == params
     with pytest.raises(ValueError):
         meta_params(shape, multiple_of, 2.0)
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_config_fields_away_from_llama3_defaults_are_read(tmp_path, sd, fmt):
+    """norm_eps and rope_theta other than Llama 3's come back as written, in both formats (a parser
+    that fell back to the defaults would pass with Llama 3's own values)."""
+    odd = replace(ARGS, norm_eps=1e-6, rope_theta=10000.0)
+    if fmt == "meta":
+        save_meta(sd, meta_params(odd, multiple_of=32, ffn_dim_multiplier=None), tmp_path)
+    else:
+        save_hf(sd, odd, tmp_path)
+    assert load_checkpoint(tmp_path)[0] == odd
+
+
+@pytest.mark.parametrize("fields,words", [
+    ({"dim": 66, "n_heads": 4}, ["dim 66", "n_heads 4", "must divide"]),
+    ({"n_heads": 4, "n_kv_heads": 3}, ["n_kv_heads 3", "must divide"]),
+    ({"dim": 66, "n_heads": 2, "n_kv_heads": 1}, ["odd head_dim 33", "RoPE"]),
+    ({"n_layers": 0}, ["non-positive", "check the config"])])
+def test_inconsistent_config_is_a_one_line_error(tmp_path, fields, words):
+    params = {**meta_params(ARGS, multiple_of=32, ffn_dim_multiplier=None), **fields}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    msg = user_error(load_config_file, tmp_path / "params.json")
+    assert all(w in msg for w in words), msg
 
 
 @pytest.mark.parametrize("factor", [8.0, 32.0])

@@ -9,6 +9,7 @@ import pytest
 from pagedllama.data import Conversation, default_data_path, load_sharegpt
 from pagedllama.errors import UserError
 from pagedllama.tokenizer import demo_tokenizer
+from pagedllama.workload import build_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +39,17 @@ def test_first_human_turn_and_first_answer_after_it(tmp_path):
         Conversation("unanswered", "only a question", ""),
         Conversation("other-role", "q", "a"),
     ]
+
+
+def test_requests_generate_the_reference_length_within_the_context():
+    """With reference lengths (the demo), a request asks for its answer's token count, capped at the
+    room its prompt leaves in the context; an unanswered prompt still asks for one token."""
+    tok = demo_tokenizer()
+    convs = [Conversation("short", "q", "one two three"), Conversation("long", "q", "word " * 500),
+             Conversation("none", "q", "")]
+    prompt = len(tok.encode_chat([{"role": "user", "content": "q"}]))
+    requests = build_requests(convs, tok, 3, max_seq_len=prompt + 100, max_new_tokens=None, reference_lengths=True)
+    assert [r.max_new_tokens for r in requests] == [len(tok.encode("one two three")), 100, 1]
 
 
 def test_unusable_entries_are_skipped_and_counted(tmp_path):
