@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny Llama 3 shaped model with random weights, and ways to run it."""
 from __future__ import annotations
 
+import base64
 import sys
 from pathlib import Path
 
@@ -47,6 +48,17 @@ def reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]
     for _ in range(n):
         ids.append(int(model.forward_full(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def tokenizer_bytes() -> bytes:
+    """A byte-level tiktoken `tokenizer.model`: the 256 single bytes and no merges (512 tokens with specials)."""
+    return b"\n".join(base64.b64encode(bytes([b])) + b" %d" % b for b in range(256)) + b"\n"
+
+
+def chats(*pairs: tuple[str, str]) -> list[dict]:
+    """ShareGPT entries of one question and its answer each."""
+    return [{"id": f"c{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+            for i, (q, a) in enumerate(pairs)]
 
 
 def random_requests(lengths: list[tuple[int, int]], vocab: int, seed: int = 0) -> list[Request]:

@@ -10,7 +10,6 @@ Hugging Face token never appears in the download command's output.
 from __future__ import annotations
 
 import ast
-import base64
 import json
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from huggingface_hub import errors as hub_errors
 from safetensors.torch import load_file, save_file
 
 import flash_attn_standin
+from conftest import chats, tokenizer_bytes
 from pagedllama import cli, download
 from pagedllama.attention import select_backend
 from pagedllama.checkpoint import detect_format, load_checkpoint, meta_params, random_state_dict, save_hf, save_meta
@@ -61,15 +61,6 @@ class Workspace:
         for f in src.iterdir():
             (dest / f.name).write_bytes(f.read_bytes())
         return dest
-
-
-def tokenizer_bytes() -> bytes:
-    return b"\n".join(base64.b64encode(bytes([b])) + b" %d" % b for b in range(256)) + b"\n"
-
-
-def chats(*pairs: tuple[str, str]) -> list[dict]:
-    return [{"id": f"c{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
-            for i, (q, a) in enumerate(pairs)]
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +215,8 @@ CASES = [
          ["batch size 5 exceeds the 4 usable", "smaller batch", "larger --data"]),
     Case("batch-larger-than-dataset-naive", "naive", lambda e: ["9", *e.run_flags(e.ws.hf)], 2,
          ["exceeds the 4 usable"]),
+    Case("n-and-beam-width", "paged", lambda e: ["2", "--n", "2", "--beam-width", "2"], 2,
+         ["--n and --beam-width", "exclude"]),
     # block size and backend
     Case("block-size-0", "paged", lambda e: ["2", "--block-size", "0"], 2, ["--block-size", "positive"]),
     Case("block-size-above-max-seq-len", "paged", lambda e: ["2", *e.run_flags(e.ws.meta, "--block-size", "128")],

@@ -193,3 +193,15 @@ def test_cli_budget_errors(argv, pattern, capsys):
     assert code in (1, 2)
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert re.search(re.escape(pattern), err)
+
+
+def test_demo_requests_generate_exactly_their_reference_lengths(tmp_path, capsys):
+    """The demo ignores stop tokens, so each request generates its dataset answer's length and memory
+    follows the traffic the dataset describes. Its random weights do emit them by chance: the 11th
+    request's greedy answer holds `<|end_of_text|>` at token 432 of the 806 it asks for."""
+    path = tmp_path / "r.json"
+    code, _, _ = run_cli("paged", ["11", "--no-progress", "--no-answers", "--json", str(path)], capsys)
+    assert code == 0
+    answers = json.loads(path.read_text())["requests"]
+    assert len(answers) == 11 and {a["finish_reason"] for a in answers} == {"length"}
+    assert answers[10]["output_tokens"] == 806

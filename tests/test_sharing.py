@@ -90,20 +90,23 @@ def test_sharing_keeps_the_peak_over_steps_not_the_last_step():
     assert tracker.peak_table_blocks == 9
 
 
-def test_cli_twins_side_by_side_with_samples(tmp_path, capsys):
-    """The naive twin preallocates a full row per sample; the paged one shares the prompt."""
+@pytest.mark.parametrize("flag,shown", [("--n", "n 3, beam width 1"), ("--beam-width", "n 1, beam width 3")])
+def test_cli_twins_side_by_side_with_samples(tmp_path, capsys, flag, shown):
+    """The naive twin preallocates a full row per sample or beam; the paged one shares the prompt."""
     data, docs = tmp_path / "short.json", {}
     data.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"Question {i}: why is the sky blue?"}]}
                                 for i in range(2)]))
     for twin in ("naive", "paged"):
         path = tmp_path / f"{twin}.json"
-        code = cli.main(twin, ["2", "--data", str(data), "--n", "3", "--max-new-tokens", "3", "--kv-cache-gb", "0.5",
+        code = cli.main(twin, ["2", "--data", str(data), flag, "3", "--max-new-tokens", "3", "--kv-cache-gb", "0.5",
                                "--no-progress", "--no-answers", "--json", str(path)])
-        assert code == 0 and "sharing (n 3, beam width 1)" in capsys.readouterr().out
+        assert code == 0 and f"sharing ({shown})" in capsys.readouterr().out
         docs[twin] = json.loads(path.read_text())
+        assert docs[twin]["dtype"] == "float32"  # --dtype auto on CPU
     naive, paged = docs["naive"]["sharing"], docs["paged"]["sharing"]
     assert naive["saved_bytes"] == 0 < paged["saved_bytes"]
+    assert paged["saved_pct"] == pytest.approx(100 * paged["saved_bytes"] / paged["unshared_peak_bytes"])
     assert naive["peak_reserved_bytes"] == 6 * 4096 * docs["naive"]["memory"]["bytes_per_token"]
     assert paged["peak_reserved_bytes"] < naive["peak_reserved_bytes"] / 10
-    assert cli.main("paged", ["2", "--n", "3", "--simulate", "llama3-8b", "--gpu-memory-gb", "24"]) == 2
+    assert cli.main("paged", ["2", flag, "3", "--simulate", "llama3-8b", "--gpu-memory-gb", "24"]) == 2
     assert "apply to generation" in capsys.readouterr().err

@@ -1,0 +1,80 @@
+"""`python -m pagedllama.compare`: both twins side by side, their limits, and the plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import chats, tokenizer_bytes
+from pagedllama import cli, compare
+from pagedllama.checkpoint import meta_params, random_state_dict, save_meta
+from pagedllama.config import ModelArgs
+
+# The byte-level tokenizer's model: 512 bytes of K/V per token in float32 (2 layers x 2 KV heads x 16 x K, V x 4 B).
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """A Meta-format checkpoint of ARGS and 12 short conversations whose answers are much shorter
+    than the room their prompts leave in a 64-token context."""
+    root = tmp_path_factory.mktemp("compare")
+    save_meta(random_state_dict(ARGS, seed=0), meta_params(ARGS, multiple_of=32, ffn_dim_multiplier=None),
+              root / "model")
+    (root / "model" / "tokenizer.model").write_bytes(tokenizer_bytes())
+    (root / "data.json").write_text(json.dumps(chats(*[(f"question {i}?", "yes") for i in range(12)])))
+    return root / "model", root / "data.json"
+
+
+def flags(checkpoint: tuple[Path, Path], *extra: str) -> list[str]:
+    model, data = checkpoint
+    # 0.0001 GB: 3 naive rows of 64 slots, or 13 paged blocks of 16
+    return ["--model", str(model), "--data", str(data), "--max-seq-len", "64", "--kv-cache-gb", "0.0001",
+            "--no-progress", "--no-answers", *extra]
+
+
+def test_compare_limits_equal_each_twins_find_max_batch(checkpoint, tmp_path, capsys):
+    """compare searches both limits over the dataset's answer lengths, as each twin's --find-max-batch
+    does: a checkpoint's requests would otherwise ask for all the room left in the context."""
+    doc_path = tmp_path / "compare.json"
+    assert compare.main(["2", *flags(checkpoint, "--json", str(doc_path), "--no-plots")]) == 0
+    doc = json.loads(doc_path.read_text())
+    for twin in ("naive", "paged"):
+        twin_path = tmp_path / f"{twin}.json"
+        assert cli.main(twin, ["--find-max-batch", *flags(checkpoint, "--json", str(twin_path))]) == 0
+        assert doc["max_batch"][twin] == json.loads(twin_path.read_text())["max_batch"][twin]
+    assert doc["max_batch"] == {"naive": 3, "paged": 4}
+    assert doc["max_batch_ratio"] == pytest.approx(4 / 3)
+    assert "naive 3, paged 4; paged / naive = 1.3x" in capsys.readouterr().out
+
+
+def test_plots_and_block_size_sweep(checkpoint, tmp_path, monkeypatch, capsys):
+    """A batch the naive twin cannot hold: it reports the error, and the memory timeline shows both
+    twins at the batch the naive one can hold; the sweep covers the block sizes that fit the context."""
+    timelines = []
+    plot_timelines = compare.plot_timelines
+    monkeypatch.setattr(compare, "plot_timelines", lambda runs, *a: timelines.append(runs) or plot_timelines(runs, *a))
+    doc_path = tmp_path / "compare.json"
+    assert compare.main(["4", *flags(checkpoint, "--json", str(doc_path), "--plots-dir", str(tmp_path))]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(doc_path.read_text())
+    assert "did not run" in out and "largest batch that fits is 3" in doc["twins"]["naive"]["error"]
+    assert doc["twins"]["paged"]["scheduler"]["peak_running"] == 4
+    assert "the memory timeline shows 3 requests" in err
+    assert [r.scheduler["peak_running"] for r in timelines[0].values()] == [3, 3]
+    assert [r["block_size"] for r in doc["block_size_sweep"]] == [1, 8, 16, 32, 64]
+    for name in ("memory_timeline.png", "block_size_sweep.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG)
+
+
+def test_readme_headline_limits_on_the_demo(tmp_path):
+    """The README's first table: on the demo's CPU default budget the naive twin holds 6 ShareGPT
+    requests at once and the paged twin 82."""
+    doc_path = tmp_path / "compare.json"
+    assert compare.main(["6", "--dry-run", "--no-plots", "--no-progress", "--json", str(doc_path)]) == 0
+    doc = json.loads(doc_path.read_text())
+    assert doc["max_batch"] == {"naive": 6, "paged": 82}
+    naive, paged = doc["twins"]["naive"]["memory"], doc["twins"]["paged"]["memory"]
+    assert round(100 * naive["peak_utilization"], 1) == 8.0 and round(100 * paged["peak_utilization"], 1) == 97.8
