@@ -162,6 +162,8 @@ def test_cli_simulate_and_find_max_batch_json(tmp_path, capsys):
     assert code == 0
     assert "largest batch with every request resident at once (naive): 6" in out
     assert json.loads(path.read_text())["max_batch"] == {"naive": 6}
+    code, out, _ = run_cli("paged", ["--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--find-max-batch"], capsys)
+    assert code == 0 and "largest batch with every request resident at once (paged): 188" in out  # the README's
     code, out, _ = run_cli("paged", ["4", "--simulate", "llama3-8b", "--gpu-memory-gb", "24",
                                      "--json", str(path)], capsys)
     assert code == 0 and "Fragmented Memory:" in out

@@ -71,10 +71,11 @@ def test_plots_and_block_size_sweep(checkpoint, tmp_path, monkeypatch, capsys):
 
 def test_readme_headline_limits_on_the_demo(tmp_path):
     """The README's first table: on the demo's CPU default budget the naive twin holds 6 ShareGPT
-    requests at once and the paged twin 82."""
+    requests at once and the paged twin 82; at 6 requests their KV utilization and fragmentation."""
     doc_path = tmp_path / "compare.json"
     assert compare.main(["6", "--dry-run", "--no-plots", "--no-progress", "--json", str(doc_path)]) == 0
     doc = json.loads(doc_path.read_text())
     assert doc["max_batch"] == {"naive": 6, "paged": 82}
     naive, paged = doc["twins"]["naive"]["memory"], doc["twins"]["paged"]["memory"]
     assert round(100 * naive["peak_utilization"], 1) == 8.0 and round(100 * paged["peak_utilization"], 1) == 97.8
+    assert round(naive["fragmented_pct_of_budget"], 1) == 89.2 and round(paged["fragmented_pct_of_budget"], 2) == 0.21
