@@ -45,6 +45,8 @@ def test_compare_limits_equal_each_twins_find_max_batch(checkpoint, tmp_path, ca
         twin_path = tmp_path / f"{twin}.json"
         assert cli.main(twin, ["--find-max-batch", *flags(checkpoint, "--json", str(twin_path))]) == 0
         assert doc["max_batch"][twin] == json.loads(twin_path.read_text())["max_batch"][twin]
+    # 34-token prompts and 3-token answers take 3 blocks each: 4 requests fit in 13 blocks (asking for the
+    # whole 64-token context, 4 blocks each, only 3 would)
     assert doc["max_batch"] == {"naive": 3, "paged": 4}
     assert doc["max_batch_ratio"] == pytest.approx(4 / 3)
     assert "naive 3, paged 4; paged / naive = 1.3x" in capsys.readouterr().out
