@@ -204,6 +204,13 @@ def test_tied_embeddings(tmp_path):
     _, loaded = load_checkpoint(tmp_path / "meta")
     assert loaded["output.weight"] is loaded["tok_embeddings.weight"]
 
+    # a tied checkpoint that stores lm_head as well (a copy of the embedding) still loads one tensor
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "model.safetensors")
+    _, loaded = load_checkpoint(tmp_path)
+    assert loaded["output.weight"] is loaded["tok_embeddings.weight"]
+
 
 def test_random_state_dict_is_deterministic_and_scaled():
     a, b, c = random_state_dict(ARGS, 5), random_state_dict(ARGS, 5), random_state_dict(ARGS, 6)
