@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one `error:` line (exit status 2), not a usage block."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 

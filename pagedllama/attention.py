@@ -156,7 +156,8 @@ class TorchAttention:
     def __init__(self):
         self.workspace = Workspace()
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.is_prefill:
             return self._prefill(q, k, v, k_cache, v_cache, meta, scale)
@@ -223,7 +224,8 @@ class TritonAttention:
 
         self._paged_attention = paged_attention
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         return self._paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                      meta.query_start_loc, meta.max_query_len, meta.max_context_len, scale)
@@ -245,7 +247,8 @@ class FlashAttention:
         self._with_kvcache = flash_attn_with_kvcache
         self._varlen = flash_attn_varlen_func
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
         if meta.is_prefill:
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
             return self._varlen(q, k_cache, v_cache, cu_seqlens_q=meta.query_start_loc,
