@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pagedllama.attention import AttentionBackend, TorchAttention  # noqa: E402
-from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
+from pagedllama.checkpoint import build_model, meta_params, random_state_dict, save_hf, save_meta  # noqa: E402
 from pagedllama.config import ModelArgs  # noqa: E402
 from pagedllama.engine import Engine, Request  # noqa: E402
 from pagedllama.kv_cache import KVCache  # noqa: E402
@@ -21,6 +21,8 @@ from pagedllama.scheduler import Scheduler  # noqa: E402
 from pagedllama.sequence import Sequence, SequenceGroup  # noqa: E402
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
+# A model whose vocabulary is the byte-level tokenizer's (256 bytes + 256 specials): checkpoints on disk.
+BYTE_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192)
 CPU = torch.device("cpu")
 
 
@@ -53,6 +55,18 @@ def reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]
 def tokenizer_bytes() -> bytes:
     """A byte-level tiktoken `tokenizer.model`: the 256 single bytes and no merges (512 tokens with specials)."""
     return b"\n".join(base64.b64encode(bytes([b])) + b" %d" % b for b in range(256)) + b"\n"
+
+
+def write_byte_checkpoint(dest: Path, fmt: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A checkpoint of BYTE_ARGS in Meta's ("meta") or Hugging Face's ("hf") format in `dest`, with
+    the byte-level `tokenizer.model` beside it; returns its state dict."""
+    sd = random_state_dict(BYTE_ARGS, seed)
+    if fmt == "meta":
+        save_meta(sd, meta_params(BYTE_ARGS, multiple_of=32, ffn_dim_multiplier=None), dest)
+    else:
+        save_hf(sd, BYTE_ARGS, dest)
+    (dest / "tokenizer.model").write_bytes(tokenizer_bytes())
+    return sd
 
 
 def chats(*pairs: tuple[str, str]) -> list[dict]:

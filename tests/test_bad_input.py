@@ -25,16 +25,14 @@ from huggingface_hub import errors as hub_errors
 from safetensors.torch import load_file, save_file
 
 import flash_attn_standin
-from conftest import chats, tokenizer_bytes
+from conftest import chats, write_byte_checkpoint
 from pagedllama import cli, download
 from pagedllama.attention import select_backend
-from pagedllama.checkpoint import detect_format, load_checkpoint, meta_params, random_state_dict, save_hf, save_meta
-from pagedllama.config import NAMED_SHAPES, ModelArgs
+from pagedllama.checkpoint import detect_format, load_checkpoint
+from pagedllama.config import NAMED_SHAPES
 from pagedllama.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-# A byte-level tokenizer (256 tokens + 256 specials) and a model whose vocabulary matches it.
-ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192)
 GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_head": 4,
                "n_layer": 2, "vocab_size": 512, "n_positions": 1024}  # as GPT-2's config.json has it
 
@@ -66,11 +64,8 @@ class Workspace:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Workspace:
     root = tmp_path_factory.mktemp("bad_input")
-    sd = random_state_dict(ARGS, seed=0)
-    save_meta(sd, meta_params(ARGS, multiple_of=32, ffn_dim_multiplier=None), root / "meta")
-    save_hf(sd, ARGS, root / "hf")
-    for d in ("meta", "hf"):
-        (root / d / "tokenizer.model").write_bytes(tokenizer_bytes())
+    for fmt in ("meta", "hf"):
+        write_byte_checkpoint(root / fmt, fmt)
     (root / "data.json").write_text(json.dumps(chats(("hi", "ok"), ("hello there", "yes"), ("why?", "because"),
                                                      ("2+2?", "4"))))
     return Workspace(root, root / "meta", root / "hf", root / "data.json")
@@ -402,9 +397,7 @@ def test_torch_load_always_uses_weights_only():
 
 
 def test_safetensors_preferred_over_pth_in_the_same_directory(tmp_path):
-    meta_sd, hf_sd = random_state_dict(ARGS, seed=1), random_state_dict(ARGS, seed=2)
-    save_meta(meta_sd, meta_params(ARGS, multiple_of=32, ffn_dim_multiplier=None), tmp_path)
-    save_hf(hf_sd, ARGS, tmp_path)
+    meta_sd, hf_sd = write_byte_checkpoint(tmp_path, "meta", seed=1), write_byte_checkpoint(tmp_path, "hf", seed=2)
     assert (tmp_path / "consolidated.00.pth").is_file() and (tmp_path / "model.safetensors").is_file()
     assert detect_format(tmp_path) == "hf"
     _, loaded = load_checkpoint(tmp_path)

@@ -6,24 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chats, tokenizer_bytes
+from conftest import chats, write_byte_checkpoint
 from pagedllama import cli, compare
-from pagedllama.checkpoint import meta_params, random_state_dict, save_meta
-from pagedllama.config import ModelArgs
 
-# The byte-level tokenizer's model: 512 bytes of K/V per token in float32 (2 layers x 2 KV heads x 16 x K, V x 4 B).
-ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[Path, Path]:
-    """A Meta-format checkpoint of ARGS and 12 short conversations whose answers are much shorter
-    than the room their prompts leave in a 64-token context."""
+    """A Meta-format checkpoint (512 bytes of K/V per token in float32) and 12 short conversations whose
+    answers are much shorter than the room their prompts leave in a 64-token context."""
     root = tmp_path_factory.mktemp("compare")
-    save_meta(random_state_dict(ARGS, seed=0), meta_params(ARGS, multiple_of=32, ffn_dim_multiplier=None),
-              root / "model")
-    (root / "model" / "tokenizer.model").write_bytes(tokenizer_bytes())
+    write_byte_checkpoint(root / "model", "meta")
     (root / "data.json").write_text(json.dumps(chats(*[(f"question {i}?", "yes") for i in range(12)])))
     return root / "model", root / "data.json"
 
