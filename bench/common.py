@@ -36,6 +36,7 @@ from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
 from pagedllama.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs, ffn_hidden_dim  # noqa: E402
 from pagedllama.data import default_data_path, load_sharegpt  # noqa: E402
 from pagedllama.engine import Engine, Request  # noqa: E402
+from pagedllama.host_memory import keep_freed_memory  # noqa: E402
 from pagedllama.kv_cache import KVCache  # noqa: E402
 from pagedllama.model import Transformer  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
@@ -112,6 +113,11 @@ def cpu_has_amx_bf16() -> bool:
     except OSError:
         return False
 
+
+# What the CLI does on CPU (pagedllama/host_memory.py); BENCH_KEEP_FREED_MEMORY=0 leaves glibc's
+# defaults (bench/malloc_ab.py measures both).
+if DEVICE.type == "cpu" and os.environ.get("BENCH_KEEP_FREED_MEMORY", "1") == "1":
+    keep_freed_memory()
 
 # bfloat16 (Llama 3's own dtype) on CUDA and on CPUs with AMX, else float32; BENCH_DTYPE overrides.
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[

@@ -6,7 +6,7 @@ figure in it is copied by a program from a measured run, never typed by hand.
 
 In the markdown file a table stands between `<!-- table DTYPE/NAME -->` and `<!-- /table -->`
 (NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits_REV,
-bookkeeping_ab_REV, compile_probe, model_ops, gqa_rows, or any of them with `_quick`; `gpu/gpu` for bench/gpu.py's results).
+bookkeeping_ab_REV, compile_probe, model_ops, gqa_rows, malloc_ab, or any of them with `_quick`; `gpu/gpu` for bench/gpu.py's results).
 """
 from __future__ import annotations
 
@@ -239,9 +239,23 @@ def gqa_rows(doc: dict) -> str:
                               f"**{r['rows'] / r['per head']:.2f}**"] for r in doc["rows"]])])
 
 
+def malloc_ab(doc: dict) -> str:
+    rows = []
+    for c in doc["cases"]:
+        for side in c["prefill_ms"]:
+            ratios = [ratio(c[key][side]) if side in c[key] else "" for key in ("prefill_ratio", "decode_ratio")]
+            rows.append([c["dtype"], c["model"], side, f"{c['prefill_ms'][side]:.0f}", ratios[0],
+                         f"{c['prefill_faults'][side]:.0f}", f"{c['decode_ms'][side]:.1f}", ratios[1]])
+    return "\n".join([source(doc) + f", {doc['repeats']} processes a side, prefill of "
+                      f"{doc['cases'][0]['prefill_tokens']} tokens", "",
+                      table(["dtype", "model", "host memory", "prefill, ms", "/ default (min-max)",
+                             "page faults per prefill", "decode step, ms", "/ default (min-max)"], rows)])
+
+
 RENDER = {"throughput": throughput, "batch_scaling": batch_scaling, "hf_compare": hf_compare, "overhead": overhead,
           "profile_decode": profile, "compare_commits": compare_commits, "compile_probe": compile_probe,
-          "model_ops": model_ops, "bookkeeping_ab": bookkeeping_ab, "gqa_rows": gqa_rows, "gpu": gpu}
+          "model_ops": model_ops, "bookkeeping_ab": bookkeeping_ab, "gqa_rows": gqa_rows, "gpu": gpu,
+          "malloc_ab": malloc_ab}
 MARKED = re.compile(r"(<!-- table (\w+)/(\w+) -->\n).*?(<!-- /table -->)", re.S)
 
 

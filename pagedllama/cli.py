@@ -27,6 +27,7 @@ from .data import default_data_path, load_sharegpt
 from .engine import PREEMPTION_MODES, Engine, Request
 from .errors import OutOfKVMemory, UsageError, UserError
 from .kv_cache import KVCache
+from .host_memory import keep_freed_memory
 from .loading import DEMO, Loaded, load, resolve_device, resolve_dtype
 from .report import GB, format_memory_report, human_bytes
 from .sampling import SamplingParams
@@ -169,6 +170,8 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
         raise UsageError("--n, --beam-width, --preemption swap and --enable-prefix-caching apply to generation, "
                          "not to --simulate or --find-max-batch")
     device = resolve_device("cpu" if args.simulate else args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # prefill activations reused, not faulted in again each step (host_memory.py)
     dtype = resolve_dtype("bfloat16" if args.simulate and args.dtype == "auto" else args.dtype, device)
     block_size = getattr(args, "block_size", None)
     data_path = args.data or default_data_path()

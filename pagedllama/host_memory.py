@@ -1,0 +1,31 @@
+"""CPU runs: keep freed memory in the process for reuse instead of handing it back to the OS.
+
+A prefill step's activations are megabytes to tens of megabytes each (tokens x FFN width).
+glibc's malloc serves blocks that large with fresh mmaps and unmaps them when they are freed,
+so every such tensor is paid for again in page faults, one per 4 KiB page, when it is first
+written. Served from the heap, which is never trimmed, freed blocks are reused as they are: a
+prefill through the 100M benchmark preset takes 0.72-0.83x the time (BENCHMARKS.md, "Keeping
+freed memory"); decode steps, whose blocks are small or reused already, are unchanged. The
+price is that the process keeps its peak memory until it exits, as PyTorch's CUDA caching
+allocator does on a GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt parameters, from glibc's malloc.h
+M_TRIM_THRESHOLD = -1  # free memory at the top of the heap beyond which it is given back
+M_MMAP_MAX = -4  # how many blocks may be mmapped at once; 0 serves every block from the heap
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve every block from its heap and give nothing back below 2 GiB
+    free at its top. Process-wide, for the allocations that follow; False (nothing changed)
+    where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the C library the process runs on
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
