@@ -26,8 +26,8 @@ from .config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, resolve_shape
 from .data import default_data_path, load_sharegpt
 from .engine import PREEMPTION_MODES, Engine, Request
 from .errors import OutOfKVMemory, UsageError, UserError
-from .kv_cache import KVCache
 from .host_memory import keep_freed_memory
+from .kv_cache import KVCache
 from .loading import DEMO, Loaded, load, resolve_device, resolve_dtype
 from .report import GB, format_memory_report, human_bytes
 from .sampling import SamplingParams
