@@ -2,13 +2,13 @@
 default malloc, which mmaps every large block afresh and faults it in page by page.
 
 The setting is process-wide and cannot be undone, so each side runs in processes of its own,
-alternated (default, kept, thp, then thp, kept, default, ...), `--repeats` of each. A process builds the
-model, then three times over runs one prefill of the first 16 ShareGPT prompts (about 4,100
-demo-tokenizer tokens in one step, as `llama3-paged.py 16` does) and the 8 decode steps after
-it, timing each step in CPU time and counting its minor page faults; it reports the medians.
-Both dtypes, the demo and the 100M preset. Ratios are to glibc's default, paired by round. A third
-side, thp, leaves glibc alone and sets PyTorch's THP_MEM_ALLOC_ENABLE instead (transparent huge
-pages for its large CPU blocks, where the kernel allows them).
+alternated (default, kept, thp, then thp, kept, default, ...), `--repeats` of each. A process
+builds the model, then three times over runs one prefill of the first 16 ShareGPT prompts (about
+4,100 demo-tokenizer tokens in one step, as `llama3-paged.py 16` does) and the 8 decode steps
+after it, timing each step in CPU time and counting its minor page faults; it reports the
+medians. Both dtypes, the demo and the 100M preset. Ratios are to glibc's default, paired by
+round. The third side, thp, leaves glibc alone and sets PyTorch's THP_MEM_ALLOC_ENABLE instead
+(transparent huge pages for its large CPU blocks, where the kernel allows them).
 
     python bench/malloc_ab.py [--quick] [--repeats N]
 """
