@@ -6,7 +6,8 @@ figure in it is copied by a program from a measured run, never typed by hand.
 
 In the markdown file a table stands between `<!-- table DTYPE/NAME -->` and `<!-- /table -->`
 (NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits_REV,
-bookkeeping_ab_REV, compile_probe, model_ops, gqa_rows, malloc_ab, or any of them with `_quick`; `gpu/gpu` for bench/gpu.py's results).
+bookkeeping_ab_REV, compile_probe, model_ops, gqa_rows, malloc_ab, or any of them with `_quick`;
+`gpu/gpu` for bench/gpu.py's results).
 """
 from __future__ import annotations
 
