@@ -23,7 +23,7 @@ class Sequence:
     max_new_tokens: int
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
-    row: int = -1  # this sequence's row in the cache's device block-table tensor
+    row: int = -1  # this sequence's row in the cache's host block-table array (-1: none)
     num_cached_tokens: int = 0  # tokens whose K/V are already in the cache
     finish_reason: str | None = None
     num_preemptions: int = 0
