@@ -149,6 +149,21 @@ class Setup:
         return self.requests[:self.batch_size]
 
 
+def check_writable(flag: str, path: Path) -> None:
+    """Fail before the run, not after it, if an output file cannot be written."""
+    if not path.parent.is_dir():
+        what = "is a file, not a directory" if path.parent.exists() else "does not exist"
+        raise UserError(f"{flag} {path}: {path.parent} {what}; create the directory or pick another path")
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write it ({e.strerror}); pick another path") from None
+    if not existed:
+        path.unlink()
+
+
 def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) -> Setup:
     """Resolve the flags; `whole_dataset` tokenizes every conversation (for max-batch searches)."""
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -158,8 +173,8 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
     if args.gpu_memory_gb is not None and not args.simulate:
         raise UsageError("--gpu-memory-gb only applies with --simulate CONFIG")
     for flag, path in (("--output", args.output), ("--json", args.json)):
-        if path and not path.parent.is_dir():
-            raise UserError(f"{flag} {path}: directory {path.parent} does not exist; create it or pick another path")
+        if path:
+            check_writable(flag, path)
     planning = bool(args.simulate or args.find_max_batch)
     if args.n > 1 and args.beam_width > 1:
         raise UsageError("--n and --beam-width exclude each other")

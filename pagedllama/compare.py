@@ -22,7 +22,7 @@ from .attention import select_backend  # noqa: E402
 from .budget import build_cache  # noqa: E402
 from .capacity import dry_run, find_max_batch  # noqa: E402
 from .cli import Setup, build_parser, generate, prepare, run_reporting_errors, scheduler_json  # noqa: E402
-from .errors import OutOfKVMemory, UsageError  # noqa: E402
+from .errors import OutOfKVMemory, UsageError, UserError  # noqa: E402
 from .report import GB, MemorySample, format_memory_report  # noqa: E402
 from .sharing import one_per_sequence  # noqa: E402
 
@@ -110,6 +110,12 @@ def compare(args: argparse.Namespace) -> int:
     if args.batch_size is None:
         raise UsageError("give BATCH_SIZE, the number of prompts both twins run")
     setup = prepare("paged", args, whole_dataset=True)
+    if not args.no_plots:  # before the runs, so a bad path fails at once
+        try:
+            args.plots_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--plots-dir {args.plots_dir}: cannot create it ({e.strerror}); pick another "
+                            "directory or pass --no-plots") from None
     print(f"compare: {setup.header}")
     runs = {twin: run_twin(twin, args, setup) for twin in ("naive", "paged")}
     print()
@@ -130,7 +136,6 @@ def compare(args: argparse.Namespace) -> int:
            "twins": {t: {"memory": r.memory, "scheduler": r.scheduler, "output_tokens_per_s": r.tokens_per_s,
                          "error": r.error} for t, r in runs.items()}}
     if not args.no_plots:
-        args.plots_dir.mkdir(parents=True, exist_ok=True)
         timeline_png = plot_timelines(timeline_runs(runs, setup, k_naive, args.block_size), budget,
                                       args.plots_dir / "memory_timeline.png")
         sweep = block_size_sweep(setup, k_naive)

@@ -255,6 +255,11 @@ CASES = [
          1, ["--output", "does not exist"]),
     Case("json-dir-missing", "paged", lambda e: ["2", *e.run_flags(e.ws.meta, "--json", str(e.tmp / "x/o.json"))],
          1, ["--json", "does not exist"]),
+    Case("json-is-a-directory", "paged", lambda e: ["2", *e.run_flags(e.ws.meta, "--json", str(e.tmp))],
+         1, ["--json", "cannot write it", "is a directory"]),
+    Case("output-parent-is-a-file", "naive",
+         lambda e: ["2", *e.run_flags(e.ws.meta, "--output", str(write(e, "f", "") / "o.jsonl"))],
+         1, ["--output", "is a file, not a directory"]),
     # download
     Case("download-no-repo-id", "download", lambda e: [], 2, ["REPO_ID", "--sharegpt", "--help"]),
     Case("download-repo-id-and-sharegpt", "download", lambda e: ["meta-llama/x", "--sharegpt"], 2,
@@ -268,6 +273,9 @@ CASES = [
          ["does not exist", "--model demo"]),
     Case("compare-data-not-json", "compare", lambda e: ["2", "--data", str(write(e, "d.json", "nope")), "--no-plots"],
          1, ["not valid JSON", "--data"]),
+    Case("compare-plots-dir-is-a-file", "compare",
+         lambda e: ["2", "--dry-run", "--plots-dir", str(write(e, "plots", ""))], 1,
+         ["--plots-dir", "cannot create it", "--no-plots"]),
     Case("compare-simulate-unknown-name", "compare", lambda e: ["2", "--simulate", "gpt-5", "--no-plots"], 1,
          ["unknown model shape", "llama3-8b"]),
 ]
@@ -313,6 +321,19 @@ def test_bad_input_is_one_error_line(case: Case, ws, tmp_path, monkeypatch, caps
 def test_enough_cases():
     assert len(CASES) >= 24 and len({c.id for c in CASES}) == len(CASES)
     assert {c.command for c in CASES} >= {"paged", "naive", "download", "compare"}
+
+
+def test_unwritable_output_fails_before_the_run_and_spares_existing_files(ws, tmp_path, capsys):
+    env = Env(ws, tmp_path, pytest.MonkeyPatch())
+    assert cli.main("paged", ["2", *env.run_flags(ws.meta, "--json", str(tmp_path))]) == 1
+    out, err = capsys.readouterr()
+    assert "report" not in out and "generating" not in err  # nothing ran
+    # the check writes nothing: an existing file keeps its content when the run then fails
+    old = tmp_path / "old.json"
+    old.write_text("keep me")
+    assert cli.main("naive", ["99", *env.run_flags(ws.meta, "--json", str(old))]) == 2
+    assert "usable conversations" in capsys.readouterr().err and old.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]  # no probe file left behind
 
 
 def test_debug_reraises_for_the_traceback(tmp_path):
