@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import host_memory
 from .attention import AttentionBackend
 from .config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, ModelArgs
 from .engine import Request
@@ -135,8 +136,13 @@ def build_cache(twin: str, args: ModelArgs, requests: list[Request], budget_byte
             raise OutOfKVMemory(f"the KV pool ({num_blocks} blocks x {block_size} slots = "
                                 f"{human_bytes(num_blocks * block_size * bytes_per_token)}) cannot hold even the "
                                 f"longest request ({longest} tokens); raise --kv-cache-gb or --num-blocks")
+    pool_bytes = num_blocks * block_size * bytes_per_token
+    available = host_memory.available_bytes() if storage and device.type == "cpu" else None
+    if available is not None and pool_bytes > available:
+        raise OutOfKVMemory(f"the {human_bytes(pool_bytes)} KV cache does not fit in the {human_bytes(available)} "
+                            "of memory this machine has available; lower --kv-cache-gb, --num-blocks or the batch size")
     try:
         return KVCache(args, num_blocks, block_size, max_seq_len, len(requests), backend, device, dtype, storage)
     except torch.cuda.OutOfMemoryError:
-        raise OutOfKVMemory(f"CUDA could not allocate the {human_bytes(num_blocks * block_size * bytes_per_token)} "
-                            "KV cache; lower --kv-cache-gb, the batch size or --gpu-memory-utilization") from None
+        raise OutOfKVMemory(f"CUDA could not allocate the {human_bytes(pool_bytes)} KV cache; lower --kv-cache-gb, "
+                            "the batch size or --gpu-memory-utilization") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import traceback
@@ -22,7 +23,7 @@ from .attention import BACKENDS, select_backend
 from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, MAX_PREFILL_TOKENS, Budget, build_cache, cpu_default_budget,
                      cuda_default_budget, naive_max_rows, paged_num_blocks, simulated_budget, user_budget)
 from .capacity import dry_run, find_max_batch
-from .config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, resolve_shape
+from .config import DEFAULT_MAX_SEQ_LEN, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
 from .data import default_data_path, load_sharegpt
 from .engine import PREEMPTION_MODES, Engine, Request
 from .errors import OutOfKVMemory, UsageError, UserError
@@ -111,24 +112,28 @@ def run_reporting_errors(job: Callable[[], int], debug: bool) -> int:
     """Run `job`; any failure becomes one line on stderr (a traceback only with --debug)."""
     try:
         return job()
-    except UserError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except torch.cuda.OutOfMemoryError as e:
-        if debug:
-            raise
-        print(f"error: CUDA ran out of memory ({str(e).splitlines()[0]}); lower the batch size, --kv-cache-gb "
-              "or --gpu-memory-utilization", file=sys.stderr)
-        return 1
     except Exception as e:  # noqa: BLE001 - the user gets one line; --debug shows the rest
         if debug:
             raise
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        print(f"error: internal error {type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno}); "
-              "rerun with --debug and report it", file=sys.stderr)
-        return 1
+        message, status = describe_error(e)
+        print(f"error: {message}", file=sys.stderr)
+        return status
+
+
+def describe_error(e: Exception) -> tuple[str, int]:
+    """The one line a user sees for `e`, and the exit status."""
+    if isinstance(e, UserError):
+        return str(e), e.exit_code
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return (f"CUDA ran out of memory ({str(e).splitlines()[0]}); lower the batch size, --kv-cache-gb or "
+                "--gpu-memory-utilization"), 1
+    tried = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))
+    if tried:  # PyTorch's CPU allocator
+        return (f"out of memory: could not allocate {human_bytes(int(tried[1]))}; lower --max-seq-len, "
+                "--kv-cache-gb or the batch size"), 1
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    return (f"internal error {type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno}); "
+            "rerun with --debug and report it"), 1
 
 
 @dataclass
@@ -170,6 +175,9 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.batch_size is None and not args.find_max_batch:
         raise UsageError("give BATCH_SIZE, the number of prompts to run (or --find-max-batch)")
+    if args.max_seq_len and args.max_seq_len > MAX_SEQ_LEN_LIMIT:
+        raise UsageError(f"--max-seq-len {args.max_seq_len} is beyond what this engine supports: give at most "
+                         f"{MAX_SEQ_LEN_LIMIT} (Llama 3.1 is trained to 131072)")
     if args.gpu_memory_gb is not None and not args.simulate:
         raise UsageError("--gpu-memory-gb only applies with --simulate CONFIG")
     for flag, path in (("--output", args.output), ("--json", args.json)):

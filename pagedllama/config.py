@@ -151,6 +151,7 @@ DEMO_ARGS = ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4
                       hidden_dim=ffn_hidden_dim(256, 256, None), rope_theta=500000.0)
 DEMO_MAX_SEQ_LEN = 4096
 DEFAULT_MAX_SEQ_LEN = 8192  # real models, as in the original scripts
+MAX_SEQ_LEN_LIMIT = 1 << 20  # 8x Llama 3.1's 131072; the RoPE table and a naive row grow with it
 
 
 def load_config_file(path: str | Path) -> ModelArgs:

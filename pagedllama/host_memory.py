@@ -29,3 +29,19 @@ def keep_freed_memory() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel can hand out without swapping (Linux's MemAvailable); None if unknown.
+
+    Checked before the KV pool is allocated: with Linux's overcommit an allocation larger than
+    this can succeed, and zeroing it then gets the process killed with no message at all.
+    """
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import flash_attn_standin
 from conftest import chats, write_byte_checkpoint
-from pagedllama import cli, download
+from pagedllama import cli, download, host_memory
 from pagedllama.attention import select_backend
 from pagedllama.checkpoint import detect_format, load_checkpoint
 from pagedllama.config import NAMED_SHAPES
@@ -130,6 +130,12 @@ def gpt2_dir(env: Env) -> Path:
     (d / "config.json").write_text(json.dumps(GPT2_CONFIG))
     save_file({"wte.weight": torch.zeros(512, 64)}, d / "model.safetensors")
     return d
+
+
+def little_host_memory(env: Env, argv: list[str]) -> list[str]:
+    """`argv`, run on a machine said to have 1 MiB of memory available."""
+    env.monkeypatch.setattr(host_memory, "available_bytes", lambda: 2**20)
+    return argv
 
 
 def write(env: Env, name: str, content: str | bytes) -> Path:
@@ -250,6 +256,14 @@ CASES = [
          ["--gpu-memory-gb", "only applies with --simulate"]),
     Case("gpu-memory-gb-absurd", "paged", lambda e: ["2", "--simulate", "llama3-8b", "--gpu-memory-gb", "-8"], 2,
          ["--gpu-memory-gb -8", "e.g. 24"]),
+    Case("max-seq-len-absurd", "paged", lambda e: ["2", "--max-seq-len", "1000000000"], 2,
+         ["--max-seq-len 1000000000", "at most 1048576"]),
+    Case("kv-pool-beyond-host-memory", "paged", lambda e: little_host_memory(e, ["2", *e.run_flags(e.ws.meta),
+                                                                                "--kv-cache-gb", "0.01"]), 1,
+         ["KV cache does not fit", "1.00 MB of memory", "--kv-cache-gb"]),
+    Case("naive-rows-beyond-host-memory", "naive", lambda e: little_host_memory(e, ["3", *e.run_flags(e.ws.meta),
+                                                                                   "--max-seq-len", "4096"]), 1,
+         ["KV cache does not fit", "the batch size"]),
     # output paths
     Case("output-dir-missing", "paged", lambda e: ["2", *e.run_flags(e.ws.meta, "--output", str(e.tmp / "x/o.jsonl"))],
          1, ["--output", "does not exist"]),
@@ -334,6 +348,13 @@ def test_unwritable_output_fails_before_the_run_and_spares_existing_files(ws, tm
     assert cli.main("naive", ["99", *env.run_flags(ws.meta, "--json", str(old))]) == 2
     assert "usable conversations" in capsys.readouterr().err and old.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]  # no probe file left behind
+
+
+def test_a_failed_host_allocation_is_one_line():
+    with pytest.raises(RuntimeError) as info:  # PyTorch's CPU allocator refuses 4 EiB on any machine
+        torch.empty(2**62, dtype=torch.uint8)
+    message, status = cli.describe_error(info.value)
+    assert status == 1 and message.startswith("out of memory: could not allocate") and "--max-seq-len" in message
 
 
 def test_debug_reraises_for_the_traceback(tmp_path):

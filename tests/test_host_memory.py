@@ -1,6 +1,8 @@
-"""keep_freed_memory: freed large blocks come back without page faults, and the CLI asks for it on CPU."""
+"""Host memory: freed large blocks come back without page faults (the CLI asks for it on CPU), and
+the memory available is read from the kernel."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pagedllama import cli
+from pagedllama.host_memory import available_bytes
 
 # In a process of its own: the setting is process-wide and cannot be undone.
 FAULTS_BEFORE_AND_AFTER = textwrap.dedent("""
@@ -44,3 +47,10 @@ def test_the_cli_keeps_freed_memory_on_cpu(monkeypatch, capsys):
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("kept") or True)
     assert cli.main("paged", ["2", "--simulate", "llama3-8b", "--gpu-memory-gb", "24"]) == 0
     assert calls == ["kept"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/meminfo is Linux's")
+def test_available_memory_is_read_from_the_kernel():
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = available_bytes()
+    assert available is not None and 2**20 < available <= total
