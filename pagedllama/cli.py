@@ -44,8 +44,8 @@ TWINS = {"naive": "naive (contiguous max_seq_len preallocation per request)",
 
 def build_parser(twin: str) -> argparse.ArgumentParser:
     p = ArgumentParser(prog=f"llama3-{twin}.py",
-                                description=f"Batched Llama 3 generation over ShareGPT prompts with a {TWINS[twin]} "
-                                            "KV cache, ending with a memory report.")
+                       description=f"Batched Llama 3 generation over ShareGPT prompts with a {TWINS[twin]} "
+                                   "KV cache, ending with a memory report.")
     p.add_argument("batch_size", type=positive_int, metavar="BATCH_SIZE", nargs="?",
                    help="number of ShareGPT prompts to run at once (optional with --find-max-batch)")
     g = p.add_argument_group("model")
@@ -60,7 +60,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("workload")
     g.add_argument("--data", type=Path, help="ShareGPT JSON file (default: the shipped sharegpt-filtered.json)")
     g.add_argument("--max-seq-len", type=positive_int,
-                   help="context length per request: prompt + answer (default 8192; 4096 for the demo)")
+                   help="context length per request: prompt + answer (default 8192; 4096 for the demo; "
+                        f"at most {MAX_SEQ_LEN_LIMIT})")
     g.add_argument("--max-new-tokens", type=positive_int, help="cap on generated tokens per request "
                    "(default: up to the context; the demo generates each dataset answer's length)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-turn tokens")

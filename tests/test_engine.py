@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
-from conftest import generate, make_cache, random_requests, reference_greedy
-from pagedllama.engine import Engine
+from conftest import TINY, generate, make_cache, random_requests, reference_greedy
+from pagedllama.engine import Engine, Request
 from pagedllama.sampling import SamplingParams
 
 # Prompts from 1 to 300 tokens, answers from 1 to 60: lengths that differ widely.
@@ -98,3 +100,51 @@ def test_a_request_stops_at_the_context_length(tiny_model):
     engine = Engine(tiny_model, make_cache(tiny_model, 4, 16, 32, 1), SamplingParams(), frozenset(), ignore_eos=True)
     seq, = engine.run(random_requests([(10, 100)], tiny_model.args.vocab_size), progress=False).sequences
     assert seq.finish_reason == "max_seq_len" and seq.num_tokens == 32
+
+
+@st.composite
+def workloads(draw):
+    """A few requests whose prompts may share a prefix (so prefix caching finds blocks), each with
+    its own answer length and number of greedy samples, and a cache that may be too small for all."""
+    vocab = TINY.vocab_size
+    prefix = draw(st.lists(st.integers(0, vocab - 1), max_size=40))
+    reqs = []
+    for i in range(draw(st.integers(1, 5))):
+        suffix = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=30))
+        reqs.append(Request(f"r{i}", prefix + suffix, draw(st.integers(1, 12)), n=draw(st.sampled_from([1, 1, 2]))))
+    return reqs
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=workloads(), data=st.data())
+def test_any_workload_and_pool_equal_reference(tiny_model, reqs, data):
+    """Whatever the requests, block size, pool size (down to one that holds only the longest request,
+    so requests wait and are preempted), preemption mode and prefix caching: every greedy sample is
+    the full-recompute reference, and every block goes back to the pool."""
+    max_seq_len = 128
+    longest = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs)
+    seqs = sum(r.n for r in reqs)
+    naive = data.draw(st.booleans(), label="naive")
+    if naive:  # one max_seq_len row per sequence; fewer rows than sequences make requests wait
+        block_size, num_blocks = max_seq_len, data.draw(st.integers(max(r.n for r in reqs), seqs), label="rows")
+    else:
+        block_size = data.draw(st.sampled_from([1, 2, 3, 5, 8, 16]), label="block_size")
+        need = sum(r.n * -(-(len(r.prompt_ids) + r.max_new_tokens) // block_size) for r in reqs)
+        fewest = max(r.n * -(-(len(r.prompt_ids) + r.max_new_tokens) // block_size) for r in reqs)
+        num_blocks = data.draw(st.one_of(st.integers(fewest, fewest + 3), st.integers(fewest, need + 2)),
+                               label="num_blocks")  # often tight: preemption
+    cache = make_cache(tiny_model, block_size, num_blocks, max_seq_len, seqs)
+    preemption = data.draw(st.sampled_from(["recompute", "swap"]), label="preemption")
+    swap_blocks = data.draw(st.integers(0, num_blocks), label="swap_blocks")  # a small pool falls back to recompute
+    engine = Engine(tiny_model, cache, SamplingParams(), frozenset(), ignore_eos=True, preemption=preemption,
+                    swap_space_bytes=swap_blocks * block_size * cache.bytes_per_slot,
+                    prefix_caching=not naive and data.draw(st.booleans(), label="prefix_caching"))
+    outputs = [s.output_ids for s in engine.run(reqs, progress=False).sequences]
+    expected = [reference_greedy(tiny_model, r.prompt_ids, r.max_new_tokens) for r in reqs for _ in range(r.n)]
+    assert outputs == expected
+    assert cache.allocator.num_free == num_blocks and cache.allocator.num_refs == 0
+    stats = engine.scheduler.stats  # what the example exercised (pytest --hypothesis-show-statistics)
+    event("naive" if naive else "paged")
+    event(f"preempted: {stats.preemptions > 0}, swapped: {stats.swaps > 0}, copied on write: {cache.num_copies > 0}")
+    if cache.prefix_cache:
+        event(f"prefix cache hit: {cache.prefix_cache.hit_tokens > 0}")
