@@ -122,7 +122,6 @@ def test_any_workload_and_pool_equal_reference(tiny_model, reqs, data):
     so requests wait and are preempted), preemption mode and prefix caching: every greedy sample is
     the full-recompute reference, and every block goes back to the pool."""
     max_seq_len = 128
-    longest = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs)
     seqs = sum(r.n for r in reqs)
     naive = data.draw(st.booleans(), label="naive")
     if naive:  # one max_seq_len row per sequence; fewer rows than sequences make requests wait
