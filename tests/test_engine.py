@@ -128,8 +128,8 @@ def test_any_workload_and_pool_equal_reference(tiny_model, reqs, data):
         block_size, num_blocks = max_seq_len, data.draw(st.integers(max(r.n for r in reqs), seqs), label="rows")
     else:
         block_size = data.draw(st.sampled_from([1, 2, 3, 5, 8, 16]), label="block_size")
-        need = sum(r.n * -(-(len(r.prompt_ids) + r.max_new_tokens) // block_size) for r in reqs)
-        fewest = max(r.n * -(-(len(r.prompt_ids) + r.max_new_tokens) // block_size) for r in reqs)
+        blocks = [r.n * -(-(len(r.prompt_ids) + r.max_new_tokens) // block_size) for r in reqs]  # unshared
+        fewest, need = max(blocks), sum(blocks)
         num_blocks = data.draw(st.one_of(st.integers(fewest, fewest + 3), st.integers(fewest, need + 2)),
                                label="num_blocks")  # often tight: preemption
     cache = make_cache(tiny_model, block_size, num_blocks, max_seq_len, seqs)
