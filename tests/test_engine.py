@@ -115,16 +115,16 @@ def workloads(draw):
     return reqs
 
 
+@pytest.mark.parametrize("twin,preemption", [("naive", "recompute"), ("paged", "recompute"), ("paged", "swap")])
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(reqs=workloads(), data=st.data())
-def test_any_workload_and_pool_equal_reference(tiny_model, reqs, data):
+def test_any_workload_and_pool_equal_reference(tiny_model, twin, preemption, reqs, data):
     """Whatever the requests, block size, pool size (down to one that holds only the longest request,
     so requests wait and are preempted), preemption mode and prefix caching: every greedy sample is
     the full-recompute reference, and every block goes back to the pool."""
     max_seq_len = 128
     seqs = sum(r.n for r in reqs)
-    naive = data.draw(st.booleans(), label="naive")
-    if naive:  # one max_seq_len row per sequence; fewer rows than sequences make requests wait
+    if twin == "naive":  # one max_seq_len row per sequence; fewer rows than sequences make requests wait
         block_size, num_blocks = max_seq_len, data.draw(st.integers(max(r.n for r in reqs), seqs), label="rows")
     else:
         block_size = data.draw(st.sampled_from([1, 2, 3, 5, 8, 16]), label="block_size")
@@ -133,17 +133,43 @@ def test_any_workload_and_pool_equal_reference(tiny_model, reqs, data):
         num_blocks = data.draw(st.one_of(st.integers(fewest, fewest + 3), st.integers(fewest, need + 2)),
                                label="num_blocks")  # often tight: preemption
     cache = make_cache(tiny_model, block_size, num_blocks, max_seq_len, seqs)
-    preemption = data.draw(st.sampled_from(["recompute", "swap"]), label="preemption")
-    swap_blocks = data.draw(st.integers(0, num_blocks), label="swap_blocks")  # a small pool falls back to recompute
+    # a swap pool too small for a request falls back to recompute
+    swap_blocks = data.draw(st.one_of(st.just(num_blocks), st.integers(0, num_blocks)), label="swap_blocks")
     engine = Engine(tiny_model, cache, SamplingParams(), frozenset(), ignore_eos=True, preemption=preemption,
                     swap_space_bytes=swap_blocks * block_size * cache.bytes_per_slot,
-                    prefix_caching=not naive and data.draw(st.booleans(), label="prefix_caching"))
+                    prefix_caching=twin == "paged" and data.draw(st.booleans(), label="prefix_caching"))
     outputs = [s.output_ids for s in engine.run(reqs, progress=False).sequences]
     expected = [reference_greedy(tiny_model, r.prompt_ids, r.max_new_tokens) for r in reqs for _ in range(r.n)]
     assert outputs == expected
     assert cache.allocator.num_free == num_blocks and cache.allocator.num_refs == 0
     stats = engine.scheduler.stats  # what the example exercised (pytest --hypothesis-show-statistics)
-    event("naive" if naive else "paged")
     event(f"preempted: {stats.preemptions > 0}, swapped: {stats.swaps > 0}, copied on write: {cache.num_copies > 0}")
     if cache.prefix_cache:
         event(f"prefix cache hit: {cache.prefix_cache.hit_tokens > 0}")
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=workloads(), data=st.data())
+def test_sampling_and_beams_do_not_depend_on_the_pool(tiny_model, preemption, reqs, data):
+    """Sampled tokens (each sample drawing from its own random stream) and beam search come out the
+    same from a pool that holds everything at once and from a tight one, where requests wait, are
+    preempted (by recompute or swap) and may find their prefix cached."""
+    if data.draw(st.booleans(), label="beams"):
+        reqs = [Request(r.request_id, r.prompt_ids, r.max_new_tokens, beam_width=r.n + 1) for r in reqs]
+    block_size = data.draw(st.sampled_from([1, 3, 16]), label="block_size")
+    seqs = sum(r.width for r in reqs)
+    blocks = [r.width * -(-(len(r.prompt_ids) + r.max_new_tokens) // block_size) for r in reqs]
+    sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=data.draw(st.integers(0, 9), label="seed"))
+
+    def run(num_blocks: int, **engine_args) -> list[list[int]]:
+        cache = make_cache(tiny_model, block_size, num_blocks, 128, seqs)
+        engine = Engine(tiny_model, cache, sampling, frozenset(), ignore_eos=True, **engine_args)
+        out = [s.output_ids for s in engine.run(reqs, progress=False).sequences]
+        assert cache.allocator.num_free == num_blocks
+        if engine_args:
+            event(f"preempted: {engine.scheduler.stats.preemptions > 0}, swapped: {engine.scheduler.stats.swaps > 0}")
+        return out
+
+    tight = data.draw(st.integers(max(blocks), max(blocks) + 3), label="tight_blocks")
+    assert run(sum(blocks) + 1) == run(tight, preemption=preemption, prefix_caching=data.draw(st.booleans()))
