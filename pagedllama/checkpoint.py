@@ -220,20 +220,30 @@ def _from_hf(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
     return sd
 
 
-def load_checkpoint(model_dir: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Config and state dict (Meta names and RoPE layout, CPU, stored dtype) of a checkpoint folder."""
+def read_config(model_dir: str | Path) -> ModelArgs:
+    """The model shape a checkpoint folder's params.json (Meta) or config.json (HF) describes."""
     model_dir = Path(model_dir)
     if detect_format(model_dir) == "meta":
         root = _meta_root(model_dir)
         assert root is not None
         args = from_meta_params(_read_json(root / "params.json"))
-        args.validate()
+    else:
+        args = from_hf_config(_read_json(model_dir / "config.json"))
+    args.validate()
+    return args
+
+
+def load_checkpoint(model_dir: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Config and state dict (Meta names and RoPE layout, CPU, stored dtype) of a checkpoint folder."""
+    model_dir = Path(model_dir)
+    args = read_config(model_dir)
+    if detect_format(model_dir) == "meta":
+        root = _meta_root(model_dir)
+        assert root is not None
         sd = _load_meta(root)
         _tie_output(sd, args.tie_word_embeddings)
         check_state_dict(args, sd)
         return args, sd
-    args = from_hf_config(_read_json(model_dir / "config.json"))
-    args.validate()
     tensors: dict[str, torch.Tensor] = {}
     for f in _hf_weight_files(model_dir):
         tensors.update(_load_pth(f) if f.suffix == ".bin" else _load_safetensors(f))

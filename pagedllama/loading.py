@@ -6,10 +6,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import build_model, load_checkpoint, random_state_dict
+from . import host_memory
+from .checkpoint import build_model, load_checkpoint, random_state_dict, read_config
 from .config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs
 from .errors import UserError, UsageError
 from .model import Transformer
+from .report import human_bytes
 from .tokenizer import Tokenizer, demo_tokenizer, find_tokenizer, load_tokenizer
 
 DEMO = "demo"
@@ -48,6 +50,22 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_weights_fit(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
+    """Fail with the fix before loading, not halfway through it: on CPU, Linux kills a process that
+    outgrows the memory with no message at all."""
+    need = args.num_params() * dtype.itemsize
+    if device.type == "cuda":
+        room, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
+    else:
+        room, where = host_memory.available_bytes(), "of memory available"
+    if room is None or need <= room:
+        return
+    fix = (f"use --dtype bfloat16 ({human_bytes(need // 2)}) or a smaller model" if dtype == torch.float32
+           else "use a smaller model or a machine with more memory")
+    raise UserError(f"the model's weights take {human_bytes(need)} in {str(dtype).removeprefix('torch.')} but "
+                    f"this machine has {human_bytes(room)} {where}; {fix}")
+
+
 def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.dtype,
          max_seq_len: int | None) -> Loaded:
     """The demo model (random weights, made here) or a checkpoint directory."""
@@ -57,6 +75,7 @@ def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.d
         max_len = max_seq_len or DEMO_MAX_SEQ_LEN
         description = "built-in demo model (RANDOM WEIGHTS: answers are gibberish; memory figures are real)"
     else:
+        check_weights_fit(read_config(model), device, dtype)
         args, state = load_checkpoint(model)
         tok = load_tokenizer(find_tokenizer(Path(model), tokenizer))
         max_len = max_seq_len or DEFAULT_MAX_SEQ_LEN

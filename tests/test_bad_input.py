@@ -132,9 +132,9 @@ def gpt2_dir(env: Env) -> Path:
     return d
 
 
-def little_host_memory(env: Env, argv: list[str]) -> list[str]:
-    """`argv`, run on a machine said to have 1 MiB of memory available."""
-    env.monkeypatch.setattr(host_memory, "available_bytes", lambda: 2**20)
+def little_host_memory(env: Env, argv: list[str], available: int = 2**20) -> list[str]:
+    """`argv`, run on a machine said to have `available` bytes of memory available (1 MiB)."""
+    env.monkeypatch.setattr(host_memory, "available_bytes", lambda: available)
     return argv
 
 
@@ -261,6 +261,12 @@ CASES = [
     Case("kv-pool-beyond-host-memory", "paged", lambda e: little_host_memory(e, ["2", *e.run_flags(e.ws.meta),
                                                                                 "--kv-cache-gb", "0.01"]), 1,
          ["KV cache does not fit", "1.00 MB of memory", "--kv-cache-gb"]),
+    Case("weights-beyond-host-memory", "paged",
+         lambda e: little_host_memory(e, ["2", *e.run_flags(e.ws.meta)], available=1000), 1,
+         ["weights take", "in float32", "1000 B of memory available", "--dtype bfloat16"]),
+    Case("bf16-weights-beyond-host-memory", "naive",
+         lambda e: little_host_memory(e, ["2", *e.run_flags(e.ws.hf), "--dtype", "bfloat16"], available=1000), 1,
+         ["weights take", "in bfloat16", "a smaller model"]),
     Case("naive-rows-beyond-host-memory", "naive", lambda e: little_host_memory(e, ["3", *e.run_flags(e.ws.meta),
                                                                                    "--max-seq-len", "4096"]), 1,
          ["KV cache does not fit", "the batch size"]),
@@ -348,6 +354,16 @@ def test_unwritable_output_fails_before_the_run_and_spares_existing_files(ws, tm
     assert cli.main("naive", ["99", *env.run_flags(ws.meta, "--json", str(old))]) == 2
     assert "usable conversations" in capsys.readouterr().err and old.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]  # no probe file left behind
+
+
+def test_weights_checked_against_free_gpu_memory(monkeypatch):
+    """On CUDA the weights are checked against the GPU's free memory (torch.cuda.mem_get_info)."""
+    from pagedllama.loading import check_weights_fit
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (12 * 2**30, 24 * 2**30))
+    check_weights_fit(NAMED_SHAPES["llama3.2-3b"], torch.device("cuda"), torch.bfloat16)  # 6.4 GB: fits
+    with pytest.raises(UserError, match=r"take 14\.96 GB in bfloat16 but this machine has 12\.00 GB free on the GPU"):
+        check_weights_fit(NAMED_SHAPES["llama3-8b"], torch.device("cuda"), torch.bfloat16)
 
 
 def test_a_failed_host_allocation_is_one_line():
