@@ -1,6 +1,8 @@
-"""CPU runs: keep freed memory in the process for reuse instead of handing it back to the OS.
+"""CPU runs and the host's memory: how much is available, and keeping freed memory for reuse.
 
-A prefill step's activations are megabytes to tens of megabytes each (tokens x FFN width).
+`available_bytes` is what the weights and the KV pool are checked against before they are
+allocated. `keep_freed_memory` keeps freed memory in the process instead of handing it back
+to the OS. A prefill step's activations are megabytes to tens of megabytes each (tokens x FFN width).
 glibc's malloc serves blocks that large with fresh mmaps and unmaps them when they are freed,
 so every such tensor is paid for again in page faults, one per 4 KiB page, when it is first
 written. Served from the heap, which is never trimmed, freed blocks are reused as they are: a
