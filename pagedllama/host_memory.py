@@ -1,14 +1,14 @@
 """CPU runs and the host's memory: how much is available, and keeping freed memory for reuse.
 
 `available_bytes` is what the weights and the KV pool are checked against before they are
-allocated. `keep_freed_memory` keeps freed memory in the process instead of handing it back
-to the OS. A prefill step's activations are megabytes to tens of megabytes each (tokens x FFN width).
-glibc's malloc serves blocks that large with fresh mmaps and unmaps them when they are freed,
-so every such tensor is paid for again in page faults, one per 4 KiB page, when it is first
-written. Served from the heap, which is never trimmed, freed blocks are reused as they are: a
-prefill through the 100M benchmark preset takes 0.72-0.83x the time (BENCHMARKS.md, "Keeping
-freed memory"); decode steps, whose blocks are small or reused already, are unchanged. The
-price is that the process keeps its peak memory until it exits, as PyTorch's CUDA caching
+allocated. `keep_freed_memory` keeps freed memory in the process instead of handing it back to
+the OS. A prefill step's activations are megabytes to tens of megabytes each (tokens x FFN
+width). glibc's malloc serves blocks that large with fresh mmaps and unmaps them when they are
+freed, so every such tensor is paid for again in page faults, one per 4 KiB page, when it is
+first written. Served from the heap, which is never trimmed, freed blocks are reused as they
+are: a prefill through the 100M benchmark preset takes 0.72-0.83x the time (BENCHMARKS.md,
+"Keeping freed memory"); decode steps, whose blocks are small or reused already, are unchanged.
+The price is that the process keeps its peak memory until it exits, as PyTorch's CUDA caching
 allocator does on a GPU.
 """
 from __future__ import annotations
