@@ -138,9 +138,11 @@ def build_cache(twin: str, args: ModelArgs, requests: list[Request], budget_byte
                                 f"longest request ({longest} tokens); raise --kv-cache-gb or --num-blocks")
     pool_bytes = num_blocks * block_size * bytes_per_token
     available = host_memory.available_bytes() if storage and device.type == "cpu" else None
-    if available is not None and pool_bytes > available:
-        raise OutOfKVMemory(f"the {human_bytes(pool_bytes)} KV cache does not fit in the {human_bytes(available)} "
-                            "of memory this machine has available; lower --kv-cache-gb, --num-blocks or the batch size")
+    activations = activation_allowance(args, dtype.itemsize)
+    if available is not None and pool_bytes + activations > available:
+        raise OutOfKVMemory(f"the {human_bytes(pool_bytes)} KV cache and {human_bytes(activations)} of prefill "
+                            f"activations do not fit in the {human_bytes(available)} of memory this machine has "
+                            "available; lower --kv-cache-gb, --num-blocks or the batch size")
     try:
         return KVCache(args, num_blocks, block_size, max_seq_len, len(requests), backend, device, dtype, storage)
     except torch.cuda.OutOfMemoryError:

@@ -258,9 +258,10 @@ CASES = [
          ["--gpu-memory-gb -8", "e.g. 24"]),
     Case("max-seq-len-absurd", "paged", lambda e: ["2", "--max-seq-len", "1000000000"], 2,
          ["--max-seq-len 1000000000", "at most 1048576"]),
+    # the tiny model's prefill activations are allowed 13 MiB: 16 MiB holds them, not a 10 MiB pool beside them
     Case("kv-pool-beyond-host-memory", "paged", lambda e: little_host_memory(e, ["2", *e.run_flags(e.ws.meta),
-                                                                                "--kv-cache-gb", "0.01"]), 1,
-         ["KV cache does not fit", "1.00 MB of memory", "--kv-cache-gb"]),
+                                                                                "--kv-cache-gb", "0.01"], 2**24), 1,
+         ["MB KV cache and 13.00 MB of prefill activations do not fit in the 16.00 MB", "--kv-cache-gb"]),
     Case("weights-beyond-host-memory", "paged",
          lambda e: little_host_memory(e, ["2", *e.run_flags(e.ws.meta)], available=1000), 1,
          ["weights take", "in float32", "1000 B of memory available", "--dtype bfloat16"]),
@@ -268,8 +269,8 @@ CASES = [
          lambda e: little_host_memory(e, ["2", *e.run_flags(e.ws.hf), "--dtype", "bfloat16"], available=1000), 1,
          ["weights take", "in bfloat16", "a smaller model"]),
     Case("naive-rows-beyond-host-memory", "naive", lambda e: little_host_memory(e, ["3", *e.run_flags(e.ws.meta),
-                                                                                   "--max-seq-len", "4096"]), 1,
-         ["KV cache does not fit", "the batch size"]),
+                                                                                   "--max-seq-len", "4096"], 2**24), 1,
+         ["6.00 MB KV cache and", "do not fit", "the batch size"]),
     # output paths
     Case("output-dir-missing", "paged", lambda e: ["2", *e.run_flags(e.ws.meta, "--output", str(e.tmp / "x/o.jsonl"))],
          1, ["--output", "does not exist"]),
