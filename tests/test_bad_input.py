@@ -133,7 +133,7 @@ def gpt2_dir(env: Env) -> Path:
 
 
 def little_host_memory(env: Env, argv: list[str], available: int = 2**20) -> list[str]:
-    """`argv`, run on a machine said to have `available` bytes of memory available (1 MiB)."""
+    """`argv`, run on a machine said to have `available` bytes of memory available."""
     env.monkeypatch.setattr(host_memory, "available_bytes", lambda: available)
     return argv
 
@@ -344,8 +344,8 @@ def test_enough_cases():
     assert {c.command for c in CASES} >= {"paged", "naive", "download", "compare"}
 
 
-def test_unwritable_output_fails_before_the_run_and_spares_existing_files(ws, tmp_path, capsys):
-    env = Env(ws, tmp_path, pytest.MonkeyPatch())
+def test_unwritable_output_fails_before_the_run_and_spares_existing_files(ws, tmp_path, monkeypatch, capsys):
+    env = Env(ws, tmp_path, monkeypatch)
     assert cli.main("paged", ["2", *env.run_flags(ws.meta, "--json", str(tmp_path))]) == 1
     out, err = capsys.readouterr()
     assert "report" not in out and "generating" not in err  # nothing ran

@@ -105,7 +105,7 @@ def test_a_request_stops_at_the_context_length(tiny_model):
 @st.composite
 def workloads(draw):
     """A few requests whose prompts may share a prefix (so prefix caching finds blocks), each with
-    its own answer length and number of greedy samples, and a cache that may be too small for all."""
+    its own answer length and number of parallel samples."""
     vocab = TINY.vocab_size
     prefix = draw(st.lists(st.integers(0, vocab - 1), max_size=40))
     reqs = []
