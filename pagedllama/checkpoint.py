@@ -201,7 +201,7 @@ def _hf_name(meta_key: str) -> str:
 
 def _tie_output(sd: dict[str, torch.Tensor], tied: bool) -> None:
     """Tied models (3.2 1B/3B) may store no output matrix: it is the embedding, shared not copied."""
-    if (tied or "output.weight" not in sd) and "tok_embeddings.weight" in sd:
+    if tied and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
 
 
@@ -241,7 +241,8 @@ def load_checkpoint(model_dir: str | Path) -> tuple[ModelArgs, dict[str, torch.T
         root = _meta_root(model_dir)
         assert root is not None
         sd = _load_meta(root)
-        _tie_output(sd, args.tie_word_embeddings)
+        # params.json cannot say whether the embedding is tied: a checkpoint without an output matrix is
+        _tie_output(sd, "output.weight" not in sd)
         check_state_dict(args, sd)
         return args, sd
     tensors: dict[str, torch.Tensor] = {}

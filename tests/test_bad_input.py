@@ -119,6 +119,14 @@ def wrong_shape(d: Path) -> None:
     save_file(tensors, d / "model.safetensors")
 
 
+def drop_lm_head(d: Path) -> None:
+    """An untied model's output matrix missing: not to be replaced by the embedding."""
+    assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is False
+    tensors = load_file(d / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, d / "model.safetensors")
+
+
 def drop_layer(d: Path) -> None:
     sd = torch.load(d / "consolidated.00.pth", weights_only=True)
     torch.save({k: v for k, v in sd.items() if not k.startswith("layers.1.")}, d / "consolidated.00.pth")
@@ -176,6 +184,8 @@ CASES = [
          1, ["model.safetensors", "truncated or corrupt", "re-download"]),
     Case("tensor-of-wrong-shape", "paged", lambda e: ["2", *e.run_flags(damaged(e, "hf", "m", wrong_shape))], 1,
          ["model.layers.0.mlp.down_proj.weight", "(64, 100)", "(64, 192)", "re-download"]),
+    Case("missing-lm-head-untied", "paged", lambda e: ["2", *e.run_flags(damaged(e, "hf", "m", drop_lm_head))], 1,
+         ["lacks tensor lm_head.weight", "incomplete", "re-download"]),
     Case("missing-layer", "naive", lambda e: ["2", *e.run_flags(damaged(e, "meta", "m", drop_layer))], 1,
          ["lacks tensor layers.1.", "incomplete", "re-download"]),
     Case("config-of-gpt2", "paged", lambda e: ["2", *e.run_flags(gpt2_dir(e))], 1, ["gpt2", "not Llama", "--model"]),
