@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY, generate, make_cache, random_requests, reference_greedy
+from pagedllama.checkpoint import build_model, random_state_dict
 from pagedllama.engine import Engine, Request
 from pagedllama.sampling import SamplingParams
 
@@ -50,6 +51,18 @@ def test_scattered_blocks_equal_reference(tiny_model, requests, expected):
     cache.allocator._free.extend(order)
     out, _ = generate(tiny_model, cache, requests)
     assert out == expected
+
+
+def test_twins_agree_in_bfloat16(requests):
+    """In bfloat16 there is no exact reference, but the two layouts hold the same K/V and attention
+    sees them in the same groups and shapes: the twins' tokens are identical, as in float32."""
+    model = build_model(TINY, random_state_dict(TINY, seed=1), torch.device("cpu"), torch.bfloat16, 1024)
+    naive, _ = generate(model, make_cache(model, MAX_SEQ_LEN, len(requests), MAX_SEQ_LEN, len(requests),
+                                          dtype=torch.bfloat16), requests)
+    for block_size in (1, 16):
+        cache = make_cache(model, block_size, 2 * MAX_SEQ_LEN * len(requests) // block_size, MAX_SEQ_LEN,
+                           len(requests), dtype=torch.bfloat16)
+        assert generate(model, cache, requests)[0] == naive
 
 
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])
