@@ -17,9 +17,10 @@
     python bench/gpu.py            # CUDA with triton; a few minutes on an H200
     python bench/gpu.py --smoke    # any machine: a tiny shape through the same code, Triton's
                                    # CPU interpreter for the kernel (the tests run this)
+    python bench/gpu.py --parts decode budget   # only these; the rest kept from the results file
 
 Results: bench/results/gpu/gpu.json (written after each part, so a run cut short keeps what it
-measured); `python bench/tables.py --fill BENCHMARKS.md` renders them.
+measured, and `--parts` finishes it); `python bench/tables.py --fill BENCHMARKS.md` renders them.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from pagedllama.sampling import SamplingParams  # noqa: E402
 from overhead import BLOCK_SIZE, cache_for  # noqa: E402  (the bench's shared pieces: one cache-sizing rule)
 
 GIB = 1 << 30
+PARTS = ("copy", "kernel", "decode", "budget")  # the numbered parts of the docstring
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4352, hidden_dim=160)  # demo tokenizer's vocab
 FULL = {"args": NAMED_SHAPES["llama3-8b"], "copy_bytes": 2 * GIB, "kernel_batches": (1, 16, 64, 256),
         "kernel_contexts": (1024, 4096), "step_batches": (1, 16, 64, 256), "prompt": 512, "steps": 16, "repeats": 20,
@@ -210,12 +212,26 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def resume(out: Path | None, parts: list[str], header: dict) -> dict:
+    """The results document to fill: a fresh one, or, when only some parts run, the existing `out`
+    with those parts to be replaced (so a run cut short on a lent GPU is finished, not redone)."""
+    if set(parts) == set(PARTS) or out is None or not out.exists():
+        return dict(header)
+    doc = json.loads(out.read_text())
+    mismatch = [k for k in ("smoke", "device_name", "dtype", "args", "block_size") if doc.get(k) != header[k]]
+    if mismatch:
+        sys.exit(f"{out} was measured with another {', '.join(mismatch)}; give another --out or run every part")
+    return {**doc, "time": header["time"], "torch": header["torch"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="a tiny shape on whatever device is here (tests)")
     ap.add_argument("--attention", default="auto", help="the decode steps' backend, as the CLI's --attention")
     ap.add_argument("--out", type=Path, default=None,
                     help="results file (default: bench/results/gpu/gpu.json; none with --smoke)")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="the parts to run (default all); the others are kept from an existing --out file")
     a = ap.parse_args()
     plan = SMOKE_PLAN if a.smoke else FULL
     out = a.out or (None if a.smoke else ROOT / "bench" / "results" / "gpu" / "gpu.json")
@@ -227,41 +243,50 @@ def main() -> None:
     else:
         sys.exit("bench/gpu.py needs a CUDA GPU (run it with --smoke to check it on this machine)")
     args: ModelArgs = plan["args"]
-    doc: dict = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": a.smoke, "device": str(device),
-                 "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "args": asdict(args), "block_size": BLOCK_SIZE}
-    bandwidth = copy_bandwidth(device, plan["copy_bytes"], plan["repeats"])
-    doc["copy_bytes_per_s"] = bandwidth
-    log(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + written)")
-    save(doc, out)
+    doc = resume(out, a.parts, {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": a.smoke, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "args": asdict(args),
+        "block_size": BLOCK_SIZE})
+    if "copy" in a.parts:
+        doc["copy_bytes_per_s"] = copy_bandwidth(device, plan["copy_bytes"], plan["repeats"])
+        log(f"copy bandwidth: {doc['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + written)")
+        save(doc, out)
 
-    doc["kernel"] = []
-    for batch in plan["kernel_batches"]:
-        for context in plan["kernel_contexts"]:
-            r = kernel_case(args, batch, context, device, dtype, plan["repeats"])
-            doc["kernel"].append(r)
-            log(f"kernel B={batch} ctx={context}: triton paged {r['paged_us']:.0f} us, SDPA contiguous "
-                f"{r['sdpa_us']:.0f} us, max diff {r['max_abs_diff']:.1e}")
-            save(doc, out)
+    if "kernel" in a.parts:
+        doc["kernel"] = []
+        for batch in plan["kernel_batches"]:
+            for context in plan["kernel_contexts"]:
+                r = kernel_case(args, batch, context, device, dtype, plan["repeats"])
+                doc["kernel"].append(r)
+                log(f"kernel B={batch} ctx={context}: triton paged {r['paged_us']:.0f} us, SDPA contiguous "
+                    f"{r['sdpa_us']:.0f} us, max diff {r['max_abs_diff']:.1e}")
+                save(doc, out)
 
-    model = build_model(args, random_state_dict(args, 0, device, dtype), device, dtype,
-                        max(plan["prompt"] + plan["steps"] + 1, plan["budget_max_seq_len"]))
-    doc["weight_bytes_read"] = weights = weight_bytes_read(model)
-    doc["decode"] = []
-    for batch in plan["step_batches"]:
-        for twin in ("paged", "naive"):
-            r = decode_steps(model, args, twin, batch, plan["prompt"], plan["steps"], device, dtype, a.attention)
-            r["floor_ms"] = 1e3 * (weights + r["kv_bytes_read"]) / bandwidth
-            doc["decode"].append(r)
-            log(f"decode {twin} B={batch} ({r['backend']}): {r['step_ms']:.2f} ms, floor {r['floor_ms']:.2f} ms")
-            save(doc, out)
+    model = None
+    if "decode" in a.parts or "budget" in a.parts:
+        model = build_model(args, random_state_dict(args, 0, device, dtype), device, dtype,
+                            max(plan["prompt"] + plan["steps"] + 1, plan["budget_max_seq_len"]))
+    if "decode" in a.parts:
+        if "copy_bytes_per_s" not in doc:
+            sys.exit("the decode part's floor needs the copy bandwidth: add --parts copy")
+        doc["weight_bytes_read"] = weights = weight_bytes_read(model)
+        doc["decode"] = []
+        for batch in plan["step_batches"]:
+            for twin in ("paged", "naive"):
+                r = decode_steps(model, args, twin, batch, plan["prompt"], plan["steps"], device, dtype, a.attention)
+                r["floor_ms"] = 1e3 * (weights + r["kv_bytes_read"]) / doc["copy_bytes_per_s"]
+                doc["decode"].append(r)
+                log(f"decode {twin} B={batch} ({r['backend']}): {r['step_ms']:.2f} ms, floor {r['floor_ms']:.2f} ms")
+                save(doc, out)
 
-    doc["same_budget"] = r = same_budget(model, args, plan["budget_max_seq_len"], plan["budget_requests"],
-                                         plan["budget_cap"], device, dtype, a.attention)
-    log(f"same KV budget ({r['budget_bytes'] / GIB:.1f} GiB): naive batch {r['naive_batch']} "
-        f"{r['naive_tok_per_s']:.0f} tok/s, paged batch {r['paged_batch']} {r['paged_tok_per_s']:.0f} tok/s, "
-        f"paged / naive {r['paged_tok_per_s'] / r['naive_tok_per_s']:.2f}")
-    save(doc, out)
+    if "budget" in a.parts:
+        doc["same_budget"] = r = same_budget(model, args, plan["budget_max_seq_len"], plan["budget_requests"],
+                                             plan["budget_cap"], device, dtype, a.attention)
+        log(f"same KV budget ({r['budget_bytes'] / GIB:.1f} GiB): naive batch {r['naive_batch']} "
+            f"{r['naive_tok_per_s']:.0f} tok/s, paged batch {r['paged_batch']} {r['paged_tok_per_s']:.0f} tok/s, "
+            f"paged / naive {r['paged_tok_per_s'] / r['naive_tok_per_s']:.2f}")
+        save(doc, out)
     if out is not None:
         log(f"results: {out}")
 

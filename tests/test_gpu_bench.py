@@ -68,3 +68,20 @@ def test_without_a_gpu_the_full_run_says_so():
         pytest.skip("a GPU is here")
     run = subprocess.run([sys.executable, str(GPU_BENCH)], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_parts_finish_an_existing_results_file(smoke, tmp_path):
+    """A run cut short on a lent GPU is finished with --parts: the parts run are replaced, the rest kept;
+    a file measured on another shape or device is refused."""
+    out = tmp_path / "gpu.json"
+    out.write_text(json.dumps({**smoke, "kernel": "kept", "same_budget": "stale"}))
+    subprocess.run([sys.executable, str(GPU_BENCH), "--smoke", "--parts", "budget", "--out", str(out)], check=True,
+                   capture_output=True, timeout=300)
+    doc = json.loads(out.read_text())
+    assert doc["kernel"] == "kept" and doc["decode"] == smoke["decode"]
+    assert doc["same_budget"]["paged_batch"] == smoke["same_budget"]["paged_batch"]
+
+    out.write_text(json.dumps({**smoke, "args": {**smoke["args"], "dim": 4096}}))
+    run = subprocess.run([sys.executable, str(GPU_BENCH), "--smoke", "--parts", "budget", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "measured with another args" in run.stderr
