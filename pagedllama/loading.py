@@ -75,7 +75,11 @@ def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.d
         max_len = max_seq_len or DEMO_MAX_SEQ_LEN
         description = "built-in demo model (RANDOM WEIGHTS: answers are gibberish; memory figures are real)"
     else:
-        check_weights_fit(read_config(model), device, dtype)
+        config = read_config(model)
+        check_weights_fit(config, device, dtype)
+        print(f"loading {model}: {config.num_params() / 1e9:.2f}B parameters, "
+              f"{human_bytes(config.num_params() * dtype.itemsize)} in {str(dtype).removeprefix('torch.')} ...",
+              flush=True)
         args, state = load_checkpoint(model)
         tok = load_tokenizer(find_tokenizer(Path(model), tokenizer))
         max_len = max_seq_len or DEFAULT_MAX_SEQ_LEN

@@ -367,6 +367,17 @@ def test_unwritable_output_fails_before_the_run_and_spares_existing_files(ws, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"]  # no probe file left behind
 
 
+def test_a_checkpoint_run_says_what_it_loads_before_loading(ws, tmp_path, monkeypatch, capsys):
+    from pagedllama import loading
+
+    printed_before = []
+    load_checkpoint = loading.load_checkpoint
+    monkeypatch.setattr(loading, "load_checkpoint",
+                        lambda d: (printed_before.append(capsys.readouterr().out), load_checkpoint(d))[1])
+    assert cli.main("paged", ["2", *Env(ws, tmp_path, monkeypatch).run_flags(ws.hf)]) == 0
+    assert printed_before[0].startswith(f"loading {ws.hf}: 0.00B parameters, ") and "in float32" in printed_before[0]
+
+
 def test_weights_checked_against_free_gpu_memory(monkeypatch):
     """On CUDA the weights are checked against the GPU's free memory (torch.cuda.mem_get_info)."""
     from pagedllama.loading import check_weights_fit
