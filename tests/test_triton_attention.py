@@ -9,7 +9,9 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 pytest.importorskip("triton")
 
+from conftest import generate, make_cache, random_requests, reference_greedy  # noqa: E402
 from pagedllama import triton_attention  # noqa: E402
+from pagedllama.attention import TritonAttention  # noqa: E402
 from pagedllama.triton_attention import paged_attention  # noqa: E402
 
 GARBAGE = 10 ** 6  # block-table entries past a sequence's last block: never dereferenced
@@ -120,3 +122,13 @@ def test_strided_queries():
     out = paged_attention(qkv[:, :4], k_cache, v_cache, block_table, ctx, qsl, 5, 10, 0.3)
     torch.testing.assert_close(out.double(), reference(q, k_cache, v_cache, block_table, ctx, qsl, 0.3),
                                atol=1e-4, rtol=0)
+
+
+def test_engine_through_the_kernel_equals_reference(tiny_model):
+    """The whole engine with the Triton backend (prefill, decode, a request waiting for room and
+    recomputed after preemption), token for token against the full-recompute reference."""
+    requests = random_requests([(1, 6), (37, 4), (20, 5)], tiny_model.args.vocab_size)
+    expected = [reference_greedy(tiny_model, r.prompt_ids, r.max_new_tokens) for r in requests]
+    cache = make_cache(tiny_model, 16, 4, 64, len(requests), TritonAttention())  # 64 slots: requests take turns
+    out, engine = generate(tiny_model, cache, requests)
+    assert out == expected and not engine.scheduler.stats.all_resident
