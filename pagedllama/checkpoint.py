@@ -234,9 +234,15 @@ def read_config(model_dir: str | Path) -> ModelArgs:
 
 
 def load_checkpoint(model_dir: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Config and state dict (Meta names and RoPE layout, CPU, stored dtype) of a checkpoint folder."""
-    model_dir = Path(model_dir)
+    """Config and state dict of a checkpoint folder."""
     args = read_config(model_dir)
+    return args, load_weights(model_dir, args)
+
+
+def load_weights(model_dir: str | Path, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The state dict (Meta names and RoPE layout, CPU, stored dtype) of a checkpoint folder whose
+    config `read_config` gave as `args`."""
+    model_dir = Path(model_dir)
     if detect_format(model_dir) == "meta":
         root = _meta_root(model_dir)
         assert root is not None
@@ -244,11 +250,11 @@ def load_checkpoint(model_dir: str | Path) -> tuple[ModelArgs, dict[str, torch.T
         # params.json cannot say whether the embedding is tied: a checkpoint without an output matrix is
         _tie_output(sd, "output.weight" not in sd)
         check_state_dict(args, sd)
-        return args, sd
+        return sd
     tensors: dict[str, torch.Tensor] = {}
     for f in _hf_weight_files(model_dir):
         tensors.update(_load_pth(f) if f.suffix == ".bin" else _load_safetensors(f))
-    return args, _from_hf(tensors, args)
+    return _from_hf(tensors, args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from . import host_memory
-from .checkpoint import build_model, load_checkpoint, random_state_dict, read_config
+from .checkpoint import build_model, load_weights, random_state_dict, read_config
 from .config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs
 from .errors import UserError, UsageError
 from .model import Transformer
@@ -50,10 +50,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_weights_fit(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> None:
-    """Fail with the fix before loading, not halfway through it: on CPU, Linux kills a process that
-    outgrows the memory with no message at all."""
-    need = args.num_params() * dtype.itemsize
+def check_weights_fit(need: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Fail with the fix before loading `need` bytes of weights, not halfway through it: on CPU,
+    Linux kills a process that outgrows the memory with no message at all."""
     if device.type == "cuda":
         room, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
     else:
@@ -75,12 +74,12 @@ def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.d
         max_len = max_seq_len or DEMO_MAX_SEQ_LEN
         description = "built-in demo model (RANDOM WEIGHTS: answers are gibberish; memory figures are real)"
     else:
-        config = read_config(model)
-        check_weights_fit(config, device, dtype)
-        print(f"loading {model}: {config.num_params() / 1e9:.2f}B parameters, "
-              f"{human_bytes(config.num_params() * dtype.itemsize)} in {str(dtype).removeprefix('torch.')} ...",
-              flush=True)
-        args, state = load_checkpoint(model)
+        args = read_config(model)
+        weight_bytes = args.num_params() * dtype.itemsize
+        check_weights_fit(weight_bytes, device, dtype)
+        print(f"loading {model}: {args.num_params() / 1e9:.2f}B parameters, {human_bytes(weight_bytes)} in "
+              f"{str(dtype).removeprefix('torch.')} ...", flush=True)
+        state = load_weights(model, args)
         tok = load_tokenizer(find_tokenizer(Path(model), tokenizer))
         max_len = max_seq_len or DEFAULT_MAX_SEQ_LEN
         description = f"{model} ({args.num_params() / 1e9:.2f}B parameters)"

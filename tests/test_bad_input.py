@@ -371,9 +371,9 @@ def test_a_checkpoint_run_says_what_it_loads_before_loading(ws, tmp_path, monkey
     from pagedllama import loading
 
     printed_before = []
-    load_checkpoint = loading.load_checkpoint
-    monkeypatch.setattr(loading, "load_checkpoint",
-                        lambda d: (printed_before.append(capsys.readouterr().out), load_checkpoint(d))[1])
+    load_weights = loading.load_weights
+    monkeypatch.setattr(loading, "load_weights",
+                        lambda d, args: (printed_before.append(capsys.readouterr().out), load_weights(d, args))[1])
     assert cli.main("paged", ["2", *Env(ws, tmp_path, monkeypatch).run_flags(ws.hf)]) == 0
     assert printed_before[0].startswith(f"loading {ws.hf}: 0.00B parameters, ") and "in float32" in printed_before[0]
 
@@ -383,9 +383,12 @@ def test_weights_checked_against_free_gpu_memory(monkeypatch):
     from pagedllama.loading import check_weights_fit
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (12 * 2**30, 24 * 2**30))
-    check_weights_fit(NAMED_SHAPES["llama3.2-3b"], torch.device("cuda"), torch.bfloat16)  # 6.4 GB: fits
+    def bf16_bytes(shape: str) -> int:
+        return NAMED_SHAPES[shape].num_params() * 2
+
+    check_weights_fit(bf16_bytes("llama3.2-3b"), torch.device("cuda"), torch.bfloat16)  # 6.4 GB: fits
     with pytest.raises(UserError, match=r"take 14\.96 GB in bfloat16 but this machine has 12\.00 GB free on the GPU"):
-        check_weights_fit(NAMED_SHAPES["llama3-8b"], torch.device("cuda"), torch.bfloat16)
+        check_weights_fit(bf16_bytes("llama3-8b"), torch.device("cuda"), torch.bfloat16)
 
 
 def test_a_failed_host_allocation_is_one_line():

@@ -133,6 +133,11 @@ def test_a_request_stops_at_the_context_length(tiny_model):
     assert seq.finish_reason == "max_seq_len" and seq.num_tokens == 32
 
 
+def blocks_of(request: Request, block_size: int) -> int:
+    """Blocks one of the request's sequences holds at its longest."""
+    return -(-(len(request.prompt_ids) + request.max_new_tokens) // block_size)
+
+
 @st.composite
 def workloads(draw):
     """A few requests whose prompts may share a prefix (so prefix caching finds blocks), each with
@@ -159,7 +164,7 @@ def test_any_workload_and_pool_equal_reference(tiny_model, twin, preemption, req
         block_size, num_blocks = max_seq_len, data.draw(st.integers(max(r.n for r in reqs), seqs), label="rows")
     else:
         block_size = data.draw(st.sampled_from([1, 2, 3, 5, 8, 16]), label="block_size")
-        blocks = [r.n * -(-(len(r.prompt_ids) + r.max_new_tokens) // block_size) for r in reqs]  # unshared
+        blocks = [r.n * blocks_of(r, block_size) for r in reqs]  # unshared
         fewest, need = max(blocks), sum(blocks)
         num_blocks = data.draw(st.one_of(st.integers(fewest, fewest + 3), st.integers(fewest, need + 2)),
                                label="num_blocks")  # often tight: preemption
@@ -190,7 +195,7 @@ def test_sampling_and_beams_do_not_depend_on_the_pool(tiny_model, preemption, re
         reqs = [Request(r.request_id, r.prompt_ids, r.max_new_tokens, beam_width=r.n + 1) for r in reqs]
     block_size = data.draw(st.sampled_from([1, 3, 16]), label="block_size")
     seqs = sum(r.width for r in reqs)
-    blocks = [r.width * -(-(len(r.prompt_ids) + r.max_new_tokens) // block_size) for r in reqs]
+    blocks = [r.width * blocks_of(r, block_size) for r in reqs]
     sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=data.draw(st.integers(0, 9), label="seed"))
 
     def run(num_blocks: int, **engine_args) -> list[list[int]]:
