@@ -24,11 +24,13 @@ def load_bench_module(name: str):
 @pytest.fixture(scope="module")
 def common():
     """bench/common.py in float32 on CPU (bfloat16 rounds differently at other batch sizes), leaving
-    torch's thread count as it found it (the benchmarks set one thread on import)."""
+    the test process as it found it: torch's thread count (the benchmarks set one thread on import)
+    and glibc's malloc (they keep freed memory, a process-wide setting that cannot be undone)."""
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BENCH_DTYPE", "float32")
         mp.setenv("BENCH_DEVICE", "cpu")
+        mp.setenv("BENCH_KEEP_FREED_MEMORY", "0")
         module = load_bench_module("common")
     torch.set_num_threads(threads)
     return module
