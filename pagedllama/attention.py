@@ -220,13 +220,14 @@ class TritonAttention:
     name = "triton"
 
     def __init__(self):
-        from .triton_attention import paged_attention
+        from .triton_attention import paged_attention, store_kv
 
         self._paged_attention = paged_attention
+        self._store_kv = store_kv
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        self._store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         return self._paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                      meta.query_start_loc, meta.max_query_len, meta.max_context_len, scale)
 

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from .beam_search import advance_beams
+from .cuda_graphs import DecodeGraphs
 from .errors import OutOfKVMemory
 from .kv_cache import KVCache
 from .model import Transformer
@@ -62,12 +63,18 @@ class Engine:
 
     def __init__(self, model: Transformer | None, cache: KVCache, sampling: SamplingParams,
                  stop_ids: frozenset[int], ignore_eos: bool = False, max_prefill_tokens: int = 16384,
-                 preemption: str = "recompute", swap_space_bytes: int = 4 * GB, prefix_caching: bool = False):
-        """`preemption`: "recompute" or "swap" (to a CPU pool of `swap_space_bytes`)."""
+                 preemption: str = "recompute", swap_space_bytes: int = 4 * GB, prefix_caching: bool = False,
+                 cuda_graphs: bool = False):
+        """`preemption`: "recompute" or "swap" (to a CPU pool of `swap_space_bytes`). `cuda_graphs`:
+        decode steps replay captured graphs (triton backend; on a CPU the same static-buffer forward
+        runs eagerly, which is how the tests check it)."""
         if preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, not {preemption!r}")
         self.model = model
         self.cache = cache
+        self.decode = model
+        if cuda_graphs and model is not None:
+            self.decode = DecodeGraphs(model, cache, cache.max_num_seqs, capture=cache.device.type == "cuda")
         self.sampling = sampling
         self.stop_ids = frozenset() if ignore_eos else stop_ids
         if prefix_caching:
@@ -137,7 +144,7 @@ class Engine:
             positions = torch.tensor([len(s.token_ids) for s in batch])
         else:
             tokens, positions, meta = self.cache.prepare_step(batch, is_prefill)
-            logits = self.model(tokens, positions, self.cache, meta)
+            logits = (self.model if is_prefill else self.decode)(tokens, positions, self.cache, meta)
             positions = meta.context_lens  # where each new token goes
         self.memory.record()
         self.sharing.record(self.cache.allocator.num_refs)  # only running sequences hold blocks

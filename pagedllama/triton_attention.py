@@ -13,6 +13,9 @@ Decode with few sequences has too few (sequence, KV head) programs to fill the G
 context may be split across programs (split-K): each writes an fp32 partial output and its
 log-sum-exp, and a second small kernel merges them. With one split the attention kernel
 writes the final output directly.
+
+New K/V go into the cache through `store_kv`, which skips slots of -1: the padding rows of a
+decode step replayed from a CUDA graph (cuda_graphs.py) write nowhere.
 """
 from __future__ import annotations
 
@@ -98,6 +101,19 @@ def _paged_attention_kernel(
 
 
 @triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_vt,
+                     ROW: tl.constexpr, ROW_PAD: tl.constexpr):
+    """One token's K and V rows (kv_heads x head_dim) into its cache slot, unless the slot is -1."""
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token)
+    cols = tl.arange(0, ROW_PAD)
+    mask = cols < tl.where(slot >= 0, ROW, 0)
+    dest = slot * ROW + cols
+    tl.store(k_cache_ptr + dest, tl.load(k_ptr + token * stride_kt + cols, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + dest, tl.load(v_ptr + token * stride_vt + cols, mask=mask), mask=mask)
+
+
+@triton.jit
 def _merge_splits_kernel(
     partial_ptr, lse_ptr, out_ptr, num_splits,
     stride_ps, stride_pt, stride_ph,
@@ -133,6 +149,19 @@ def _num_splits(num_programs: int, max_context_len: int, device: torch.device) -
     by_sms = triton.cdiv(_sm_count(device), num_programs)
     by_length = max(1, max_context_len // MIN_KEYS_PER_SPLIT)
     return min(by_sms, by_length, MAX_SPLITS)
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write new K/V (T, Hkv, D) into their flat slots of the (blocks, page, Hkv, D) caches;
+    a slot of -1 is skipped."""
+    num_tokens = k.shape[0]
+    row = k.shape[1] * k.shape[2]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k.stride(1) == k.shape[2] and k.stride(2) == 1 and v.stride(1) == v.shape[2] and v.stride(2) == 1
+    if num_tokens:
+        _store_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                                        ROW=row, ROW_PAD=triton.next_power_of_2(row))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
