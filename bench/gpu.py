@@ -1,18 +1,29 @@
 """The GPU measurements: Llama-3-8B-shaped random weights in bfloat16 on one CUDA device.
 
-1. Copy bandwidth: a device-to-device copy of 2 GiB; bytes read plus bytes written, per second.
-2. Decode attention kernel: the project's Triton paged kernel, which follows a block table of
-   16-slot blocks scattered through the pool, against PyTorch's SDPA on the same K/V laid out
-   contiguously, one query per sequence (a decode step) at several batches and contexts; the
-   outputs are compared, and each kernel's K/V bytes per second set against the copy bandwidth.
-3. The decode step against its memory-bandwidth floor: the paged twin's decode step (the CLI's
-   `--attention auto`: flash-attn if installed, else Triton) at batch 1 to 256, and the naive
-   twin's at the same batch, against (bytes of weights + K/V read per step) / copy bandwidth.
-   The embedding table is not counted (a step reads one row of it per sequence).
-4. Same KV budget, the product's headline case on a real GPU: the budget Llama 3 8B has on a
+1. copy: the two ceilings. A device-to-device copy of 2 GiB (bytes read plus bytes written, per
+   second) and an 8192^3 bf16 matrix product (FLOP per second), both on random data.
+2. correct: greedy tokens on CUDA against the full-recompute reference (`forward_full`, no cache).
+   A small model in float32: both twins, each backend (torch, triton; triton also from CUDA
+   graphs), an ample pool and tight pools that preempt (recompute, swap); every token must equal
+   the reference. Llama-3-8B-shaped weights in bfloat16: the same runs, compared with each other
+   and with the float32 reference on the same weights (bf16 rounding may tip a near-tie: the
+   agreement is reported, not asserted).
+3. kernel: decode attention, the project's Triton paged kernel (16-slot blocks scattered through
+   the pool) against PyTorch's SDPA on the same K/V laid out contiguously, at batch 1 to 256 and
+   context 512 to 8192; each kernel's K/V bytes per second set against the copy bandwidth.
+4. decode: each twin's decode step (the CLI's `--attention auto`: flash-attn if installed, else
+   Triton) at batch 1 to 256, eager and replayed from CUDA graphs, against its floor: the larger
+   of (weights + K/V read) / copy bandwidth and (2 x weights x batch) FLOP / matmul rate. The
+   embedding table is not counted (a step reads one row of it per sequence). Eager and graph
+   runs' tokens are compared.
+5. budget: the same KV budget, the product's headline case: the budget Llama 3 8B has on a
    24 GB GPU (6.19 preallocations of 8192 tokens), ShareGPT prompts with their reference answer
    lengths capped at 128; the naive twin in consecutive waves of its largest batch (as running
-   llama3-naive.py repeatedly), the paged twin at its largest batch; output tokens per second.
+   llama3-naive.py repeatedly), the paged twin at its largest batch; output tokens per second,
+   eager and with CUDA graphs (captured before the clock starts, for both twins).
+6. flash: FlashAttention's paged decode, if a flash-attn package imports here (flash-attn 2's
+   `flash_attn_with_kvcache`, or FlashAttention-4's `flash_attn.cute` with `page_table`), against
+   the Triton kernel on the kernel part's cases; otherwise the import error is recorded.
 
     python bench/gpu.py            # CUDA with triton; a few minutes on an H200
     python bench/gpu.py --smoke    # any machine: a tiny shape through the same code, Triton's
@@ -44,6 +55,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pagedllama.attention import select_backend  # noqa: E402
+from pagedllama.kv_cache import KVCache, cdiv  # noqa: E402
 from pagedllama.budget import build_cache, naive_max_rows, reference_preallocations  # noqa: E402
 from pagedllama.capacity import find_max_batch  # noqa: E402
 from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
@@ -53,12 +65,17 @@ from pagedllama.sampling import SamplingParams  # noqa: E402
 from overhead import BLOCK_SIZE, cache_for  # noqa: E402  (the bench's shared pieces: one cache-sizing rule)
 
 GIB = 1 << 30
-PARTS = ("copy", "kernel", "decode", "budget")  # the numbered parts of the docstring
+PARTS = ("copy", "correct", "kernel", "decode", "budget", "flash")  # the numbered parts of the docstring
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4352, hidden_dim=160)  # demo tokenizer's vocab
-FULL = {"args": NAMED_SHAPES["llama3-8b"], "copy_bytes": 2 * GIB, "kernel_batches": (1, 16, 64, 256),
-        "kernel_contexts": (1024, 4096), "step_batches": (1, 16, 64, 256), "prompt": 512, "steps": 16, "repeats": 20,
-        "budget_max_seq_len": 8192, "budget_requests": 256, "budget_cap": 128}
-SMOKE_PLAN = {"args": TINY, "copy_bytes": 1 << 20, "kernel_batches": (1, 3), "kernel_contexts": (40,),
+SMALL = ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=4352, hidden_dim=768)  # head dim 32
+FULL = {"args": NAMED_SHAPES["llama3-8b"], "small_args": SMALL, "copy_bytes": 2 * GIB, "matmul_n": 8192,
+        "correct_lengths": ((1, 24), (9, 24), (40, 24), (130, 24), (301, 24), (64, 24)),
+        "kernel_batches": (1, 16, 64, 256), "kernel_contexts": (512, 2048, 8192),
+        "step_batches": (1, 16, 64, 256), "prompt": 512, "steps": 16, "repeats": 20,
+        "budget_max_seq_len": 8192, "budget_requests": 128, "budget_cap": 128}
+SMOKE_PLAN = {"args": TINY, "small_args": TINY, "copy_bytes": 1 << 20, "matmul_n": 64,
+              "correct_lengths": ((1, 4), (15, 3), (40, 5)),
+              "kernel_batches": (1, 3), "kernel_contexts": (40,),
               "step_batches": (1, 3), "prompt": 20, "steps": 2, "repeats": 2,
               "budget_max_seq_len": 4096, "budget_requests": 10, "budget_cap": 4}
 
@@ -89,6 +106,83 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
     return 2 * nbytes / timer(device)(lambda: dst.copy_(src), repeats)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
+    """FLOP per second of an n x n x n matrix product on random data."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timer(device)(lambda: a @ b, repeats)
+
+
+def random_requests(lengths: tuple[tuple[int, int], ...], vocab: int, seed: int) -> list[Request]:
+    g = torch.Generator().manual_seed(seed)
+    return [Request(f"r{i}", torch.randint(1, vocab, (p,), generator=g).tolist(), n) for i, (p, n) in enumerate(lengths)]
+
+
+def greedy_reference(model, reqs: list[Request], device: torch.device) -> list[list[int]]:
+    """Greedy tokens by full recomputation with no cache (`forward_full`): the ground truth."""
+    out = []
+    for r in reqs:
+        ids = list(r.prompt_ids)
+        for _ in range(r.max_new_tokens):
+            ids.append(int(model.forward_full(torch.tensor([ids], device=device))[0, -1].argmax()))
+        out.append(ids[len(r.prompt_ids):])
+    return out
+
+
+def correctness_runs() -> list[tuple[str, str, str, str, bool]]:
+    """(twin, attention, pool, preemption, CUDA graphs) of every run the correct part makes."""
+    runs = []
+    for attention in ("torch", "triton"):
+        for twin, pool, preemption in (("naive", "ample", "recompute"), ("paged", "ample", "recompute"),
+                                       ("paged", "tight", "recompute"), ("paged", "tight", "swap")):
+            runs.append((twin, attention, pool, preemption, False))
+            if attention == "triton" and preemption == "recompute":
+                runs.append((twin, attention, pool, preemption, True))
+    return runs
+
+
+def run_twin(model, args: ModelArgs, reqs: list[Request], twin: str, attention: str, pool: str, preemption: str,
+             graphs: bool, device: torch.device, dtype: torch.dtype, max_seq_len: int):
+    """One greedy run of `reqs`: naive rows, or a paged pool that holds them all (ample) or just their
+    prompts (tight: every request is admitted, and the first to grow preempts another)."""
+    if twin == "naive":
+        num_blocks, block_size = len(reqs), max_seq_len
+    else:
+        need = [cdiv(len(r.prompt_ids) + r.max_new_tokens, BLOCK_SIZE) for r in reqs]
+        prompts = sum(cdiv(len(r.prompt_ids), BLOCK_SIZE) for r in reqs)
+        num_blocks = sum(need) + 1 if pool == "ample" else max(max(need), prompts)
+        block_size = BLOCK_SIZE
+    backend = select_backend(attention, device, dtype, block_size)
+    cache = KVCache(args, num_blocks, block_size, max_seq_len, len(reqs), backend, device, dtype)
+    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, preemption=preemption,
+                    swap_space_bytes=num_blocks * block_size * cache.bytes_per_slot, cuda_graphs=graphs)
+    result = engine.run(reqs, progress=False)
+    return [s.output_ids for s in result.sequences], engine.scheduler.stats
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def correctness(label: str, model, reference: list[list[int]], args: ModelArgs, reqs: list[Request],
+                device: torch.device, dtype: torch.dtype, max_seq_len: int) -> list[dict]:
+    """Every run of `correctness_runs` against the reference tokens and against the first run."""
+    rows, first = [], None
+    for twin, attention, pool, preemption, graphs in correctness_runs():
+        out, stats = run_twin(model, args, reqs, twin, attention, pool, preemption, graphs, device, dtype,
+                              max_seq_len)
+        first = first or out
+        rows.append({"model": label, "twin": twin, "attention": attention, "pool": pool, "preemption": preemption,
+                     "cuda_graphs": graphs, "preemptions": stats.preemptions, "requests": len(reqs),
+                     "tokens": sum(map(len, out)),
+                     "identical_to_reference": sum(o == r for o, r in zip(out, reference)),
+                     "tokens_before_divergence": sum(map(common_prefix, out, reference)),
+                     "identical_to_first_run": sum(o == f for o, f in zip(out, first))})
+        log(f"correct {label} {twin} {attention}{' graphs' if graphs else ''} {pool}/{preemption}: "
+            f"{rows[-1]['identical_to_reference']}/{len(reqs)} requests as the reference, "
+            f"{stats.preemptions} preemptions")
+    return rows
 
 
 def kernel_case(args: ModelArgs, batch: int, context: int, device: torch.device, dtype: torch.dtype,
@@ -126,22 +220,73 @@ def kernel_case(args: ModelArgs, batch: int, context: int, device: torch.device,
             "max_abs_diff": diff}
 
 
+def flash_cases(args: ModelArgs, batches, contexts, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    """FlashAttention-4's paged forward (`flash_attn.cute`, `page_table` + `seqused_k`) against the
+    Triton kernel on the kernel part's decode cases, if it imports here; else why not."""
+    try:
+        from flash_attn.cute import __version__ as fa_version, flash_attn_varlen_func
+    except Exception as e:  # not installed, or its compiler libraries missing: the reason is the result
+        return {"available": False, "error": f"{type(e).__name__}: {e}"[:500]}
+    from pagedllama.triton_attention import paged_attention
+
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            g = torch.Generator(device).manual_seed(batch * 7 + context)
+            hkv, h, d = args.n_kv_heads, args.n_heads, args.head_dim
+            blocks_per_seq = cdiv(context, BLOCK_SIZE)
+            num_blocks = batch * blocks_per_seq
+            k_cache, v_cache = (torch.randn(num_blocks, BLOCK_SIZE, hkv, d, generator=g, device=device, dtype=dtype)
+                                for _ in range(2))
+            table = torch.randperm(num_blocks, generator=g, device=device).view(batch, blocks_per_seq).int()
+            q = torch.randn(batch, h, d, generator=g, device=device, dtype=dtype)
+            lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+            starts = torch.arange(batch + 1, dtype=torch.int32, device=device)
+            scale = d ** -0.5
+
+            def flash():
+                out = flash_attn_varlen_func(q[:, None], k_cache, v_cache, seqused_k=lens, page_table=table,
+                                             softmax_scale=scale, causal=True)
+                return (out[0] if isinstance(out, tuple) else out)[:, 0]
+
+            def triton_paged():
+                return paged_attention(q, k_cache, v_cache, table, lens, starts, 1, context, scale)
+
+            try:
+                diff = (flash().float() - triton_paged().float()).abs().max().item()
+                clock = timer(device)
+                t_flash, t_triton = clock(flash, repeats), clock(triton_paged, repeats)
+            except Exception as e:
+                return {"available": False, "version": fa_version, "error": f"{type(e).__name__}: {e}"[:500],
+                        "cases": rows}
+            rows.append({"batch": batch, "context": context, "flash_us": 1e6 * t_flash, "triton_us": 1e6 * t_triton,
+                         "max_abs_diff": diff})
+            log(f"flash-attn 4 B={batch} ctx={context}: {1e6 * t_flash:.0f} us, triton {1e6 * t_triton:.0f} us, "
+                f"max diff {diff:.1e}")
+            del k_cache, v_cache
+    return {"available": True, "version": fa_version, "cases": rows}
+
+
 def weight_bytes_read(model: torch.nn.Module) -> int:
     """Bytes of weights a decode step reads: every parameter but the embedding table."""
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("tok_embeddings"))
 
 
 def decode_steps(model, args: ModelArgs, twin: str, batch: int, prompt: int, steps: int, device: torch.device,
-                 dtype: torch.dtype, attention: str) -> dict:
-    """Median decode-step time of one twin at `batch`, every sequence `prompt` tokens into its context."""
+                 dtype: torch.dtype, attention: str, graphs: bool) -> dict:
+    """Median decode-step time of one twin at `batch`, every sequence `prompt` tokens into its context,
+    and the tokens it generated."""
     g = torch.Generator().manual_seed(batch)
     reqs = [Request(f"r{i}", torch.randint(1, args.vocab_size, (prompt,), generator=g).tolist(), steps + 1)
             for i in range(batch)]
     max_seq_len = prompt + steps + 1
     backend = select_backend(attention, device, dtype, max_seq_len if twin == "naive" else BLOCK_SIZE)
     cache = cache_for(args, twin, reqs, True, dtype, max_seq_len, backend, device)  # room for the whole batch
-    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, max_prefill_tokens=32768)
-    engine.add(reqs)
+    t0 = time.perf_counter()
+    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, max_prefill_tokens=32768,
+                    cuda_graphs=graphs)
+    capture_s = time.perf_counter() - t0
+    groups = engine.add(reqs)
     while engine.scheduler.waiting:  # prefill
         engine.step()
     assert len(engine.scheduler.running) == batch, "the batch did not fit at once"
@@ -152,13 +297,18 @@ def decode_steps(model, args: ModelArgs, twin: str, batch: int, prompt: int, ste
         engine.step()  # ends by copying the sampled tokens to the host: the GPU work is done
         times.append(time.perf_counter() - t0)
     context = prompt + 1 + steps // 2
-    return {"twin": twin, "batch": batch, "backend": cache.backend.name, "step_ms": 1e3 * statistics.median(times),
-            "mean_context": context, "kv_bytes_read": batch * context * args.kv_bytes_per_token(dtype.itemsize)}
+    return {"twin": twin, "batch": batch, "backend": cache.backend.name, "cuda_graphs": graphs,
+            "capture_s": capture_s if graphs else None, "step_ms": 1e3 * statistics.median(times),
+            "step_ms_range": [1e3 * min(times), 1e3 * max(times)], "mean_context": context,
+            "kv_bytes_read": batch * context * args.kv_bytes_per_token(dtype.itemsize),
+            "tokens": [s.output_ids for grp in groups for s in grp.outputs()]}
 
 
-def generate(model, cache, reqs: list[Request], device: torch.device) -> tuple[list[list[int]], float]:
-    """Every request to its length (greedy, EOS ignored): the output tokens and the seconds it took."""
-    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True)
+def generate(model, cache, reqs: list[Request], device: torch.device,
+             graphs: bool) -> tuple[list[list[int]], float]:
+    """Every request to its length (greedy, EOS ignored): the output tokens and the seconds it took
+    (CUDA graphs are captured before the clock starts)."""
+    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, cuda_graphs=graphs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -169,7 +319,7 @@ def generate(model, cache, reqs: list[Request], device: torch.device) -> tuple[l
 
 
 def same_budget(model, args: ModelArgs, max_seq_len: int, num_requests: int, cap: int, device: torch.device,
-                dtype: torch.dtype, attention: str) -> dict:
+                dtype: torch.dtype, attention: str, graphs: bool) -> dict:
     """Output tokens per second of each twin at its largest batch within the same KV budget."""
     from common import sharegpt_requests  # the shipped ShareGPT sample, tokenized as the demo does
 
@@ -186,16 +336,17 @@ def same_budget(model, args: ModelArgs, max_seq_len: int, num_requests: int, cap
                            device, dtype, block_size=None if twin == "naive" else BLOCK_SIZE)
 
     for twin in ("paged", "naive"):  # warm-up: each twin's kernels compiled before the clock runs
-        generate(model, cache(twin, reqs[:2]), [Request(r.request_id, r.prompt_ids[:16], 2) for r in reqs[:2]], device)
-    paged_out, paged_s = generate(model, cache("paged", reqs), reqs, device)
+        generate(model, cache(twin, reqs[:2]), [Request(r.request_id, r.prompt_ids[:16], 2) for r in reqs[:2]], device,
+                 graphs)
+    paged_out, paged_s = generate(model, cache("paged", reqs), reqs, device, graphs)
     naive_out, naive_s = [], 0.0
     for i in range(0, len(reqs), naive_batch):
-        out, s = generate(model, cache("naive", reqs[i:i + naive_batch]), reqs[i:i + naive_batch], device)
+        out, s = generate(model, cache("naive", reqs[i:i + naive_batch]), reqs[i:i + naive_batch], device, graphs)
         naive_out += out
         naive_s += s
     tokens = sum(len(o) for o in paged_out)
     assert tokens == sum(len(o) for o in naive_out), "the twins generated different numbers of tokens"
-    return {"budget_bytes": budget, "max_seq_len": max_seq_len, "answer_cap": cap, "requests": len(reqs),
+    return {"cuda_graphs": graphs, "budget_bytes": budget, "max_seq_len": max_seq_len, "answer_cap": cap, "requests": len(reqs),
             "naive_batch": naive_batch, "paged_batch": paged_batch, "output_tokens": tokens,
             "requested_tokens": sum(r.max_new_tokens for r in reqs),
             "naive_tok_per_s": tokens / naive_s, "paged_tok_per_s": tokens / paged_s,
@@ -250,7 +401,9 @@ def main() -> None:
         "block_size": BLOCK_SIZE})
     if "copy" in a.parts:
         doc["copy_bytes_per_s"] = copy_bandwidth(device, plan["copy_bytes"], plan["repeats"])
-        log(f"copy bandwidth: {doc['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + written)")
+        doc["matmul_flops_per_s"] = matmul_rate(device, dtype, plan["matmul_n"], plan["repeats"])
+        log(f"copy bandwidth: {doc['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + written); "
+            f"{plan['matmul_n']}^3 matrix product: {doc['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
         save(doc, out)
 
     if "kernel" in a.parts:
@@ -262,30 +415,74 @@ def main() -> None:
                 log(f"kernel B={batch} ctx={context}: triton paged {r['paged_us']:.0f} us, SDPA contiguous "
                     f"{r['sdpa_us']:.0f} us, max diff {r['max_abs_diff']:.1e}")
                 save(doc, out)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # each case's caches and their contiguous copies are gigabytes
 
     model = None
-    if "decode" in a.parts or "budget" in a.parts:
+    if "correct" in a.parts:
+        small = plan["small_args"]
+        reqs = random_requests(plan["correct_lengths"], small.vocab_size, seed=1)
+        max_seq_len = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 16
+        small_model = build_model(small, random_state_dict(small, 1, device), device, torch.float32, max_seq_len)
+        reference = greedy_reference(small_model, reqs, device)
+        doc["correct"] = correctness("small float32", small_model, reference, small, reqs, device, torch.float32,
+                                     max_seq_len)
+        save(doc, out)
+        del small_model
+        # The large model's float32 weights give the reference; the same weights in `dtype` run the engine.
+        reqs = random_requests(plan["correct_lengths"], args.vocab_size, seed=2)
+        sd = random_state_dict(args, 0, device)
+        model = build_model(args, sd, device, dtype, max(plan["prompt"] + plan["steps"] + 1,
+                                                          plan["budget_max_seq_len"]))
+        reference = greedy_reference(build_model(args, sd, device, torch.float32, max_seq_len), reqs, device)
+        del sd
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        doc["correct"] += correctness(f"large {doc['dtype']}", model, reference, args, reqs, device, dtype,
+                                      max_seq_len)
+        save(doc, out)
+
+    if model is None and ("decode" in a.parts or "budget" in a.parts):
         model = build_model(args, random_state_dict(args, 0, device, dtype), device, dtype,
                             max(plan["prompt"] + plan["steps"] + 1, plan["budget_max_seq_len"]))
+    graph_modes = (False, True) if device.type == "cuda" else (False,)  # the CPU smoke's backend is torch
     if "decode" in a.parts:
         if "copy_bytes_per_s" not in doc:
-            sys.exit("the decode part's floor needs the copy bandwidth: add --parts copy")
+            sys.exit("the decode part's floor needs the ceilings: add --parts copy")
         doc["weight_bytes_read"] = weights = weight_bytes_read(model)
         doc["decode"] = []
         for batch in plan["step_batches"]:
             for twin in ("paged", "naive"):
-                r = decode_steps(model, args, twin, batch, plan["prompt"], plan["steps"], device, dtype, a.attention)
-                r["floor_ms"] = 1e3 * (weights + r["kv_bytes_read"]) / doc["copy_bytes_per_s"]
-                doc["decode"].append(r)
-                log(f"decode {twin} B={batch} ({r['backend']}): {r['step_ms']:.2f} ms, floor {r['floor_ms']:.2f} ms")
+                for graphs in graph_modes:
+                    r = decode_steps(model, args, twin, batch, plan["prompt"], plan["steps"], device, dtype,
+                                     a.attention, graphs)
+                    r["floor_ms"] = 1e3 * max((weights + r["kv_bytes_read"]) / doc["copy_bytes_per_s"],
+                                              2 * weights / dtype.itemsize * batch / doc["matmul_flops_per_s"])
+                    if graphs:  # the run before it: the same twin and batch, eager
+                        r["identical_to_eager"] = sum(map(list.__eq__, r["tokens"], doc["decode"][-1]["tokens"]))
+                    doc["decode"].append(r)
+                    log(f"decode {twin} B={batch} ({r['backend']}{', graphs' if graphs else ''}): "
+                        f"{r['step_ms']:.2f} ms, floor {r['floor_ms']:.2f} ms")
+                for r in doc["decode"][-len(graph_modes):]:
+                    del r["tokens"]  # compared; too many to keep
                 save(doc, out)
 
     if "budget" in a.parts:
-        doc["same_budget"] = r = same_budget(model, args, plan["budget_max_seq_len"], plan["budget_requests"],
-                                             plan["budget_cap"], device, dtype, a.attention)
-        log(f"same KV budget ({r['budget_bytes'] / GIB:.1f} GiB): naive batch {r['naive_batch']} "
-            f"{r['naive_tok_per_s']:.0f} tok/s, paged batch {r['paged_batch']} {r['paged_tok_per_s']:.0f} tok/s, "
-            f"paged / naive {r['paged_tok_per_s'] / r['naive_tok_per_s']:.2f}")
+        doc["same_budget"] = []
+        for graphs in graph_modes:
+            r = same_budget(model, args, plan["budget_max_seq_len"], plan["budget_requests"], plan["budget_cap"],
+                            device, dtype, a.attention, graphs)
+            doc["same_budget"].append(r)
+            log(f"same KV budget ({r['budget_bytes'] / GIB:.1f} GiB{', graphs' if graphs else ''}): naive batch "
+                f"{r['naive_batch']} {r['naive_tok_per_s']:.0f} tok/s, paged batch {r['paged_batch']} "
+                f"{r['paged_tok_per_s']:.0f} tok/s, paged / naive {r['paged_tok_per_s'] / r['naive_tok_per_s']:.2f}")
+            save(doc, out)
+
+    if "flash" in a.parts:
+        del model
+        doc["flash"] = flash_cases(args, plan["kernel_batches"], plan["kernel_contexts"], device, dtype,
+                                   plan["repeats"])
+        log(f"flash-attn: {doc['flash'].get('error') or 'ran'}")
         save(doc, out)
     if out is not None:
         log(f"results: {out}")

@@ -182,30 +182,53 @@ def bookkeeping_ab(doc: dict) -> str:
 
 
 def gpu(doc: dict) -> str:
-    bw = doc["copy_bytes_per_s"]
+    bw, flops = doc["copy_bytes_per_s"], doc["matmul_flops_per_s"]
     a = doc["args"]
     head = (f"_{doc['time']}, {doc['device_name']}, torch {doc['torch']}, {doc['dtype']}, dim {a['dim']}, "
             f"{a['n_layers']} layers, {a['n_heads']} / {a['n_kv_heads']} KV heads, block size {doc['block_size']}_; "
-            f"copy bandwidth {bw / 1e9:.0f} GB/s (read + written)")
-    kernel = table(["batch", "context", "Triton paged, us", "SDPA contiguous, us", "paged / SDPA time",
-                    "paged GB/s", "SDPA GB/s", "max abs diff"],
-                   [[r["batch"], r["context"], f"{r['paged_us']:.0f}", f"{r['sdpa_us']:.0f}",
-                     f"**{r['paged_us'] / r['sdpa_us']:.2f}**", f"{r['paged_bytes_per_s'] / 1e9:.0f}",
-                     f"{r['sdpa_bytes_per_s'] / 1e9:.0f}", f"{r['max_abs_diff']:.1e}"] for r in doc["kernel"]])
-    out = [head, "", kernel]
+            f"copy bandwidth {bw / 1e9:.0f} GB/s (read + written), matrix product {flops / 1e12:.0f} TFLOP/s")
+    out = [head]
+    if "correct" in doc:
+        out += ["", table(["model", "twin", "attention", "CUDA graphs", "pool", "preemption", "preemptions",
+                           "requests equal to the reference", "tokens before the first difference",
+                           "requests equal to the first run"],
+                          [[r["model"], r["twin"], r["attention"], "yes" if r["cuda_graphs"] else "no", r["pool"],
+                            r["preemption"], r["preemptions"], f"**{r['identical_to_reference']}/{r['requests']}**",
+                            f"{r['tokens_before_divergence']}/{r['tokens']}",
+                            f"{r['identical_to_first_run']}/{r['requests']}"] for r in doc["correct"]])]
+    if "kernel" in doc:
+        out += ["", table(["batch", "context", "Triton paged, us", "SDPA contiguous, us", "paged / SDPA time",
+                           "bytes floor, us", "paged / floor", "max abs diff"],
+                          [[r["batch"], r["context"], f"{r['paged_us']:.0f}", f"{r['sdpa_us']:.0f}",
+                            f"**{r['paged_us'] / r['sdpa_us']:.2f}**", f"{1e6 * r['kv_bytes'] / bw:.0f}",
+                            f"**{r['paged_us'] / (1e6 * r['kv_bytes'] / bw):.2f}**", f"{r['max_abs_diff']:.1e}"]
+                           for r in doc["kernel"]])]
     if "decode" in doc:
-        out += ["", table(["twin", "batch", "attention", "mean context", "decode step, ms", "floor, ms",
-                           "step / floor"],
-                          [[r["twin"], r["batch"], r["backend"], r["mean_context"], f"{r['step_ms']:.2f}",
-                            f"{r['floor_ms']:.2f}", f"**{r['step_ms'] / r['floor_ms']:.2f}**"] for r in doc["decode"]])]
+        out += ["", table(["twin", "batch", "attention", "CUDA graphs", "mean context", "decode step, ms (min-max)",
+                           "floor, ms", "floor / step", "tokens equal to eager"],
+                          [[r["twin"], r["batch"], r["backend"], "yes" if r["cuda_graphs"] else "no", r["mean_context"],
+                            f"{r['step_ms']:.2f} ({r['step_ms_range'][0]:.2f}-{r['step_ms_range'][1]:.2f})",
+                            f"{r['floor_ms']:.2f}", f"**{r['floor_ms'] / r['step_ms']:.0%}**",
+                            f"{r['identical_to_eager']}/{r['batch']}" if r["cuda_graphs"] else ""]
+                           for r in doc["decode"]])]
     if "same_budget" in doc:
-        r = doc["same_budget"]
-        out += ["", table(["same KV budget", "requests (ShareGPT, answers capped)", "naive batch", "paged batch",
-                           "naive tok/s (waves)", "paged tok/s", "paged / naive", "identical"],
-                          [[f"{r['budget_bytes'] / 2 ** 30:.2f} GiB", f"{r['requests']} (at {r['answer_cap']})",
-                            r["naive_batch"], r["paged_batch"], f"{r['naive_tok_per_s']:.0f}",
-                            f"{r['paged_tok_per_s']:.0f}", f"**{r['paged_tok_per_s'] / r['naive_tok_per_s']:.2f}**",
-                            f"{r['identical_requests']}/{r['requests']}"]])]
+        out += ["", table(["same KV budget", "CUDA graphs", "requests (ShareGPT, answers capped)", "naive batch",
+                           "paged batch", "naive tok/s (waves)", "paged tok/s", "paged / naive", "identical"],
+                          [[f"{r['budget_bytes'] / 2 ** 30:.2f} GiB", "yes" if r["cuda_graphs"] else "no",
+                            f"{r['requests']} (at {r['answer_cap']})", r["naive_batch"], r["paged_batch"],
+                            f"{r['naive_tok_per_s']:.0f}", f"{r['paged_tok_per_s']:.0f}",
+                            f"**{r['paged_tok_per_s'] / r['naive_tok_per_s']:.2f}**",
+                            f"{r['identical_requests']}/{r['requests']}"] for r in doc["same_budget"]])]
+    if "flash" in doc:
+        f = doc["flash"]
+        if f.get("cases"):
+            out += ["", table(["batch", "context", "FlashAttention-4 paged, us", "Triton paged, us",
+                               "flash / Triton time", "max abs diff"],
+                              [[r["batch"], r["context"], f"{r['flash_us']:.0f}", f"{r['triton_us']:.0f}",
+                                f"**{r['flash_us'] / r['triton_us']:.2f}**", f"{r['max_abs_diff']:.1e}"]
+                               for r in f["cases"]])]
+        if not f["available"]:
+            out += ["", f"flash-attn did not run: `{f['error']}`"]
     return "\n".join(out)
 
 

@@ -57,6 +57,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
                                                    "(auto: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--attention", default="auto", help=f"attention backend: {', '.join(BACKENDS)} (default auto: "
                                                        "flash-attn, else triton on CUDA, else torch)")
+    g.add_argument("--cuda-graphs", action="store_true", help="decode steps replay CUDA graphs captured per "
+                   "batch size (CUDA, triton backend; not yet verified on a GPU)")
     g = p.add_argument_group("workload")
     g.add_argument("--data", type=Path, help="ShareGPT JSON file (default: the shipped sharegpt-filtered.json)")
     g.add_argument("--max-seq-len", type=positive_int,
@@ -194,6 +196,9 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
         raise UsageError("--n, --beam-width, --preemption swap and --enable-prefix-caching apply to generation, "
                          "not to --simulate or --find-max-batch")
     device = resolve_device("cpu" if args.simulate else args.device)
+    if args.cuda_graphs and (device.type != "cuda" or args.attention not in ("auto", "triton")):
+        raise UsageError("--cuda-graphs needs a CUDA GPU and the triton attention backend; drop it, or run on "
+                         "CUDA with --attention triton")
     if device.type == "cpu":
         keep_freed_memory()  # prefill activations reused, not faulted in again each step (host_memory.py)
     dtype = resolve_dtype("bfloat16" if args.simulate and args.dtype == "auto" else args.dtype, device)
@@ -227,7 +232,8 @@ def run(twin: str, args: argparse.Namespace) -> int:
                                                          block_size or loaded.max_seq_len)
     mode = "dry run, no forward pass" if setup.planning else "generation"
     print(f"llama3-{twin}.py ({mode}): {setup.header}")
-    print(f"KV cache: {TWINS[twin]}" + (f"; attention backend: {backend.name}" if backend else ""))
+    print(f"KV cache: {TWINS[twin]}" + (f"; attention backend: {backend.name}" if backend else "")
+          + ("; decode steps replay CUDA graphs" if args.cuda_graphs and backend else ""))
     print(capacity_line(twin, budget.kv_bytes, loaded.max_seq_len, loaded.args.kv_bytes_per_token(dtype.itemsize),
                         block_size, getattr(args, "num_blocks", None)))
     doc: dict = {"twin": twin, "model": args.simulate or args.model, "planning": setup.planning,
@@ -277,11 +283,14 @@ def run(twin: str, args: argparse.Namespace) -> int:
 def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests: list[Request],
              budget_bytes: int) -> dict:
     """A real run: generate and print the answers; returns the figures for the report and --json."""
+    if args.cuda_graphs and cache.backend.name != "triton":
+        raise UsageError(f"--cuda-graphs captures the triton backend, not {cache.backend.name}; add --attention triton")
     engine = Engine(loaded.model, cache, SamplingParams(args.temperature, args.top_p, args.seed),
                     loaded.tokenizer.stop_ids, ignore_eos=args.ignore_eos or loaded.is_demo,
                     max_prefill_tokens=MAX_PREFILL_TOKENS, preemption=args.preemption,
                     swap_space_bytes=int(args.swap_space_gb * GB),
-                    prefix_caching=getattr(args, "enable_prefix_caching", False))
+                    prefix_caching=getattr(args, "enable_prefix_caching", False),
+                    cuda_graphs=args.cuda_graphs)
     stream = args.output.open("w") if args.output else None
     on_finish = (lambda seq: _write_line(stream, seq, loaded)) if stream else None
     start = time.perf_counter()

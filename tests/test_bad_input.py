@@ -243,6 +243,8 @@ CASES = [
          ["no CUDA GPU", "--device cpu"],
          [pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible here")]),
     Case("device-unknown", "paged", lambda e: ["2", "--device", "tpu"], 2, ["'tpu'", "auto, cpu or cuda"]),
+    Case("cuda-graphs-on-cpu", "paged", lambda e: ["2", *e.run_flags(e.ws.meta, "--cuda-graphs", "--device", "cpu")],
+         2, ["--cuda-graphs needs a CUDA GPU", "--attention triton"]),
     # KV budget
     Case("kv-budget-too-small-paged", "paged", lambda e: ["2", *e.run_flags(e.ws.meta, K, "0.00001")], 1,
          ["cannot hold even the longest request", K]),
