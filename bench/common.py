@@ -370,7 +370,7 @@ def combine(runs: list[RunStats]) -> RunStats:
 
 
 def paged_max_batch(model: str, reqs: list[Request], budget: int, max_seq_len: int = MAX_SEQ_LEN) -> tuple[int, bool]:
-    """The dry run's answer: largest K whose first K requests stay resident at once, no preemption."""
+    """The dry run's answer: largest K whose first K requests fit the KV memory (none waits for blocks, none is preempted)."""
     return find_max_batch("paged", MODELS[model], reqs, budget, max_seq_len, DTYPE, BLOCK_SIZE)
 
 

@@ -19,9 +19,9 @@ from .engine import Request
 from .errors import OutOfKVMemory, UsageError
 from .kv_cache import KVCache
 from .report import GB, human_bytes
+from .scheduler import MAX_PREFILL_TOKENS
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
-MAX_PREFILL_TOKENS = 4096  # tokens in one prefill step; bounds activation memory
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import torch
 
 from .args import ArgumentParser, positive_int
 from .attention import BACKENDS, select_backend
-from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, MAX_PREFILL_TOKENS, Budget, build_cache, cpu_default_budget,
-                     cuda_default_budget, naive_max_rows, paged_num_blocks, simulated_budget, user_budget)
+from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, Budget, build_cache, cpu_default_budget, cuda_default_budget,
+                     naive_max_rows, paged_num_blocks, simulated_budget, user_budget)
 from .capacity import dry_run, find_max_batch
 from .config import DEFAULT_MAX_SEQ_LEN, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
 from .data import default_data_path, load_sharegpt
@@ -30,9 +30,9 @@ from .errors import OutOfKVMemory, UsageError, UserError
 from .host_memory import keep_freed_memory
 from .kv_cache import KVCache
 from .loading import DEMO, Loaded, load, resolve_device, resolve_dtype
-from .report import GB, format_memory_report, human_bytes
+from .report import GB, format_memory_report, human_bytes, timeline_json
 from .sampling import SamplingParams
-from .scheduler import SchedulerStats
+from .scheduler import MAX_PREFILL_TOKENS, SchedulerStats
 from .sequence import Sequence
 from .sharing import format_sharing, one_per_sequence
 from .tokenizer import demo_tokenizer, load_tokenizer
@@ -243,13 +243,14 @@ def run(twin: str, args: argparse.Namespace) -> int:
         print(format_memory_report(run_.memory, f"KV memory report (dry run): {TWINS[twin]}, "
                                                 f"{setup.batch_size} requests"))
         print(scheduler_line(run_.stats))
-        doc.update(batch_size=setup.batch_size, memory=run_.memory, scheduler=scheduler_json(run_.stats))
+        doc.update(batch_size=setup.batch_size, memory=run_.memory, scheduler=scheduler_json(run_.stats),
+                   timeline=timeline_json(run_.timeline, run_.memory["bytes_per_token"]))
     elif setup.batch:
         cache = build_cache(twin, loaded.args, one_per_sequence(setup.batch), budget.kv_bytes, loaded.max_seq_len,
                             backend, setup.device, dtype, block_size=block_size,
                             num_blocks=getattr(args, "num_blocks", None))
         result = generate(args, loaded, cache, setup.batch, budget.kv_bytes)
-        result.pop("timeline")
+        result["timeline"] = timeline_json(result["timeline"], cache.bytes_per_slot)
         print()
         print(format_memory_report(result["memory"], f"KV memory report: {TWINS[twin]}, {setup.batch_size} requests"))
         print(f"  run: {result['steps']} steps, {result['output_tokens']} tokens generated in "
@@ -265,7 +266,7 @@ def run(twin: str, args: argparse.Namespace) -> int:
     if args.find_max_batch:
         k, exhausted = find_max_batch(twin, loaded.args, setup.requests, budget.kv_bytes, loaded.max_seq_len, dtype,
                                       block_size)
-        print(f"\nlargest batch with every request resident at once ({twin}): {k}"
+        print(f"\nlargest batch that fits in KV memory ({twin}): {k}"
               + (f" or more (all {k} usable conversations fit; give a larger --data)" if exhausted else ""))
         doc["max_batch"] = {twin: k}
         doc["max_batch_exhausted_dataset"] = exhausted
@@ -278,8 +279,7 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
              budget_bytes: int) -> dict:
     """A real run: generate and print the answers; returns the figures for the report and --json."""
     engine = Engine(loaded.model, cache, SamplingParams(args.temperature, args.top_p, args.seed),
-                    loaded.tokenizer.stop_ids, ignore_eos=args.ignore_eos or loaded.is_demo,
-                    max_prefill_tokens=MAX_PREFILL_TOKENS, preemption=args.preemption,
+                    loaded.tokenizer.stop_ids, ignore_eos=args.ignore_eos or loaded.is_demo, preemption=args.preemption,
                     swap_space_bytes=int(args.swap_space_gb * GB),
                     prefix_caching=getattr(args, "enable_prefix_caching", False))
     stream = args.output.open("w") if args.output else None
@@ -328,15 +328,17 @@ def capacity_line(twin: str, budget_bytes: int, max_seq_len: int, bytes_per_toke
 
 
 def scheduler_line(stats: SchedulerStats) -> str:
-    return (f"  scheduler: peak running {stats.peak_running} of {stats.num_requests}, preemptions "
-            f"{stats.preemptions}" + (f" ({stats.swaps} swapped, {stats.swap_fallbacks} recomputed: CPU pool full)"
-                                      if stats.swaps or stats.swap_fallbacks else "")
-            + f"; every request resident at once: {'yes' if stats.all_resident else 'no'}")
+    return (f"  scheduler: peak running {stats.peak_running} of {stats.num_requests} requests; waited for memory "
+            f"{stats.waited_for_memory}, preempted {stats.preemptions}"
+            + (f" ({stats.swaps} swapped, {stats.swap_fallbacks} recomputed: CPU pool full)"
+               if stats.swaps or stats.swap_fallbacks else "")
+            + f"; fits in memory: {'yes' if stats.fits_in_memory else 'no'}")
 
 
 def scheduler_json(stats: SchedulerStats) -> dict:
-    return {"peak_running": stats.peak_running, "preemptions": stats.preemptions,
-            "all_resident": stats.all_resident, "swaps": stats.swaps, "swap_fallbacks": stats.swap_fallbacks}
+    return {"peak_running": stats.peak_running, "waited_for_memory": stats.waited_for_memory,
+            "preemptions": stats.preemptions, "fits_in_memory": stats.fits_in_memory, "swaps": stats.swaps,
+            "swap_fallbacks": stats.swap_fallbacks}
 
 
 def shape_only(args: argparse.Namespace) -> Loaded:

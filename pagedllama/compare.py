@@ -88,8 +88,8 @@ def _report_lines(run: TwinRun, title: str) -> list[str]:
         return [title, "-" * len(title), *_wrap(f"  did not run: {run.error}", 60)]
     lines = format_memory_report(run.memory, title).splitlines()
     s = run.scheduler
-    lines.append(f"  peak running {s['peak_running']}, preemptions {s['preemptions']}, "
-                 f"all resident: {'yes' if s['all_resident'] else 'no'}")
+    lines.append(f"  peak running {s['peak_running']}; waited for memory {s['waited_for_memory']}, "
+                 f"preempted {s['preemptions']}; fits in memory: {'yes' if s['fits_in_memory'] else 'no'}")
     if run.tokens_per_s is not None:
         lines.append(f"  throughput {run.tokens_per_s:.1f} output tokens/s")
     return lines
@@ -129,7 +129,7 @@ def compare(args: argparse.Namespace) -> int:
     (k_naive, _), (k_paged, exhausted) = limit("naive"), limit("paged", args.block_size)
     ratio = k_paged / k_naive if k_naive else float("inf")
     more = " (every usable conversation fits: the true limit is higher)" if exhausted else ""
-    print(f"\nlargest batch with every request resident at once: naive {k_naive}, paged {k_paged}{more}; "
+    print(f"\nlargest batch that fits in KV memory: naive {k_naive}, paged {k_paged}{more}; "
           f"paged / naive = {ratio:.1f}x")
     doc = {"batch_size": setup.batch_size, "kv_budget_bytes": budget, "block_size": args.block_size,
            "max_batch": {"naive": k_naive, "paged": k_paged}, "max_batch_ratio": ratio,

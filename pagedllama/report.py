@@ -21,8 +21,13 @@ GB = 1 << 30
 
 @dataclass(frozen=True)
 class MemorySample:
+    """One step, before its finished requests free their blocks: slots reserved and holding
+    tokens; requests running and waiting (queued, or swapped out to CPU memory)."""
+
     reserved_tokens: int
     used_tokens: int
+    running: int = 0
+    waiting: int = 0
 
     @property
     def fragmented_tokens(self) -> int:
@@ -38,8 +43,8 @@ class MemoryTracker:
     peak: MemorySample = MemorySample(0, 0)
     peak_blocks: int = 0
 
-    def record(self) -> None:
-        sample = MemorySample(self.cache.reserved_tokens, self.cache.num_cached_tokens)
+    def record(self, running: int, waiting: int) -> None:
+        sample = MemorySample(self.cache.reserved_tokens, self.cache.num_cached_tokens, running, waiting)
         self.timeline.append(sample)
         if sample.reserved_tokens > self.peak.reserved_tokens:
             self.peak = sample
@@ -67,6 +72,13 @@ class MemoryTracker:
             "peak_utilization": peak.used_tokens / peak.reserved_tokens if peak.reserved_tokens else 0.0,
             "fragmented_pct_of_budget": 100 * peak.fragmented_tokens * slot / budget_bytes if budget_bytes else 0.0,
         }
+
+
+def timeline_json(timeline: list[MemorySample], bytes_per_slot: int) -> dict:
+    """The per-step memory timeline as columns (one entry per step), for --json users to plot."""
+    return {"reserved_bytes": [s.reserved_tokens * bytes_per_slot for s in timeline],
+            "used_bytes": [s.used_tokens * bytes_per_slot for s in timeline],
+            "running": [s.running for s in timeline], "waiting": [s.waiting for s in timeline]}
 
 
 def human_bytes(n: float) -> str:

@@ -64,6 +64,8 @@ class SequenceGroup:
     beam_width: int = 1
     sample_index: int = 0  # sample j draws from stream sample_index + j
     finished: list[Sequence] = field(default_factory=list)
+    stalls_seen: int = 0  # the scheduler's memory_stalls when the request last joined the queue
+    waited_for_memory: bool = False  # queued at some step when admission stopped for lack of KV blocks
 
     @property
     def width(self) -> int:

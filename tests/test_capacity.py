@@ -12,10 +12,15 @@ from pagedllama import cli
 from pagedllama.attention import TorchAttention
 from pagedllama.budget import build_cache, reference_preallocations, simulated_budget
 from pagedllama.capacity import dry_run, find_max_batch
-from pagedllama.config import DEMO_ARGS, NAMED_SHAPES
+from pagedllama.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, NAMED_SHAPES
+from pagedllama.data import load_sharegpt
 from pagedllama.engine import Engine, Request
 from pagedllama.errors import OutOfKVMemory, UsageError
+from pagedllama.report import timeline_json
 from pagedllama.sampling import SamplingParams
+from pagedllama.scheduler import MAX_PREFILL_TOKENS
+from pagedllama.tokenizer import demo_tokenizer
+from pagedllama.workload import build_requests
 
 F32 = torch.float32
 SLOT = TINY.kv_bytes_per_token(4)
@@ -27,9 +32,11 @@ def run_checking_every_step(model, cache, requests):
     record = engine.memory.record
     checked = []
 
-    def record_and_check():
-        record()
+    def record_and_check(running, waiting):
+        record(running, waiting)
         sample, running = engine.memory.timeline[-1], engine.scheduler.running
+        assert sample.running == len({id(s.group) for s in running})  # requests, not sequences
+        assert sample.waiting == len(engine.scheduler.waiting) + len(engine.scheduler.swapped)
         reserved = sum(len(s.block_table) for s in running) * cache.block_size
         assert sample.reserved_tokens == reserved == cache.allocator.num_used * cache.block_size
         assert sample.used_tokens == sum(s.num_cached_tokens for s in running)
@@ -102,12 +109,12 @@ def test_find_max_batch_boundary_with_real_runs(tiny_model, twin):
         engine.run(requests[:n], progress=False)
         return engine.scheduler.stats
 
-    assert real(k).all_resident
+    assert real(k).fits_in_memory
     if twin == "naive":
         with pytest.raises(OutOfKVMemory):
             real(k + 1)
     else:
-        assert not real(k + 1).all_resident  # it still completes, by waiting or preemption
+        assert not real(k + 1).fits_in_memory  # it still completes, by waiting or preemption
 
 
 def test_dry_run_agrees_with_a_real_demo_run():
@@ -127,6 +134,76 @@ def test_dry_run_agrees_with_a_real_demo_run():
         assert sim.memory == engine.memory.summary(budget)
         assert sim.stats == engine.scheduler.stats
     assert sim.stats is not None
+
+
+def sharegpt_shaped(num_short: int) -> list[Request]:
+    """Traffic shaped like real ShareGPT (REFERENCE.md section 8): the longest prompt (2,674 tokens)
+    first, another long one next, both with one-token answers, then median requests (40-token
+    prompts, 220-token answers). The two long prompts do not fit one prefill step together, so the
+    second is admitted after the first has already finished."""
+    assert 2674 + 1500 > MAX_PREFILL_TOKENS
+    return random_requests([(2674, 1), (1500, 1)] + [(40, 220)] * num_short, TINY.vocab_size)
+
+
+def test_a_batch_fits_when_memory_holds_it_not_when_every_request_overlaps():
+    """The old definition (every request running at the same step) says batch 2 does not fit:
+    the first request finishes before the second starts. Memory says: the median requests all run
+    together, so they fit while their peak, 17 blocks each (40 + 219 tokens cached at their last
+    step, blocks of 16), stays within the pool; one more and decode must preempt."""
+    num_blocks, block = 1200, 16
+    budget = num_blocks * block * SLOT
+    per_short = -(-(40 + 220 - 1) // block)
+    k = 2 + num_blocks // per_short
+    requests = sharegpt_shaped(k)
+
+    def run(n):
+        return dry_run("paged", TINY, requests[:n], budget, 4096, F32, block)
+
+    pair = run(2).stats
+    assert pair.peak_running == 1 and pair.fits_in_memory  # the old definition's "no"
+    assert find_max_batch("paged", TINY, requests, budget, 4096, F32, block) == (k, False)
+    fits, over = run(k), run(k + 1)
+    assert fits.stats.fits_in_memory and fits.stats.waited_for_memory == 0
+    assert fits.timeline[1].waiting > 0, "the prefill budget made requests wait a step (not for memory)"
+    assert fits.memory["peak_blocks_in_use"] == (k - 2) * per_short <= num_blocks
+    assert over.stats.preemptions > 0 and not over.stats.fits_in_memory
+
+
+def test_requests_queued_while_memory_is_short_are_counted():
+    """A pool of 10 blocks of 16: a 100-token prompt takes 7; the next two (60 tokens, 4 blocks each)
+    are queued while admission stops for memory, and are counted once each however long they wait."""
+    requests = random_requests([(100, 30), (60, 2), (60, 2)], TINY.vocab_size)
+    run = dry_run("paged", TINY, requests, 10 * 16 * SLOT, 256, F32, 16)
+    assert run.stats.waited_for_memory == 2 and run.stats.preemptions == 0 and not run.stats.fits_in_memory
+    assert run.timeline[0].waiting == 2
+
+
+def test_naive_rows_keep_no_watermark():
+    """The watermark keeps room for growth; a request in a max_seq_len row never grows, so the naive
+    twin admits as many requests as it has rows, even a hundred or more."""
+    requests = random_requests([(4, 4)] * 120, TINY.vocab_size)
+    run = dry_run("naive", TINY, requests, 120 * 64 * SLOT, 64, F32)
+    assert run.stats.fits_in_memory and run.stats.peak_running == 120
+
+
+def test_dry_run_agrees_with_a_real_run_at_the_cli_setting(tmp_path, capsys):
+    """The CLI's real demo run and a dry run of the same requests schedule the same steps: prompts
+    too long for one prefill step together wait for the next one, in both."""
+    prompt = " ".join(f"Tell me about item {i} and why it matters." for i in range(150))
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps([{"id": f"c{i}", "conversations": [{"from": "human", "value": f"{i}: {prompt}"},
+                                                                    {"from": "gpt", "value": "Sure thing."}]}
+                                for i in range(4)]))
+    path = tmp_path / "r.json"
+    code, _, _ = run_cli("paged", ["4", "--data", str(data), "--no-progress", "--json", str(path)], capsys)
+    assert code == 0
+    doc = json.loads(path.read_text())
+    requests = build_requests(load_sharegpt(data)[0], demo_tokenizer(), 4, DEMO_MAX_SEQ_LEN, None, True)
+    assert sum(len(r.prompt_ids) for r in requests) > MAX_PREFILL_TOKENS
+    sim = dry_run("paged", DEMO_ARGS, requests, doc["kv_budget_bytes"], DEMO_MAX_SEQ_LEN, F32, 16)
+    assert doc["timeline"] == timeline_json(sim.timeline, sim.memory["bytes_per_token"])
+    assert doc["memory"] == sim.memory and doc["scheduler"] == cli.scheduler_json(sim.stats)
+    assert doc["timeline"]["waiting"][0] > 0 and doc["scheduler"]["fits_in_memory"]
 
 
 def test_named_shapes_have_published_parameter_counts():
@@ -160,16 +237,16 @@ def test_cli_simulate_and_find_max_batch_json(tmp_path, capsys):
     code, out, _ = run_cli("naive", ["--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--find-max-batch",
                                      "--json", str(path)], capsys)
     assert code == 0
-    assert "largest batch with every request resident at once (naive): 6" in out
+    assert "largest batch that fits in KV memory (naive): 6" in out
     assert json.loads(path.read_text())["max_batch"] == {"naive": 6}
     code, out, _ = run_cli("paged", ["--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--find-max-batch"], capsys)
-    assert code == 0 and "largest batch with every request resident at once (paged): 188" in out  # the README's
+    assert code == 0 and "largest batch that fits in KV memory (paged): 188" in out  # the README's
     code, out, _ = run_cli("paged", ["4", "--simulate", "llama3-8b", "--gpu-memory-gb", "24",
                                      "--json", str(path)], capsys)
     assert code == 0 and "Fragmented Memory:" in out
     assert re.search(r"blocks in use after +0 +of \d+", out)
     doc = json.loads(path.read_text())
-    assert doc["scheduler"]["all_resident"] and doc["memory"]["block_size"] == 16
+    assert doc["scheduler"]["fits_in_memory"] and doc["memory"]["block_size"] == 16
 
 
 def test_cli_simulate_from_a_config_file(tmp_path, capsys):
