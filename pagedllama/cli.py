@@ -95,6 +95,9 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g.add_argument("--simulate", metavar="CONFIG", help=f"plan for a model that is not here: {', '.join(NAMED_SHAPES)} "
                                                         "or a params.json / config.json")
     g.add_argument("--gpu-memory-gb", type=float, help="with --simulate: the GPU's memory in GB")
+    g.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
+                   help="with --simulate: plan for N GPUs of --gpu-memory-gb each, weights and KV heads split "
+                        "across them (default 1; running tensor parallel is not supported)")
     g = p.add_argument_group("output")
     g.add_argument("--json", type=Path, help="write answers and the report as one JSON object")
     g.add_argument("--output", type=Path, help="stream each finished request as a JSON line the moment it ends")
@@ -181,6 +184,9 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
                          f"{MAX_SEQ_LEN_LIMIT} (Llama 3.1 is trained to 131072)")
     if args.gpu_memory_gb is not None and not args.simulate:
         raise UsageError("--gpu-memory-gb only applies with --simulate CONFIG")
+    if args.tensor_parallel_size > 1 and (not args.simulate or args.kv_cache_gb is not None):
+        raise UsageError("--tensor-parallel-size plans for several GPUs with --simulate CONFIG --gpu-memory-gb G "
+                         "(not with --kv-cache-gb); running tensor parallel is not supported")
     for flag, path in (("--output", args.output), ("--json", args.json)):
         if path:
             check_writable(flag, path)
@@ -356,7 +362,8 @@ def resolve_budget(args: argparse.Namespace, loaded: Loaded, device: torch.devic
     if args.simulate:
         if args.gpu_memory_gb is None:
             raise UsageError("--simulate needs --gpu-memory-gb G (the GPU to plan for) or --kv-cache-gb")
-        return simulated_budget(loaded.args, args.gpu_memory_gb, args.gpu_memory_utilization, dtype.itemsize)
+        return simulated_budget(loaded.args, args.gpu_memory_gb, args.gpu_memory_utilization, dtype.itemsize,
+                                args.tensor_parallel_size)
     bytes_per_token = loaded.args.kv_bytes_per_token(dtype.itemsize)
     if device.type == "cuda":
         total = torch.cuda.mem_get_info(device)[1]

@@ -226,8 +226,27 @@ def test_simulated_budget_for_llama3_8b_on_24gb():
         simulated_budget(args, -3, 0.9, 2)
 
 
+def test_tensor_parallel_plan_for_llama3_70b_on_four_80gb_gpus(capsys):
+    """Each GPU holds a quarter of every matrix (norms copied), a quarter of the KV heads and its
+    activations; vLLM's rule applies per GPU, and the four GPUs' KV heads make whole blocks."""
+    args = NAMED_SHAPES["llama3-70b"]
+    norms = (2 * 80 + 1) * 8192
+    weights = 2 * (norms + (70_553_706_496 - norms) // 4)
+    acts = 4096 * (2 * 8192 + (2 * 8192 + 3 * 28672) // 4) * 2
+    per_gpu = int(80 * 2**30 * 0.9) - weights - acts
+    assert simulated_budget(args, 80, 0.9, 2, tensor_parallel_size=4).kv_bytes == 4 * per_gpu
+    rows = per_gpu // (8192 * args.kv_bytes_per_token(2) // 4)  # a GPU's share of each 8192-token row
+    code, out, _ = run_cli("naive", ["--simulate", "llama3-70b", "--gpu-memory-gb", "80", "--tensor-parallel-size",
+                                     "4", "--find-max-batch"], capsys)
+    assert code == 0 and f"largest batch that fits in KV memory (naive): {rows}" in out
+    assert 55 < rows < 70  # about 40 GB of KV per GPU, 80 KB per token per GPU
+
+
 def run_cli(twin, argv, capsys):
-    code = cli.main(twin, argv)
+    try:
+        code = cli.main(twin, argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -266,6 +285,14 @@ def test_cli_simulate_from_a_config_file(tmp_path, capsys):
     (["2", "--kv-cache-gb", "1e9"], "not a usable budget"),
     (["2", "--kv-cache-gb", "0.00001", "--no-progress"], "too small"),
     (["2", "--gpu-memory-gb", "24"], "only applies with --simulate"),
+    (["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "80", "--tensor-parallel-size", "0"], "positive integer"),
+    (["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "80", "--tensor-parallel-size", "-4"], "positive integer"),
+    (["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "80", "--tensor-parallel-size", "3"],
+     "does not divide the model's 8 KV heads; use one of 1, 2, 4, 8"),
+    (["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "24", "--tensor-parallel-size", "2"],
+     "no memory left for the KV cache on each GPU"),
+    (["2", "--tensor-parallel-size", "2"], "running tensor parallel is not supported"),
+    (["2", "--simulate", "llama3-8b", "--kv-cache-gb", "4", "--tensor-parallel-size", "2"], "not with --kv-cache-gb"),
 ])
 def test_cli_budget_errors(argv, pattern, capsys):
     code, _, err = run_cli("naive", argv, capsys)
