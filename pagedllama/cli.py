@@ -29,7 +29,8 @@ from .engine import PREEMPTION_MODES, Engine, Request
 from .errors import OutOfKVMemory, UsageError, UserError
 from .host_memory import keep_freed_memory
 from .kv_cache import KVCache
-from .loading import DEMO, Loaded, load, resolve_device, resolve_dtype
+from .loading import (DEMO, LLAMA3_VOCAB_SIZE, LLAMA_MODELS_INSTALL, Loaded, installed_llama3_tokenizer, load,
+                      resolve_device, resolve_dtype)
 from .report import GB, format_memory_report, human_bytes, timeline_json
 from .sampling import SamplingParams
 from .scheduler import MAX_PREFILL_TOKENS, SchedulerStats
@@ -348,12 +349,22 @@ def scheduler_json(stats: SchedulerStats) -> dict:
 
 
 def shape_only(args: argparse.Namespace) -> Loaded:
-    """--simulate: a model shape with no weights, and the tokenizer that measures prompt lengths."""
+    """--simulate: a model shape with no weights, and the tokenizer that measures prompts and answers:
+    --tokenizer, else Llama 3's own where `llama-models` is installed, else the demo tokenizer."""
     shape = resolve_shape(args.simulate)
-    tokenizer = load_tokenizer(Path(args.tokenizer)) if args.tokenizer else demo_tokenizer()
-    note = "" if args.tokenizer else "; prompt lengths from the demo tokenizer, a stand-in for Llama 3's"
+    llama3 = installed_llama3_tokenizer() if shape.vocab_size == LLAMA3_VOCAB_SIZE else None
+    if args.tokenizer:
+        tokenizer, note = load_tokenizer(Path(args.tokenizer)), f"lengths measured with {args.tokenizer}"
+    elif llama3:
+        tokenizer, note = load_tokenizer(llama3), "lengths measured with Llama 3's tokenizer (from llama-models)"
+    else:
+        tokenizer = demo_tokenizer()
+        note = "lengths measured with the demo tokenizer, a stand-in for Llama 3's" + (
+            f" (`{LLAMA_MODELS_INSTALL}` for the real one)" if shape.vocab_size == LLAMA3_VOCAB_SIZE else "")
+    tp = args.tensor_parallel_size
     return Loaded(None, tokenizer, shape, False, args.max_seq_len or DEFAULT_MAX_SEQ_LEN,
-                  f"{args.simulate} shape ({shape.num_params() / 1e9:.2f}B parameters, no weights){note}")
+                  f"{args.simulate} shape ({shape.num_params() / 1e9:.2f}B parameters, no weights"
+                  + (f", on {tp} GPUs" if tp > 1 else "") + f"); {note}")
 
 
 def resolve_budget(args: argparse.Namespace, loaded: Loaded, device: torch.device, dtype: torch.dtype) -> Budget:

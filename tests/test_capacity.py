@@ -3,23 +3,25 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
 
-from conftest import CPU, TINY, make_cache, random_requests
+from conftest import CPU, TINY, make_cache, random_requests, tokenizer_bytes
 from pagedllama import cli
 from pagedllama.attention import TorchAttention
 from pagedllama.budget import build_cache, reference_preallocations, simulated_budget
 from pagedllama.capacity import dry_run, find_max_batch
 from pagedllama.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, NAMED_SHAPES
-from pagedllama.data import load_sharegpt
+from pagedllama.data import default_data_path, load_sharegpt
+from pagedllama.loading import installed_llama3_tokenizer
 from pagedllama.engine import Engine, Request
 from pagedllama.errors import OutOfKVMemory, UsageError
 from pagedllama.report import timeline_json
 from pagedllama.sampling import SamplingParams
 from pagedllama.scheduler import MAX_PREFILL_TOKENS
-from pagedllama.tokenizer import demo_tokenizer
+from pagedllama.tokenizer import demo_tokenizer, load_tokenizer
 from pagedllama.workload import build_requests
 
 F32 = torch.float32
@@ -266,6 +268,45 @@ def test_cli_simulate_and_find_max_batch_json(tmp_path, capsys):
     assert re.search(r"blocks in use after +0 +of \d+", out)
     doc = json.loads(path.read_text())
     assert doc["scheduler"]["fits_in_memory"] and doc["memory"]["block_size"] == 16
+
+
+def simulated_timeline(tokenizer, budget: int) -> dict:
+    """The memory timeline of a dry run of the shipped data's first 4 requests, measured with `tokenizer`,
+    as `--simulate llama3-8b` plans them."""
+    requests = build_requests(load_sharegpt(default_data_path())[0], tokenizer, 4, 8192, None, True)
+    run = dry_run("paged", NAMED_SHAPES["llama3-8b"], requests, budget, 8192, torch.bfloat16, 16)
+    return timeline_json(run.timeline, run.memory["bytes_per_token"])
+
+
+def simulate_4(tmp_path, capsys) -> tuple[str, dict]:
+    path = tmp_path / "r.json"
+    code, out, _ = run_cli("paged", ["4", "--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--json", str(path)],
+                           capsys)
+    assert code == 0
+    return out, json.loads(path.read_text())
+
+
+def test_simulate_measures_lengths_with_llama_models_tokenizer_where_installed(tmp_path, capsys, monkeypatch):
+    """A stand-in `llama_models` package on the path, shipping a byte-level tokenizer.model where Meta's
+    ships Llama 3's: --simulate finds it without importing the package and measures the prompts with it."""
+    package = tmp_path / "site" / "llama_models"
+    (package / "llama3").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('the planner must not import the package')\n")
+    (package / "llama3" / "tokenizer.model").write_bytes(tokenizer_bytes())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert installed_llama3_tokenizer() == package / "llama3" / "tokenizer.model"
+    out, doc = simulate_4(tmp_path, capsys)
+    assert "lengths measured with Llama 3's tokenizer (from llama-models)" in out
+    byte_level = simulated_timeline(load_tokenizer(package / "llama3" / "tokenizer.model"), doc["kv_budget_bytes"])
+    assert doc["timeline"] == byte_level != simulated_timeline(demo_tokenizer(), doc["kv_budget_bytes"])
+
+
+def test_simulate_says_the_demo_tokenizer_stands_in_without_llama_models(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_models", None)  # as if not installed
+    assert installed_llama3_tokenizer() is None
+    out, doc = simulate_4(tmp_path, capsys)
+    assert "the demo tokenizer, a stand-in for Llama 3's (`pip install llama-models==0.3.0`" in out
+    assert doc["timeline"] == simulated_timeline(demo_tokenizer(), doc["kv_budget_bytes"])
 
 
 def test_cli_simulate_from_a_config_file(tmp_path, capsys):
