@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .args import ArgumentParser, positive_int
-from .attention import BACKENDS, select_backend
+from .attention import BACKENDS, AttentionBackend, select_backend
 from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, Budget, build_cache, cpu_default_budget, cuda_default_budget,
                      naive_max_rows, paged_num_blocks, simulated_budget, user_budget)
 from .capacity import dry_run, find_max_batch
@@ -41,6 +41,7 @@ from .workload import build_requests
 
 TWINS = {"naive": "naive (contiguous max_seq_len preallocation per request)",
          "paged": "paged (blocks allocated on demand)"}
+PAGED_BLOCK_SIZE = 16  # the paged twin's default --block-size
 
 
 def build_parser(twin: str) -> argparse.ArgumentParser:
@@ -57,7 +58,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 "
                                                    "(auto: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--attention", default="auto", help=f"attention backend: {', '.join(BACKENDS)} (default auto: "
-                                                       "flash-attn, else triton on CUDA, else torch)")
+                                                       "one that both twins' block sizes allow: flash-attn, else "
+                                                       "triton on CUDA, else torch)")
     g = p.add_argument_group("workload")
     g.add_argument("--data", type=Path, help="ShareGPT JSON file (default: the shipped sharegpt-filtered.json)")
     g.add_argument("--max-seq-len", type=positive_int,
@@ -75,7 +77,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
                    help=f"fraction of GPU memory to use (default {DEFAULT_GPU_MEMORY_UTILIZATION})")
     if twin == "paged":
-        g.add_argument("--block-size", type=positive_int, default=16, help="KV slots per block (default 16)")
+        g.add_argument("--block-size", type=positive_int, default=PAGED_BLOCK_SIZE,
+                       help=f"KV slots per block (default {PAGED_BLOCK_SIZE})")
         g.add_argument("--num-blocks", type=positive_int, help="pool size in blocks (default: the KV budget)")
     g = p.add_argument_group("sharing and preemption")
     g.add_argument("--n", type=positive_int, default=1, help="parallel samples per request; they share the "
@@ -149,6 +152,7 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     budget: Budget
+    backend: AttentionBackend | None  # None for dry runs
     requests: list[Request]  # the batch, then the rest of the dataset when searching
     batch_size: int
     planning: bool
@@ -218,20 +222,26 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
                               reference_lengths=loaded.is_demo or whole_dataset or planning,
                               system_prompt=args.system_prompt)
     requests = [replace(r, n=args.n, beam_width=args.beam_width) for r in requests]
-    budget = resolve_budget(args, loaded, device, dtype)
+    block, twin_block = twin_block_sizes(twin, args, loaded.max_seq_len)
+    backend = None if planning else select_backend(args.attention, device, dtype, block, twin_block)
+    budget = resolve_budget(args, loaded, device, dtype, backend, block)
     header = (f"{args.batch_size or 0} requests from {data_path} ({len(conversations)} usable conversations, "
               f"{skipped} skipped: no usable human turn)\n"
               f"model: {loaded.description}; {device.type}, {str(dtype).removeprefix('torch.')}\n"
               f"KV budget: {human_bytes(budget.kv_bytes)} ({budget.explanation})")
-    return Setup(loaded, device, dtype, budget, requests, args.batch_size or 0, planning, header)
+    return Setup(loaded, device, dtype, budget, backend, requests, args.batch_size or 0, planning, header)
+
+
+def twin_block_sizes(twin: str, args: argparse.Namespace, max_seq_len: int) -> tuple[int, int]:
+    """This twin's block size and the other twin's: `--attention auto` picks a kernel both can use."""
+    paged = getattr(args, "block_size", PAGED_BLOCK_SIZE)
+    return (paged, max_seq_len) if twin == "paged" else (max_seq_len, paged)
 
 
 def run(twin: str, args: argparse.Namespace) -> int:
     setup = prepare(twin, args)
-    loaded, dtype, budget = setup.loaded, setup.dtype, setup.budget
+    loaded, dtype, budget, backend = setup.loaded, setup.dtype, setup.budget, setup.backend
     block_size = getattr(args, "block_size", None)
-    backend = None if setup.planning else select_backend(args.attention, setup.device, dtype,
-                                                         block_size or loaded.max_seq_len)
     mode = "dry run, no forward pass" if setup.planning else "generation"
     print(f"llama3-{twin}.py ({mode}): {setup.header}")
     print(f"KV cache: {TWINS[twin]}" + (f"; attention backend: {backend.name}" if backend else ""))
@@ -367,7 +377,8 @@ def shape_only(args: argparse.Namespace) -> Loaded:
                   + (f", on {tp} GPUs" if tp > 1 else "") + f"); {note}")
 
 
-def resolve_budget(args: argparse.Namespace, loaded: Loaded, device: torch.device, dtype: torch.dtype) -> Budget:
+def resolve_budget(args: argparse.Namespace, loaded: Loaded, device: torch.device, dtype: torch.dtype,
+                   backend: AttentionBackend | None, block_size: int) -> Budget:
     if args.kv_cache_gb is not None:
         return user_budget(args.kv_cache_gb)
     if args.simulate:
@@ -378,23 +389,30 @@ def resolve_budget(args: argparse.Namespace, loaded: Loaded, device: torch.devic
     bytes_per_token = loaded.args.kv_bytes_per_token(dtype.itemsize)
     if device.type == "cuda":
         total = torch.cuda.mem_get_info(device)[1]
-        return cuda_default_budget(args.gpu_memory_utilization, warmup_peak_bytes(loaded, device, dtype), total)
+        peak = warmup_peak_bytes(loaded, backend, block_size, device, dtype)
+        return cuda_default_budget(args.gpu_memory_utilization, peak, total)
     return cpu_default_budget(bytes_per_token, loaded.max_seq_len)
 
 
-def warmup_peak_bytes(loaded: Loaded, device: torch.device, dtype: torch.dtype) -> int:
-    """Peak CUDA memory of a forward over the largest prefill step, through a throwaway cache."""
+def warmup_peak_bytes(loaded: Loaded, backend: AttentionBackend, block_size: int, device: torch.device,
+                      dtype: torch.dtype) -> int:
+    """Peak CUDA memory of a forward over the largest prefill step, less its throwaway cache."""
     torch.cuda.reset_peak_memory_stats(device)
-    tokens = min(MAX_PREFILL_TOKENS, loaded.max_seq_len - 1)
-    cache = KVCache(loaded.args, num_blocks=1, block_size=loaded.max_seq_len, max_seq_len=loaded.max_seq_len,
-                    max_num_seqs=1, backend=select_backend("torch", device, dtype, loaded.max_seq_len),
-                    device=device, dtype=dtype)
-    engine = Engine(loaded.model, cache, SamplingParams(), frozenset())
-    engine.run([Request("warmup", [0] * tokens, 1)], progress=False)
-    kv_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
-    del engine, cache
+    kv_bytes = warmup_forward(loaded, backend, block_size, device, dtype)
     torch.cuda.empty_cache()
     return torch.cuda.max_memory_allocated(device) - kv_bytes
+
+
+def warmup_forward(loaded: Loaded, backend: AttentionBackend, block_size: int, device: torch.device,
+                   dtype: torch.dtype) -> int:
+    """A forward over the largest prefill step through the backend and block size that will run, in a
+    throwaway cache just large enough; returns that cache's size in bytes."""
+    tokens = min(MAX_PREFILL_TOKENS, loaded.max_seq_len - 1)
+    cache = KVCache(loaded.args, num_blocks=-(-(tokens + 1) // block_size), block_size=block_size,
+                    max_seq_len=loaded.max_seq_len, max_num_seqs=1, backend=backend, device=device, dtype=dtype)
+    Engine(loaded.model, cache, SamplingParams(), frozenset()).run([Request("warmup", [0] * tokens, 1)],
+                                                                   progress=False)
+    return cache.kv.numel() * cache.kv.element_size()
 
 
 def _answer(seq: Sequence, loaded: Loaded) -> dict:

@@ -63,7 +63,7 @@ def run_twin(twin: str, args: argparse.Namespace, setup: Setup) -> TwinRun:
             if r.error:
                 return TwinRun(twin, error=r.error)
             return TwinRun(twin, r.memory, scheduler_json(r.stats), r.timeline)
-        backend = select_backend(args.attention, setup.device, setup.dtype, block_size or loaded.max_seq_len)
+        backend = setup.backend  # the one prepare() picked for both twins
         cache = build_cache(twin, loaded.args, one_per_sequence(batch), setup.budget.kv_bytes, loaded.max_seq_len, backend,
                             setup.device, setup.dtype, block_size=block_size, num_blocks=args.num_blocks)
     except OutOfKVMemory as e:
@@ -117,6 +117,11 @@ def compare(args: argparse.Namespace) -> int:
             raise UserError(f"--plots-dir {args.plots_dir}: cannot create it ({e.strerror}); pick another "
                             "directory or pass --no-plots") from None
     print(f"compare: {setup.header}")
+    if setup.backend and not args.dry_run:
+        # `auto` gave the paged twin a kernel that the naive twin's blocks allow too; an explicit choice
+        # must suit both as well.
+        select_backend(args.attention, setup.device, setup.dtype, setup.loaded.max_seq_len, args.block_size)
+        print(f"attention backend: {setup.backend.name} (both twins)")
     runs = {twin: run_twin(twin, args, setup) for twin in ("naive", "paged")}
     print()
     print(side_by_side(runs["naive"], runs["paged"], f"TWIN, {setup.batch_size} requests"))

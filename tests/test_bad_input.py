@@ -161,7 +161,7 @@ def flash_attn_block_size_16(env: Env) -> Callable[[], int]:
     stand-in `flash_attn` module (the real one needs a GPU), through the CLI's error reporting."""
     env.monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_standin)
     return lambda: cli.run_reporting_errors(
-        lambda: select_backend("flash-attn", torch.device("cuda"), torch.bfloat16, 16), debug=False)
+        lambda: select_backend("flash-attn", torch.device("cuda"), torch.bfloat16, 16, 8192), debug=False)
 
 
 K = "--kv-cache-gb"

@@ -15,7 +15,7 @@ from pagedllama.budget import build_cache, reference_preallocations, simulated_b
 from pagedllama.capacity import dry_run, find_max_batch
 from pagedllama.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, NAMED_SHAPES
 from pagedllama.data import default_data_path, load_sharegpt
-from pagedllama.loading import installed_llama3_tokenizer
+from pagedllama.loading import Loaded, installed_llama3_tokenizer
 from pagedllama.engine import Engine, Request
 from pagedllama.errors import OutOfKVMemory, UsageError
 from pagedllama.report import timeline_json
@@ -206,6 +206,22 @@ def test_dry_run_agrees_with_a_real_run_at_the_cli_setting(tmp_path, capsys):
     assert doc["timeline"] == timeline_json(sim.timeline, sim.memory["bytes_per_token"])
     assert doc["memory"] == sim.memory and doc["scheduler"] == cli.scheduler_json(sim.stats)
     assert doc["timeline"]["waiting"][0] > 0 and doc["scheduler"]["fits_in_memory"]
+
+
+def test_budget_warm_up_runs_the_backend_and_block_size_that_will_run(tiny_model):
+    """On CUDA the KV budget is what a warm-up forward leaves; it goes through the twin's own backend
+    and block size (here blocks of 16 and a backend that records what reaches it)."""
+    seen = []
+
+    class Recording(TorchAttention):
+        def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+            seen.append((meta.is_prefill, len(q), k_cache.shape[1]))
+            return super().forward(q, k, v, k_cache, v_cache, meta, scale)
+
+    loaded = Loaded(tiny_model, None, TINY, False, 64, "tiny")
+    kv_bytes = cli.warmup_forward(loaded, Recording(), 16, CPU, F32)
+    assert seen == [(True, 63, 16)] * TINY.n_layers  # the largest prefill step the context allows
+    assert kv_bytes == 4 * 16 * SLOT  # 64 slots: 63 prompt tokens and the one generated
 
 
 def test_named_shapes_have_published_parameter_counts():
