@@ -105,7 +105,9 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--json", type=Path, help="write answers and the report as one JSON object")
     g.add_argument("--output", type=Path, help="stream each finished request as a JSON line the moment it ends")
-    g.add_argument("--no-answers", action="store_true", help="do not print the generated answers")
+    g.add_argument("--answers", action=argparse.BooleanOptionalAction,
+                   help="print the generated answers (default: yes for a real model, as the original scripts do; "
+                        "no for the demo, whose random weights write gibberish)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
@@ -269,14 +271,17 @@ def run(twin: str, args: argparse.Namespace) -> int:
         result = generate(args, loaded, cache, setup.batch, budget.kv_bytes)
         result["timeline"] = timeline_json(result["timeline"], cache.bytes_per_slot)
         print()
-        print(format_memory_report(result["memory"], f"KV memory report: {TWINS[twin]}, {setup.batch_size} requests"))
+        print(format_memory_report(result["memory"], f"KV memory report: {TWINS[twin]}, {setup.batch_size} requests",
+                                   interrupted=result["interrupted"]))
         print(f"  run: {result['steps']} steps, {result['output_tokens']} tokens generated in "
               f"{result['elapsed_s']:.1f} s ({result['output_tokens_per_s']:.1f} tok/s)")
         print(scheduler_line(result["stats"]))
-        if args.n > 1 or args.beam_width > 1:
+        if args.n > 1 or args.beam_width > 1 or result["prefix_cache"]:
             print(format_sharing(result["sharing"]))
         if result["prefix_cache"]:
-            print(f"  prefix cache: hit rate {100 * result['prefix_cache']['hit_rate']:.1f}% of prompt tokens")
+            pc = result["prefix_cache"]
+            print(f"  prefix cache: hit rate {100 * pc['hit_rate']:.1f}% ({pc['cached_tokens']} of {pc['prompt_tokens']} "
+                  "prompt tokens found in the cache, not prefilled again)")
         result["scheduler"] = scheduler_json(result.pop("stats"))
         doc.update(result)
         status = 130 if result["interrupted"] else 0
@@ -309,9 +314,11 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
             stream.close()
     elapsed = time.perf_counter() - start
     finished = [s for s in result.sequences if s.finish_reason]
-    if not args.no_answers:
+    if args.answers if args.answers is not None else not loaded.is_demo:
         for seq in finished:
-            print(f"\n{'=' * 30} request {seq.request_id}: {seq.num_prompt_tokens} prompt tokens, "
+            which = "".join(f", {k.replace('_', ' ')} {v}" for k, v in _output_index(seq).items()
+                            if k != "cumulative_logprob")
+            print(f"\n{'=' * 30} request {seq.request_id}{which}: {seq.num_prompt_tokens} prompt tokens, "
                   f"{seq.num_output_tokens} generated ({seq.finish_reason}) {'=' * 30}")
             print(loaded.tokenizer.decode(seq.output_ids))
         print("=" * 80)
@@ -325,7 +332,7 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
             "elapsed_s": elapsed, "output_tokens": out_tokens,
             "output_tokens_per_s": out_tokens / elapsed if elapsed else 0.0,
             "requests": [_answer(s, loaded) for s in finished],
-            "memory": memory, "sharing": engine.sharing.summary(memory, args.n, args.beam_width),
+            "memory": memory, "sharing": engine.sharing.summary(memory, args.n, args.beam_width, prefix_cache is not None),
             "prefix_cache": prefix_cache.summary() if prefix_cache else None,
             "stats": engine.scheduler.stats, "timeline": engine.memory.timeline}
 
@@ -415,10 +422,20 @@ def warmup_forward(loaded: Loaded, backend: AttentionBackend, block_size: int, d
     return cache.kv.numel() * cache.kv.element_size()
 
 
+def _output_index(seq: Sequence) -> dict:
+    """Which of its request's outputs `seq` is: its sample, or its beam's rank and score."""
+    group = seq.group
+    if group.beam_width > 1:
+        return {"beam_index": group.outputs().index(seq), "cumulative_logprob": seq.cum_logprob}
+    return {"sample_index": group.outputs().index(seq)} if group.n > 1 else {}
+
+
 def _answer(seq: Sequence, loaded: Loaded) -> dict:
-    return {"id": seq.request_id, "prompt_tokens": seq.num_prompt_tokens, "output_tokens": seq.num_output_tokens,
-            "finish_reason": seq.finish_reason, "preemptions": seq.num_preemptions,
-            "text": loaded.tokenizer.decode(seq.output_ids)}
+    """One output as --json and --output write it (vLLM's names for the token ids)."""
+    return {"id": seq.request_id, **_output_index(seq), "prompt_tokens": seq.num_prompt_tokens,
+            "output_tokens": seq.num_output_tokens, "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens],
+            "output_token_ids": seq.output_ids, "finish_reason": seq.finish_reason,
+            "preemptions": seq.num_preemptions, "text": loaded.tokenizer.decode(seq.output_ids)}
 
 
 def _write_line(stream, seq: Sequence, loaded: Loaded) -> None:

@@ -79,7 +79,7 @@ def test_hand_computed_small_case():
     assert paged.memory["peak_reserved_bytes"] == 12 * SLOT
     assert paged.memory["peak_used_bytes"] == 7 * SLOT
     assert paged.memory["peak_fragmented_bytes"] == 5 * SLOT
-    assert paged.memory["fragmented_pct_of_budget"] == 100 * 5 * SLOT / (1 << 30)  # at the peak, not the end (0)
+    assert paged.memory["fragmented_fraction_of_budget"] == 5 * SLOT / (1 << 30)  # at the peak, not the end (0)
     naive = dry_run("naive", TINY, requests, 1 << 30, 16, F32)
     assert [(s.reserved_tokens, s.used_tokens) for s in naive.timeline] == [(32, 7), (32, 9), (16, 7), (16, 8)]
     assert naive.memory["peak_utilization"] == pytest.approx(7 / 32)

@@ -119,5 +119,5 @@ def test_cli_system_prompt_shows_hits_on_sharegpt(tmp_path, capsys):
                               "2", "--no-progress", "--no-answers", "--json", str(path)])
     out = capsys.readouterr().out
     doc = json.loads(path.read_text())
-    assert code == 0 and "prefix cache: hit rate" in out
+    assert code == 0 and "prefix cache: hit rate" in out and "sharing (n 1, beam width 1, prefix caching)" in out
     assert 0 < doc["prefix_cache"]["hit_rate"] < 1 and doc["sharing"]["saved_bytes"] > 0
