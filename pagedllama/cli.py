@@ -36,6 +36,7 @@ from .sampling import SamplingParams
 from .scheduler import MAX_PREFILL_TOKENS, SchedulerStats
 from .sequence import Sequence
 from .sharing import format_sharing, one_per_sequence
+from .threads import choose_threads
 from .tokenizer import demo_tokenizer, load_tokenizer
 from .workload import build_requests
 
@@ -55,6 +56,9 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
                                                  "'demo' for the built-in random-weight model (default)")
     g.add_argument("--tokenizer", help="tokenizer.model (tiktoken) or tokenizer.json; default: found in --model")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    g.add_argument("--threads", type=positive_int, metavar="N",
+                   help="CPU threads for PyTorch's ops (default: one per core idle at start, so a core another "
+                        "process keeps busy does not stall every op; OMP_NUM_THREADS is respected)")
     g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 "
                                                    "(auto: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--attention", default="auto", help=f"attention backend: {', '.join(BACKENDS)} (default auto: "
@@ -227,9 +231,10 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
     block, twin_block = twin_block_sizes(twin, args, loaded.max_seq_len)
     backend = None if planning else select_backend(args.attention, device, dtype, block, twin_block)
     budget = resolve_budget(args, loaded, device, dtype, backend, block)
+    threads = "" if planning else f"; threads: {choose_threads(args.threads)}"  # dry runs compute nothing
     header = (f"{args.batch_size or 0} requests from {data_path} ({len(conversations)} usable conversations, "
               f"{skipped} skipped: no usable human turn)\n"
-              f"model: {loaded.description}; {device.type}, {str(dtype).removeprefix('torch.')}\n"
+              f"model: {loaded.description}; {device.type}, {str(dtype).removeprefix('torch.')}{threads}\n"
               f"KV budget: {human_bytes(budget.kv_bytes)} ({budget.explanation})")
     return Setup(loaded, device, dtype, budget, backend, requests, args.batch_size or 0, planning, header)
 
@@ -251,7 +256,8 @@ def run(twin: str, args: argparse.Namespace) -> int:
                         block_size, getattr(args, "num_blocks", None)))
     doc: dict = {"twin": twin, "model": args.simulate or args.model, "planning": setup.planning,
                  "device": setup.device.type, "dtype": str(dtype).removeprefix("torch."),
-                 "attention": backend.name if backend else None, "max_seq_len": loaded.max_seq_len,
+                 "attention": backend.name if backend else None, "threads": torch.get_num_threads(),
+                 "max_seq_len": loaded.max_seq_len,
                  "kv_budget_bytes": budget.kv_bytes}
     status = 0
     if setup.batch and setup.planning:
