@@ -269,7 +269,8 @@ def run_cli(twin, argv, capsys):
     return code, out, err
 
 
-def test_cli_simulate_and_find_max_batch_json(tmp_path, capsys):
+def test_cli_simulate_and_find_max_batch_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_models", None)  # the demo tokenizer measures, installed or not
     path = tmp_path / "r.json"
     code, out, _ = run_cli("naive", ["--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--find-max-batch",
                                      "--json", str(path)], capsys)
