@@ -231,7 +231,8 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
     block, twin_block = twin_block_sizes(twin, args, loaded.max_seq_len)
     backend = None if planning else select_backend(args.attention, device, dtype, block, twin_block)
     budget = resolve_budget(args, loaded, device, dtype, backend, block)
-    threads = "" if planning else f"; threads: {choose_threads(args.threads)}"  # dry runs compute nothing
+    # Dry runs compute nothing: no need to watch the cores for them.
+    threads = f"; threads: {choose_threads(args.threads)}" if not planning or args.threads else ""
     header = (f"{args.batch_size or 0} requests from {data_path} ({len(conversations)} usable conversations, "
               f"{skipped} skipped: no usable human turn)\n"
               f"model: {loaded.description}; {device.type}, {str(dtype).removeprefix('torch.')}{threads}\n"
