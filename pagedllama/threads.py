@@ -3,8 +3,8 @@
 PyTorch starts one intra-op thread per core, and at the end of every parallel op its threads
 wait for each other. When another process keeps a core busy, the thread that shares that core
 gets it only in the scheduler's time slices, and every op waits for it: on a 2-core machine with
-one core taken, `llama3-paged.py 4` runs about ten times slower with 2 threads than with one
-(BENCHMARKS.md). Counting the cores left idle by other processes, just before the run, keeps the
+one core taken, `llama3-paged.py 4` runs 3-4x slower with 2 threads than with one, and far
+slower still when the other core is loaded too (BENCHMARKS.md). Counting the cores left idle by other processes, just before the run, keeps the
 threads off busy cores while still using every core of an idle machine. `--threads N` or an
 explicit OMP_NUM_THREADS is used as given.
 """
