@@ -237,19 +237,21 @@ def default_budget(model: str, max_seq_len: int = MAX_SEQ_LEN) -> int:
     return cpu_default_budget(bytes_per_token(model), max_seq_len).kv_bytes
 
 
-def default_backend(block_size: int):
-    """The torch backend on CPU; on CUDA what the CLI's --attention auto picks (or BENCH_ATTENTION)."""
+def default_backend(max_seq_len: int):
+    """The torch backend on CPU; on CUDA what the CLI's --attention auto picks for both twins (or
+    BENCH_ATTENTION), one kernel for the naive rows of `max_seq_len` and the paged blocks alike."""
     if DEVICE.type == "cpu":
         return TorchAttention()
     from pagedllama.attention import select_backend
 
-    return select_backend(os.environ.get("BENCH_ATTENTION", "auto"), DEVICE, DTYPE, block_size)
+    name = os.environ.get("BENCH_ATTENTION", "auto")
+    select_backend(name, DEVICE, DTYPE, max_seq_len, BLOCK_SIZE)  # the naive twin's rows allow it too
+    return select_backend(name, DEVICE, DTYPE, BLOCK_SIZE, max_seq_len)
 
 
 def make_cache(twin: str, model: str, reqs: list[Request], budget: int, max_seq_len: int = MAX_SEQ_LEN,
                storage: bool = True, backend=None, dtype: torch.dtype = DTYPE) -> KVCache:
-    block_size = max_seq_len if twin == "naive" else BLOCK_SIZE
-    backend = backend or (default_backend(block_size) if storage else None)
+    backend = backend or (default_backend(max_seq_len) if storage else None)
     return build_cache(twin, MODELS[model], reqs, budget, max_seq_len, backend, DEVICE if storage else CPU, dtype,
                        block_size=None if twin == "naive" else BLOCK_SIZE, storage=storage)
 
@@ -370,7 +372,7 @@ def combine(runs: list[RunStats]) -> RunStats:
 
 
 def paged_max_batch(model: str, reqs: list[Request], budget: int, max_seq_len: int = MAX_SEQ_LEN) -> tuple[int, bool]:
-    """The dry run's answer: largest K whose first K requests stay resident at once, no preemption."""
+    """The dry run's answer: largest K whose first K requests fit the KV memory (none waits for blocks, none is preempted)."""
     return find_max_batch("paged", MODELS[model], reqs, budget, max_seq_len, DTYPE, BLOCK_SIZE)
 
 

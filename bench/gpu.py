@@ -280,7 +280,8 @@ def decode_steps(model, args: ModelArgs, twin: str, batch: int, prompt: int, ste
     reqs = [Request(f"r{i}", torch.randint(1, args.vocab_size, (prompt,), generator=g).tolist(), steps + 1)
             for i in range(batch)]
     max_seq_len = prompt + steps + 1
-    backend = select_backend(attention, device, dtype, max_seq_len if twin == "naive" else BLOCK_SIZE)
+    blocks = (max_seq_len, BLOCK_SIZE) if twin == "naive" else (BLOCK_SIZE, max_seq_len)
+    backend = select_backend(attention, device, dtype, *blocks)  # `auto`: one kernel for both twins
     cache = cache_for(args, twin, reqs, True, dtype, max_seq_len, backend, device)  # room for the whole batch
     t0 = time.perf_counter()
     engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, max_prefill_tokens=32768,
@@ -331,8 +332,8 @@ def same_budget(model, args: ModelArgs, max_seq_len: int, num_requests: int, cap
     reqs = reqs[:paged_batch]
 
     def cache(twin: str, batch: list[Request]):
-        block_size = max_seq_len if twin == "naive" else BLOCK_SIZE
-        return build_cache(twin, args, batch, budget, max_seq_len, select_backend(attention, device, dtype, block_size),
+        blocks = (max_seq_len, BLOCK_SIZE) if twin == "naive" else (BLOCK_SIZE, max_seq_len)
+        return build_cache(twin, args, batch, budget, max_seq_len, select_backend(attention, device, dtype, *blocks),
                            device, dtype, block_size=None if twin == "naive" else BLOCK_SIZE)
 
     for twin in ("paged", "naive"):  # warm-up: each twin's kernels compiled before the clock runs

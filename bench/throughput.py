@@ -5,7 +5,7 @@
    indirection: the target is paged / naive >= 0.95.
 2. Same KV budget (the CLI's CPU default: 6.19 rows of max_seq_len, as Llama 3 8B has on a
    24 GB GPU), each twin at its largest batch. naive's largest is budget // row; paged's is found
-   by the dry run (largest K whose first K requests all stay resident, no preemption). Both serve
+   by the dry run (largest K whose first K requests fit: none waits for blocks, none preempted). Both serve
    the same K_paged requests: paged as one batch, naive as consecutive batches of its largest size
    (it cannot hold more). Target >= 4. Also reported: each twin's single largest batch (naive's
    first batch alone, as one llama3-naive.py run) and, in the full mode, naive rows with continuous

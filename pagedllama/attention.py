@@ -266,12 +266,19 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_size: int) -> AttentionBackend:
-    """The backend asked for, or a clear error saying why it cannot run here and what to use."""
+def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_size: int,
+                   twin_block_size: int) -> AttentionBackend:
+    """The backend asked for, for a cache of `block_size`-slot blocks, or a clear error saying why it
+    cannot run here and what to use.
+
+    `auto` picks a backend that the other twin's cache (`twin_block_size`-slot blocks) can use
+    too, so that whichever twin runs, the two run the same kernel: flash-attn if it is installed
+    on CUDA and both block sizes are multiples of 256, else triton on CUDA, else torch.
+    """
     cuda = device.type == "cuda"
     if name == "auto":
-        if cuda and _importable("flash_attn") and block_size % FLASH_ATTN_PAGE_MULTIPLE == 0 \
-                and dtype in (torch.float16, torch.bfloat16):
+        pages_fit = all(b % FLASH_ATTN_PAGE_MULTIPLE == 0 for b in (block_size, twin_block_size))
+        if cuda and _importable("flash_attn") and pages_fit and dtype in (torch.float16, torch.bfloat16):
             name = "flash-attn"
         elif cuda and _importable("triton"):
             name = "triton"

@@ -19,9 +19,9 @@ from .engine import Request
 from .errors import OutOfKVMemory, UsageError
 from .kv_cache import KVCache
 from .report import GB, human_bytes
+from .scheduler import MAX_PREFILL_TOKENS
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
-MAX_PREFILL_TOKENS = 4096  # tokens in one prefill step; bounds activation memory
 
 
 @dataclass(frozen=True)
@@ -32,31 +32,58 @@ class Budget:
     explanation: str
 
 
-def weights_bytes(args: ModelArgs, dtype_bytes: int) -> int:
-    return args.num_params() * dtype_bytes
+def weights_bytes(args: ModelArgs, dtype_bytes: int, tensor_parallel_size: int = 1) -> int:
+    """The weights one GPU holds: Megatron-style tensor parallelism splits every matrix (and the
+    embedding and output layer by vocabulary) across the GPUs and copies only the norms."""
+    norms = (2 * args.n_layers + 1) * args.dim
+    return (norms + -(-(args.num_params() - norms) // tensor_parallel_size)) * dtype_bytes
 
 
-def activation_allowance(args: ModelArgs, dtype_bytes: int, tokens: int = MAX_PREFILL_TOKENS) -> int:
-    """Peak activations of one prefill step: residual, norms, q/k/v/o (~4 x dim) and SwiGLU (3 x hidden)."""
-    return tokens * (4 * args.dim + 3 * args.hidden_dim) * dtype_bytes
+def activation_allowance(args: ModelArgs, dtype_bytes: int, tokens: int = MAX_PREFILL_TOKENS,
+                         tensor_parallel_size: int = 1) -> int:
+    """Peak activations of one prefill step on one GPU: residual and norms (~2 x dim) on every GPU;
+    attention's q/k/v/o (~2 x dim) and SwiGLU's (3 x hidden) split across the GPUs."""
+    split = (2 * args.dim + 3 * args.hidden_dim) // tensor_parallel_size
+    return tokens * (2 * args.dim + split) * dtype_bytes
 
 
-def simulated_budget(args: ModelArgs, gpu_memory_gb: float, utilization: float, dtype_bytes: int) -> Budget:
-    """The KV budget a GPU of `gpu_memory_gb` would leave after weights and activations."""
+def check_tensor_parallel_size(args: ModelArgs, tensor_parallel_size: int) -> None:
+    """Each GPU holds whole KV heads (and the query heads that use them)."""
+    if args.n_kv_heads % tensor_parallel_size:
+        sizes = ", ".join(str(n) for n in range(1, args.n_kv_heads + 1) if args.n_kv_heads % n == 0)
+        raise UsageError(f"--tensor-parallel-size {tensor_parallel_size} does not divide the model's "
+                         f"{args.n_kv_heads} KV heads; use one of {sizes}")
+
+
+def simulated_budget(args: ModelArgs, gpu_memory_gb: float, utilization: float, dtype_bytes: int,
+                     tensor_parallel_size: int = 1) -> Budget:
+    """The KV budget `tensor_parallel_size` GPUs of `gpu_memory_gb` each would leave after weights
+    and activations, vLLM's rule applied to each GPU.
+
+    Each GPU holds 1/N of every block's KV heads, so N GPUs with B bytes left each hold as many
+    blocks as one cache of N x B bytes: that is the budget returned.
+    """
     check_utilization(utilization)
     if not 0 < gpu_memory_gb <= 100_000:
         raise UsageError(f"--gpu-memory-gb {gpu_memory_gb} is not a plausible GPU size; give it in GB, e.g. 24")
+    check_tensor_parallel_size(args, tensor_parallel_size)
+    tp = tensor_parallel_size
     usable = int(gpu_memory_gb * GB * utilization)
-    weights = weights_bytes(args, dtype_bytes)
-    acts = activation_allowance(args, dtype_bytes)
+    weights = weights_bytes(args, dtype_bytes, tp)
+    acts = activation_allowance(args, dtype_bytes, tensor_parallel_size=tp)
     kv = usable - weights - acts
+    share = f" / {tp} GPUs" if tp > 1 else ""
     explanation = (f"{gpu_memory_gb:g} GB x {utilization:g} utilization = {human_bytes(usable)}, minus weights "
-                   f"{human_bytes(weights)} ({args.num_params() / 1e9:.2f}B params x {dtype_bytes} bytes), minus "
-                   f"activations {human_bytes(acts)} ({MAX_PREFILL_TOKENS}-token prefill step)")
+                   f"{human_bytes(weights)} ({args.num_params() / 1e9:.2f}B params x {dtype_bytes} bytes{share}), "
+                   f"minus activations {human_bytes(acts)} ({MAX_PREFILL_TOKENS}-token prefill step"
+                   + (", per GPU)" if tp > 1 else ")"))
     if kv <= 0:
-        raise OutOfKVMemory(f"no memory left for the KV cache: {explanation} leaves {human_bytes(kv)}; "
-                            "use a larger GPU or a smaller model")
-    return Budget(kv, explanation)
+        where = "on each GPU" if tp > 1 else "on the GPU"
+        raise OutOfKVMemory(f"no memory left for the KV cache {where}: {explanation} leaves {human_bytes(kv)}; "
+                            "use a larger GPU, more GPUs (--tensor-parallel-size) or a smaller model")
+    if tp > 1:
+        explanation = f"{tp} GPUs x {human_bytes(kv)} each: {explanation}"
+    return Budget(kv * tp, explanation)
 
 
 def reference_preallocations() -> float:

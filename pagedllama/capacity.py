@@ -2,7 +2,8 @@
 
 A dry run (`Engine(model=None)`) admits, grows, preempts and frees exactly as a real run
 does, so it finds in seconds what a GPU run would take minutes to show: how much memory
-each twin reserves step by step, and the largest batch whose requests all stay resident.
+each twin reserves step by step, and the largest batch that fits its KV memory: no request
+ever waited for blocks and none was preempted (`SchedulerStats.fits_in_memory`).
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ class DryRun:
     error: str | None = None
 
     @property
-    def all_resident(self) -> bool:
-        return self.error is None and self.stats is not None and self.stats.all_resident
+    def fits_in_memory(self) -> bool:
+        return self.error is None and self.stats is not None and self.stats.fits_in_memory
 
 
 def dry_run(twin: str, args: ModelArgs, requests: list[Request], budget_bytes: int, max_seq_len: int,
@@ -51,13 +52,13 @@ def dry_run(twin: str, args: ModelArgs, requests: list[Request], budget_bytes: i
 
 def find_max_batch(twin: str, args: ModelArgs, requests: list[Request], budget_bytes: int, max_seq_len: int,
                    dtype: torch.dtype, block_size: int | None = None) -> tuple[int, bool]:
-    """Largest K such that the first K requests all run resident at once (no waiting, no preemption).
+    """Largest K such that the first K requests fit the KV memory (none waits for blocks, none is preempted).
 
     Returns (K, exhausted): `exhausted` means even all the requests given fit, so the true
     limit is at least K. Binary search: one more request never needs less memory.
     """
     def fits(k: int) -> bool:
-        return k == 0 or dry_run(twin, args, requests[:k], budget_bytes, max_seq_len, dtype, block_size).all_resident
+        return k == 0 or dry_run(twin, args, requests[:k], budget_bytes, max_seq_len, dtype, block_size).fits_in_memory
 
     if fits(len(requests)):
         return len(requests), True

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from .args import ArgumentParser, positive_int
-from .attention import BACKENDS, select_backend
-from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, MAX_PREFILL_TOKENS, Budget, build_cache, cpu_default_budget,
-                     cuda_default_budget, naive_max_rows, paged_num_blocks, simulated_budget, user_budget)
+from .attention import BACKENDS, AttentionBackend, select_backend
+from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, Budget, build_cache, cpu_default_budget, cuda_default_budget,
+                     naive_max_rows, paged_num_blocks, simulated_budget, user_budget)
 from .capacity import dry_run, find_max_batch
 from .config import DEFAULT_MAX_SEQ_LEN, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
 from .data import default_data_path, load_sharegpt
@@ -29,17 +29,20 @@ from .engine import PREEMPTION_MODES, Engine, Request
 from .errors import OutOfKVMemory, UsageError, UserError
 from .host_memory import keep_freed_memory
 from .kv_cache import KVCache
-from .loading import DEMO, Loaded, load, resolve_device, resolve_dtype
-from .report import GB, format_memory_report, human_bytes
+from .loading import (DEMO, LLAMA3_VOCAB_SIZE, LLAMA_MODELS_INSTALL, Loaded, installed_llama3_tokenizer, load,
+                      resolve_device, resolve_dtype)
+from .report import GB, format_memory_report, human_bytes, timeline_json
 from .sampling import SamplingParams
-from .scheduler import SchedulerStats
+from .scheduler import MAX_PREFILL_TOKENS, SchedulerStats
 from .sequence import Sequence
 from .sharing import format_sharing, one_per_sequence
+from .threads import choose_threads
 from .tokenizer import demo_tokenizer, load_tokenizer
 from .workload import build_requests
 
 TWINS = {"naive": "naive (contiguous max_seq_len preallocation per request)",
          "paged": "paged (blocks allocated on demand)"}
+PAGED_BLOCK_SIZE = 16  # the paged twin's default --block-size
 
 
 def build_parser(twin: str) -> argparse.ArgumentParser:
@@ -53,10 +56,14 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
                                                  "'demo' for the built-in random-weight model (default)")
     g.add_argument("--tokenizer", help="tokenizer.model (tiktoken) or tokenizer.json; default: found in --model")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    g.add_argument("--threads", type=positive_int, metavar="N",
+                   help="CPU threads for PyTorch's ops (default: one per core idle at start, so a core another "
+                        "process keeps busy does not stall every op; OMP_NUM_THREADS is respected)")
     g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 "
                                                    "(auto: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--attention", default="auto", help=f"attention backend: {', '.join(BACKENDS)} (default auto: "
-                                                       "flash-attn, else triton on CUDA, else torch)")
+                                                       "one that both twins' block sizes allow: flash-attn, else "
+                                                       "triton on CUDA, else torch)")
     g.add_argument("--cuda-graphs", action="store_true", help="decode steps replay CUDA graphs captured per "
                    "batch size (CUDA, triton backend; not yet verified on a GPU)")
     g = p.add_argument_group("workload")
@@ -76,7 +83,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
                    help=f"fraction of GPU memory to use (default {DEFAULT_GPU_MEMORY_UTILIZATION})")
     if twin == "paged":
-        g.add_argument("--block-size", type=positive_int, default=16, help="KV slots per block (default 16)")
+        g.add_argument("--block-size", type=positive_int, default=PAGED_BLOCK_SIZE,
+                       help=f"KV slots per block (default {PAGED_BLOCK_SIZE})")
         g.add_argument("--num-blocks", type=positive_int, help="pool size in blocks (default: the KV budget)")
     g = p.add_argument_group("sharing and preemption")
     g.add_argument("--n", type=positive_int, default=1, help="parallel samples per request; they share the "
@@ -97,10 +105,15 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g.add_argument("--simulate", metavar="CONFIG", help=f"plan for a model that is not here: {', '.join(NAMED_SHAPES)} "
                                                         "or a params.json / config.json")
     g.add_argument("--gpu-memory-gb", type=float, help="with --simulate: the GPU's memory in GB")
+    g.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
+                   help="with --simulate: plan for N GPUs of --gpu-memory-gb each, weights and KV heads split "
+                        "across them (default 1; running tensor parallel is not supported)")
     g = p.add_argument_group("output")
     g.add_argument("--json", type=Path, help="write answers and the report as one JSON object")
     g.add_argument("--output", type=Path, help="stream each finished request as a JSON line the moment it ends")
-    g.add_argument("--no-answers", action="store_true", help="do not print the generated answers")
+    g.add_argument("--answers", action=argparse.BooleanOptionalAction,
+                   help="print the generated answers (default: yes for a real model, as the original scripts do; "
+                        "no for the demo, whose random weights write gibberish)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
@@ -147,6 +160,7 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     budget: Budget
+    backend: AttentionBackend | None  # None for dry runs
     requests: list[Request]  # the batch, then the rest of the dataset when searching
     batch_size: int
     planning: bool
@@ -183,6 +197,9 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
                          f"{MAX_SEQ_LEN_LIMIT} (Llama 3.1 is trained to 131072)")
     if args.gpu_memory_gb is not None and not args.simulate:
         raise UsageError("--gpu-memory-gb only applies with --simulate CONFIG")
+    if args.tensor_parallel_size > 1 and (not args.simulate or args.kv_cache_gb is not None):
+        raise UsageError("--tensor-parallel-size plans for several GPUs with --simulate CONFIG --gpu-memory-gb G "
+                         "(not with --kv-cache-gb); running tensor parallel is not supported")
     for flag, path in (("--output", args.output), ("--json", args.json)):
         if path:
             check_writable(flag, path)
@@ -216,20 +233,28 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
                               reference_lengths=loaded.is_demo or whole_dataset or planning,
                               system_prompt=args.system_prompt)
     requests = [replace(r, n=args.n, beam_width=args.beam_width) for r in requests]
-    budget = resolve_budget(args, loaded, device, dtype)
+    block, twin_block = twin_block_sizes(twin, args, loaded.max_seq_len)
+    backend = None if planning else select_backend(args.attention, device, dtype, block, twin_block)
+    budget = resolve_budget(args, loaded, device, dtype, backend, block)
+    # Dry runs compute nothing: no need to watch the cores for them.
+    threads = f"; threads: {choose_threads(args.threads)}" if not planning or args.threads else ""
     header = (f"{args.batch_size or 0} requests from {data_path} ({len(conversations)} usable conversations, "
               f"{skipped} skipped: no usable human turn)\n"
-              f"model: {loaded.description}; {device.type}, {str(dtype).removeprefix('torch.')}\n"
+              f"model: {loaded.description}; {device.type}, {str(dtype).removeprefix('torch.')}{threads}\n"
               f"KV budget: {human_bytes(budget.kv_bytes)} ({budget.explanation})")
-    return Setup(loaded, device, dtype, budget, requests, args.batch_size or 0, planning, header)
+    return Setup(loaded, device, dtype, budget, backend, requests, args.batch_size or 0, planning, header)
+
+
+def twin_block_sizes(twin: str, args: argparse.Namespace, max_seq_len: int) -> tuple[int, int]:
+    """This twin's block size and the other twin's: `--attention auto` picks a kernel both can use."""
+    paged = getattr(args, "block_size", PAGED_BLOCK_SIZE)
+    return (paged, max_seq_len) if twin == "paged" else (max_seq_len, paged)
 
 
 def run(twin: str, args: argparse.Namespace) -> int:
     setup = prepare(twin, args)
-    loaded, dtype, budget = setup.loaded, setup.dtype, setup.budget
+    loaded, dtype, budget, backend = setup.loaded, setup.dtype, setup.budget, setup.backend
     block_size = getattr(args, "block_size", None)
-    backend = None if setup.planning else select_backend(args.attention, setup.device, dtype,
-                                                         block_size or loaded.max_seq_len)
     mode = "dry run, no forward pass" if setup.planning else "generation"
     print(f"llama3-{twin}.py ({mode}): {setup.header}")
     print(f"KV cache: {TWINS[twin]}" + (f"; attention backend: {backend.name}" if backend else "")
@@ -238,7 +263,8 @@ def run(twin: str, args: argparse.Namespace) -> int:
                         block_size, getattr(args, "num_blocks", None)))
     doc: dict = {"twin": twin, "model": args.simulate or args.model, "planning": setup.planning,
                  "device": setup.device.type, "dtype": str(dtype).removeprefix("torch."),
-                 "attention": backend.name if backend else None, "max_seq_len": loaded.max_seq_len,
+                 "attention": backend.name if backend else None, "threads": torch.get_num_threads(),
+                 "max_seq_len": loaded.max_seq_len,
                  "kv_budget_bytes": budget.kv_bytes}
     status = 0
     if setup.batch and setup.planning:
@@ -249,29 +275,33 @@ def run(twin: str, args: argparse.Namespace) -> int:
         print(format_memory_report(run_.memory, f"KV memory report (dry run): {TWINS[twin]}, "
                                                 f"{setup.batch_size} requests"))
         print(scheduler_line(run_.stats))
-        doc.update(batch_size=setup.batch_size, memory=run_.memory, scheduler=scheduler_json(run_.stats))
+        doc.update(batch_size=setup.batch_size, memory=run_.memory, scheduler=scheduler_json(run_.stats),
+                   timeline=timeline_json(run_.timeline, run_.memory["bytes_per_token"]))
     elif setup.batch:
         cache = build_cache(twin, loaded.args, one_per_sequence(setup.batch), budget.kv_bytes, loaded.max_seq_len,
                             backend, setup.device, dtype, block_size=block_size,
                             num_blocks=getattr(args, "num_blocks", None))
         result = generate(args, loaded, cache, setup.batch, budget.kv_bytes)
-        result.pop("timeline")
+        result["timeline"] = timeline_json(result["timeline"], cache.bytes_per_slot)
         print()
-        print(format_memory_report(result["memory"], f"KV memory report: {TWINS[twin]}, {setup.batch_size} requests"))
+        print(format_memory_report(result["memory"], f"KV memory report: {TWINS[twin]}, {setup.batch_size} requests",
+                                   interrupted=result["interrupted"]))
         print(f"  run: {result['steps']} steps, {result['output_tokens']} tokens generated in "
               f"{result['elapsed_s']:.1f} s ({result['output_tokens_per_s']:.1f} tok/s)")
         print(scheduler_line(result["stats"]))
-        if args.n > 1 or args.beam_width > 1:
+        if args.n > 1 or args.beam_width > 1 or result["prefix_cache"]:
             print(format_sharing(result["sharing"]))
         if result["prefix_cache"]:
-            print(f"  prefix cache: hit rate {100 * result['prefix_cache']['hit_rate']:.1f}% of prompt tokens")
+            pc = result["prefix_cache"]
+            print(f"  prefix cache: hit rate {100 * pc['hit_rate']:.1f}% ({pc['cached_tokens']} of {pc['prompt_tokens']} "
+                  "prompt tokens found in the cache, not prefilled again)")
         result["scheduler"] = scheduler_json(result.pop("stats"))
         doc.update(result)
         status = 130 if result["interrupted"] else 0
     if args.find_max_batch:
         k, exhausted = find_max_batch(twin, loaded.args, setup.requests, budget.kv_bytes, loaded.max_seq_len, dtype,
                                       block_size)
-        print(f"\nlargest batch with every request resident at once ({twin}): {k}"
+        print(f"\nlargest batch that fits in KV memory ({twin}): {k}"
               + (f" or more (all {k} usable conversations fit; give a larger --data)" if exhausted else ""))
         doc["max_batch"] = {twin: k}
         doc["max_batch_exhausted_dataset"] = exhausted
@@ -286,8 +316,7 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
     if args.cuda_graphs and cache.backend.name != "triton":
         raise UsageError(f"--cuda-graphs captures the triton backend, not {cache.backend.name}; add --attention triton")
     engine = Engine(loaded.model, cache, SamplingParams(args.temperature, args.top_p, args.seed),
-                    loaded.tokenizer.stop_ids, ignore_eos=args.ignore_eos or loaded.is_demo,
-                    max_prefill_tokens=MAX_PREFILL_TOKENS, preemption=args.preemption,
+                    loaded.tokenizer.stop_ids, ignore_eos=args.ignore_eos or loaded.is_demo, preemption=args.preemption,
                     swap_space_bytes=int(args.swap_space_gb * GB),
                     prefix_caching=getattr(args, "enable_prefix_caching", False),
                     cuda_graphs=args.cuda_graphs)
@@ -301,9 +330,11 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
             stream.close()
     elapsed = time.perf_counter() - start
     finished = [s for s in result.sequences if s.finish_reason]
-    if not args.no_answers:
+    if args.answers if args.answers is not None else not loaded.is_demo:
         for seq in finished:
-            print(f"\n{'=' * 30} request {seq.request_id}: {seq.num_prompt_tokens} prompt tokens, "
+            which = "".join(f", {k.replace('_', ' ')} {v}" for k, v in _output_index(seq).items()
+                            if k != "cumulative_logprob")
+            print(f"\n{'=' * 30} request {seq.request_id}{which}: {seq.num_prompt_tokens} prompt tokens, "
                   f"{seq.num_output_tokens} generated ({seq.finish_reason}) {'=' * 30}")
             print(loaded.tokenizer.decode(seq.output_ids))
         print("=" * 80)
@@ -317,7 +348,7 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
             "elapsed_s": elapsed, "output_tokens": out_tokens,
             "output_tokens_per_s": out_tokens / elapsed if elapsed else 0.0,
             "requests": [_answer(s, loaded) for s in finished],
-            "memory": memory, "sharing": engine.sharing.summary(memory, args.n, args.beam_width),
+            "memory": memory, "sharing": engine.sharing.summary(memory, args.n, args.beam_width, prefix_cache is not None),
             "prefix_cache": prefix_cache.summary() if prefix_cache else None,
             "stats": engine.scheduler.stats, "timeline": engine.memory.timeline}
 
@@ -337,59 +368,90 @@ def capacity_line(twin: str, budget_bytes: int, max_seq_len: int, bytes_per_toke
 
 
 def scheduler_line(stats: SchedulerStats) -> str:
-    return (f"  scheduler: peak running {stats.peak_running} of {stats.num_requests}, preemptions "
-            f"{stats.preemptions}" + (f" ({stats.swaps} swapped, {stats.swap_fallbacks} recomputed: CPU pool full)"
-                                      if stats.swaps or stats.swap_fallbacks else "")
-            + f"; every request resident at once: {'yes' if stats.all_resident else 'no'}")
+    return (f"  scheduler: peak running {stats.peak_running} of {stats.num_requests} requests; waited for memory "
+            f"{stats.waited_for_memory}, preempted {stats.preemptions}"
+            + (f" ({stats.swaps} swapped, {stats.swap_fallbacks} recomputed: CPU pool full)"
+               if stats.swaps or stats.swap_fallbacks else "")
+            + f"; fits in memory: {'yes' if stats.fits_in_memory else 'no'}")
 
 
 def scheduler_json(stats: SchedulerStats) -> dict:
-    return {"peak_running": stats.peak_running, "preemptions": stats.preemptions,
-            "all_resident": stats.all_resident, "swaps": stats.swaps, "swap_fallbacks": stats.swap_fallbacks}
+    return {"peak_running": stats.peak_running, "waited_for_memory": stats.waited_for_memory,
+            "preemptions": stats.preemptions, "fits_in_memory": stats.fits_in_memory, "swaps": stats.swaps,
+            "swap_fallbacks": stats.swap_fallbacks}
 
 
 def shape_only(args: argparse.Namespace) -> Loaded:
-    """--simulate: a model shape with no weights, and the tokenizer that measures prompt lengths."""
+    """--simulate: a model shape with no weights, and the tokenizer that measures prompts and answers:
+    --tokenizer, else Llama 3's own where `llama-models` is installed, else the demo tokenizer."""
     shape = resolve_shape(args.simulate)
-    tokenizer = load_tokenizer(Path(args.tokenizer)) if args.tokenizer else demo_tokenizer()
-    note = "" if args.tokenizer else "; prompt lengths from the demo tokenizer, a stand-in for Llama 3's"
+    llama3 = installed_llama3_tokenizer() if shape.vocab_size == LLAMA3_VOCAB_SIZE else None
+    if args.tokenizer:
+        tokenizer, note = load_tokenizer(Path(args.tokenizer)), f"lengths measured with {args.tokenizer}"
+    elif llama3:
+        tokenizer, note = load_tokenizer(llama3), "lengths measured with Llama 3's tokenizer (from llama-models)"
+    else:
+        tokenizer = demo_tokenizer()
+        note = "lengths measured with the demo tokenizer, a stand-in for Llama 3's" + (
+            f" (`{LLAMA_MODELS_INSTALL}` for the real one)" if shape.vocab_size == LLAMA3_VOCAB_SIZE else "")
+    tp = args.tensor_parallel_size
     return Loaded(None, tokenizer, shape, False, args.max_seq_len or DEFAULT_MAX_SEQ_LEN,
-                  f"{args.simulate} shape ({shape.num_params() / 1e9:.2f}B parameters, no weights){note}")
+                  f"{args.simulate} shape ({shape.num_params() / 1e9:.2f}B parameters, no weights"
+                  + (f", on {tp} GPUs" if tp > 1 else "") + f"); {note}")
 
 
-def resolve_budget(args: argparse.Namespace, loaded: Loaded, device: torch.device, dtype: torch.dtype) -> Budget:
+def resolve_budget(args: argparse.Namespace, loaded: Loaded, device: torch.device, dtype: torch.dtype,
+                   backend: AttentionBackend | None, block_size: int) -> Budget:
     if args.kv_cache_gb is not None:
         return user_budget(args.kv_cache_gb)
     if args.simulate:
         if args.gpu_memory_gb is None:
             raise UsageError("--simulate needs --gpu-memory-gb G (the GPU to plan for) or --kv-cache-gb")
-        return simulated_budget(loaded.args, args.gpu_memory_gb, args.gpu_memory_utilization, dtype.itemsize)
+        return simulated_budget(loaded.args, args.gpu_memory_gb, args.gpu_memory_utilization, dtype.itemsize,
+                                args.tensor_parallel_size)
     bytes_per_token = loaded.args.kv_bytes_per_token(dtype.itemsize)
     if device.type == "cuda":
         total = torch.cuda.mem_get_info(device)[1]
-        return cuda_default_budget(args.gpu_memory_utilization, warmup_peak_bytes(loaded, device, dtype), total)
+        peak = warmup_peak_bytes(loaded, backend, block_size, device, dtype)
+        return cuda_default_budget(args.gpu_memory_utilization, peak, total)
     return cpu_default_budget(bytes_per_token, loaded.max_seq_len)
 
 
-def warmup_peak_bytes(loaded: Loaded, device: torch.device, dtype: torch.dtype) -> int:
-    """Peak CUDA memory of a forward over the largest prefill step, through a throwaway cache."""
+def warmup_peak_bytes(loaded: Loaded, backend: AttentionBackend, block_size: int, device: torch.device,
+                      dtype: torch.dtype) -> int:
+    """Peak CUDA memory of a forward over the largest prefill step, less its throwaway cache."""
     torch.cuda.reset_peak_memory_stats(device)
-    tokens = min(MAX_PREFILL_TOKENS, loaded.max_seq_len - 1)
-    cache = KVCache(loaded.args, num_blocks=1, block_size=loaded.max_seq_len, max_seq_len=loaded.max_seq_len,
-                    max_num_seqs=1, backend=select_backend("torch", device, dtype, loaded.max_seq_len),
-                    device=device, dtype=dtype)
-    engine = Engine(loaded.model, cache, SamplingParams(), frozenset())
-    engine.run([Request("warmup", [0] * tokens, 1)], progress=False)
-    kv_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
-    del engine, cache
+    kv_bytes = warmup_forward(loaded, backend, block_size, device, dtype)
     torch.cuda.empty_cache()
     return torch.cuda.max_memory_allocated(device) - kv_bytes
 
 
+def warmup_forward(loaded: Loaded, backend: AttentionBackend, block_size: int, device: torch.device,
+                   dtype: torch.dtype) -> int:
+    """A forward over the largest prefill step through the backend and block size that will run, in a
+    throwaway cache just large enough; returns that cache's size in bytes."""
+    tokens = min(MAX_PREFILL_TOKENS, loaded.max_seq_len - 1)
+    cache = KVCache(loaded.args, num_blocks=-(-(tokens + 1) // block_size), block_size=block_size,
+                    max_seq_len=loaded.max_seq_len, max_num_seqs=1, backend=backend, device=device, dtype=dtype)
+    Engine(loaded.model, cache, SamplingParams(), frozenset()).run([Request("warmup", [0] * tokens, 1)],
+                                                                   progress=False)
+    return cache.kv.numel() * cache.kv.element_size()
+
+
+def _output_index(seq: Sequence) -> dict:
+    """Which of its request's outputs `seq` is: its sample, or its beam's rank and score."""
+    group = seq.group
+    if group.beam_width > 1:
+        return {"beam_index": group.outputs().index(seq), "cumulative_logprob": seq.cum_logprob}
+    return {"sample_index": group.outputs().index(seq)} if group.n > 1 else {}
+
+
 def _answer(seq: Sequence, loaded: Loaded) -> dict:
-    return {"id": seq.request_id, "prompt_tokens": seq.num_prompt_tokens, "output_tokens": seq.num_output_tokens,
-            "finish_reason": seq.finish_reason, "preemptions": seq.num_preemptions,
-            "text": loaded.tokenizer.decode(seq.output_ids)}
+    """One output as --json and --output write it (vLLM's names for the token ids)."""
+    return {"id": seq.request_id, **_output_index(seq), "prompt_tokens": seq.num_prompt_tokens,
+            "output_tokens": seq.num_output_tokens, "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens],
+            "output_token_ids": seq.output_ids, "finish_reason": seq.finish_reason,
+            "preemptions": seq.num_preemptions, "text": loaded.tokenizer.decode(seq.output_ids)}
 
 
 def _write_line(stream, seq: Sequence, loaded: Loaded) -> None:

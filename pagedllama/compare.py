@@ -23,7 +23,7 @@ from .budget import build_cache  # noqa: E402
 from .capacity import dry_run, find_max_batch  # noqa: E402
 from .cli import Setup, build_parser, generate, prepare, run_reporting_errors, scheduler_json  # noqa: E402
 from .errors import OutOfKVMemory, UsageError, UserError  # noqa: E402
-from .report import GB, MemorySample, format_memory_report  # noqa: E402
+from .report import GB, MemorySample, format_memory_report, timeline_json  # noqa: E402
 from .sharing import one_per_sequence  # noqa: E402
 
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
@@ -35,7 +35,6 @@ class TwinRun:
     memory: dict | None = None
     scheduler: dict | None = None
     timeline: list[MemorySample] | None = None
-    tokens_per_s: float | None = None
     error: str | None = None
 
 
@@ -63,15 +62,14 @@ def run_twin(twin: str, args: argparse.Namespace, setup: Setup) -> TwinRun:
             if r.error:
                 return TwinRun(twin, error=r.error)
             return TwinRun(twin, r.memory, scheduler_json(r.stats), r.timeline)
-        backend = select_backend(args.attention, setup.device, setup.dtype, block_size or loaded.max_seq_len)
+        backend = setup.backend  # the one prepare() picked for both twins
         cache = build_cache(twin, loaded.args, one_per_sequence(batch), setup.budget.kv_bytes, loaded.max_seq_len, backend,
                             setup.device, setup.dtype, block_size=block_size, num_blocks=args.num_blocks)
     except OutOfKVMemory as e:
         return TwinRun(twin, error=str(e))
     print(f"running the {twin} twin...", file=sys.stderr)
     result = generate(args, loaded, cache, batch, setup.budget.kv_bytes)
-    return TwinRun(twin, result["memory"], scheduler_json(result["stats"]), result["timeline"],
-                   result["output_tokens_per_s"])
+    return TwinRun(twin, result["memory"], scheduler_json(result["stats"]), result["timeline"])
 
 
 def side_by_side(naive: TwinRun, paged: TwinRun, title: str) -> str:
@@ -88,10 +86,8 @@ def _report_lines(run: TwinRun, title: str) -> list[str]:
         return [title, "-" * len(title), *_wrap(f"  did not run: {run.error}", 60)]
     lines = format_memory_report(run.memory, title).splitlines()
     s = run.scheduler
-    lines.append(f"  peak running {s['peak_running']}, preemptions {s['preemptions']}, "
-                 f"all resident: {'yes' if s['all_resident'] else 'no'}")
-    if run.tokens_per_s is not None:
-        lines.append(f"  throughput {run.tokens_per_s:.1f} output tokens/s")
+    lines.append(f"  peak running {s['peak_running']}; waited for memory {s['waited_for_memory']}, "
+                 f"preempted {s['preemptions']}; fits in memory: {'yes' if s['fits_in_memory'] else 'no'}")
     return lines
 
 
@@ -117,6 +113,11 @@ def compare(args: argparse.Namespace) -> int:
             raise UserError(f"--plots-dir {args.plots_dir}: cannot create it ({e.strerror}); pick another "
                             "directory or pass --no-plots") from None
     print(f"compare: {setup.header}")
+    if setup.backend and not args.dry_run:
+        # `auto` gave the paged twin a kernel that the naive twin's blocks allow too; an explicit choice
+        # must suit both as well.
+        select_backend(args.attention, setup.device, setup.dtype, setup.loaded.max_seq_len, args.block_size)
+        print(f"attention backend: {setup.backend.name} (both twins)")
     runs = {twin: run_twin(twin, args, setup) for twin in ("naive", "paged")}
     print()
     print(side_by_side(runs["naive"], runs["paged"], f"TWIN, {setup.batch_size} requests"))
@@ -129,17 +130,20 @@ def compare(args: argparse.Namespace) -> int:
     (k_naive, _), (k_paged, exhausted) = limit("naive"), limit("paged", args.block_size)
     ratio = k_paged / k_naive if k_naive else float("inf")
     more = " (every usable conversation fits: the true limit is higher)" if exhausted else ""
-    print(f"\nlargest batch with every request resident at once: naive {k_naive}, paged {k_paged}{more}; "
+    print(f"\nlargest batch that fits in KV memory: naive {k_naive}, paged {k_paged}{more}; "
           f"paged / naive = {ratio:.1f}x")
     doc = {"batch_size": setup.batch_size, "kv_budget_bytes": budget, "block_size": args.block_size,
+           "attention": setup.backend.name if setup.backend and not args.dry_run else None,
            "max_batch": {"naive": k_naive, "paged": k_paged}, "max_batch_ratio": ratio,
-           "twins": {t: {"memory": r.memory, "scheduler": r.scheduler, "output_tokens_per_s": r.tokens_per_s,
-                         "error": r.error} for t, r in runs.items()}}
+           "twins": {t: {"memory": r.memory, "scheduler": r.scheduler, "error": r.error,
+                         "timeline": timeline_json(r.timeline, r.memory["bytes_per_token"]) if r.timeline else None}
+                     for t, r in runs.items()}}
     if not args.no_plots:
-        timeline_png = plot_timelines(timeline_runs(runs, setup, k_naive, args.block_size), budget,
-                                      args.plots_dir / "memory_timeline.png")
-        sweep = block_size_sweep(setup, k_naive)
-        sweep_png = plot_sweep(sweep, k_naive, args.plots_dir / "block_size_sweep.png")
+        model = args.simulate or ("demo model" if loaded.is_demo else args.model)
+        shown, batch = timeline_runs(runs, setup, k_naive, args.block_size)
+        timeline_png = plot_timelines(shown, budget, batch, model, args.plots_dir / "memory_timeline.png")
+        sweep = block_size_sweep(setup)
+        sweep_png = plot_sweep(sweep, k_naive, setup.batch_size, args.plots_dir / "block_size_sweep.png")
         doc["block_size_sweep"] = sweep
         print(f"plots: {timeline_png}, {sweep_png}")
     if args.json:
@@ -147,10 +151,12 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def timeline_runs(runs: dict[str, TwinRun], setup: Setup, k_naive: int, block_size: int) -> dict[str, TwinRun]:
-    """Both twins' step-by-step memory; if naive could not run the batch, dry runs at the batch it can."""
+def timeline_runs(runs: dict[str, TwinRun], setup: Setup, k_naive: int,
+                  block_size: int) -> tuple[dict[str, TwinRun], int]:
+    """Both twins' step-by-step memory and their batch; if naive could not run the batch, dry runs at
+    the batch it can hold."""
     if all(r.timeline for r in runs.values()) or k_naive == 0:
-        return runs
+        return runs, setup.batch_size
     loaded, batch = setup.loaded, setup.requests[:k_naive]
     out = {}
     for twin in ("naive", "paged"):
@@ -158,61 +164,72 @@ def timeline_runs(runs: dict[str, TwinRun], setup: Setup, k_naive: int, block_si
                     block_size if twin == "paged" else None)
         out[twin] = TwinRun(twin, r.memory, scheduler_json(r.stats), r.timeline)
     print(f"(the memory timeline shows {k_naive} requests, the most the naive twin can hold)", file=sys.stderr)
-    return out
+    return out, k_naive
 
 
-def block_size_sweep(setup: Setup, k_naive: int) -> list[dict]:
-    """Fragmentation at the batch size, and the max batch, for each block size."""
+def block_size_sweep(setup: Setup) -> list[dict]:
+    """For each block size: fragmentation at the batch size, and the largest batch that fits."""
     loaded, budget = setup.loaded, setup.budget.kv_bytes
     rows = []
     for bs in (b for b in BLOCK_SIZES if b <= loaded.max_seq_len):
         r = dry_run("paged", loaded.args, setup.batch, budget, loaded.max_seq_len, setup.dtype, bs)
         k, _ = find_max_batch("paged", loaded.args, setup.requests, budget, loaded.max_seq_len, setup.dtype, bs)
-        rows.append({"block_size": bs, "max_batch": k,
-                     "fragmented_pct_of_budget": r.memory["fragmented_pct_of_budget"] if r.memory else None,
+        rows.append({"block_size": bs, "max_batch": k, "measured_at_batch": setup.batch_size,
+                     "fragmented_fraction_of_budget": r.memory["fragmented_fraction_of_budget"] if r.memory else None,
                      "peak_utilization": r.memory["peak_utilization"] if r.memory else None})
-        print(f"  block size {bs:>3}: max batch {k:>4}, fragmented at peak "
-              f"{rows[-1]['fragmented_pct_of_budget'] or 0:.2f}% of budget", file=sys.stderr)
+        at_batch = (f"{100 * r.memory['fragmented_fraction_of_budget']:.2f}% of budget fragmented at peak"
+                    if r.memory else f"does not run: {r.error}")
+        print(f"  block size {bs:>3}: largest batch {k:>4}; at batch {setup.batch_size}, {at_batch}", file=sys.stderr)
     return rows
 
 
-def plot_timelines(runs: dict[str, TwinRun], budget: int, path: Path) -> Path:
+def plot_timelines(runs: dict[str, TwinRun], budget: int, batch: int, model: str, path: Path) -> Path:
+    """Reserved and holding memory per step for both twins, in GB, or MB for budgets under 1 GB.
+
+    Reserved is a wide pale line under holding's narrow dashed one, so both show where they nearly
+    coincide (the paged twin); when the twins hold the same tokens at every step (the same
+    schedule), one holding line stands for both rather than one hiding the other.
+    """
+    unit, scale = ("GB", GB) if budget >= GB else ("MB", 1 << 20)
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    slot = {t: r.memory["bytes_per_token"] for t, r in runs.items() if r.memory}
     colors = {"naive": "tab:red", "paged": "tab:blue"}
+    holding = {}
     for twin, run in runs.items():
-        if not run.timeline:
-            continue
-        steps = range(len(run.timeline))
-        ax.plot(steps, [s.reserved_tokens * slot[twin] / GB for s in run.timeline], color=colors[twin],
-                label=f"{twin}: reserved")
-        ax.plot(steps, [s.used_tokens * slot[twin] / GB for s in run.timeline], color=colors[twin], ls="--",
-                label=f"{twin}: holding tokens")
-    ax.axhline(budget / GB, color="gray", lw=0.8, ls=":", label="KV budget")
+        if run.timeline:
+            slot = run.memory["bytes_per_token"] / scale
+            ax.plot([s.reserved_tokens * slot for s in run.timeline], color=colors[twin], lw=4, alpha=0.4,
+                    label=f"{twin}: reserved")
+            holding[twin] = [s.used_tokens * slot for s in run.timeline]
+    if len(holding) == 2 and holding["naive"] == holding["paged"]:
+        ax.plot(holding["paged"], color="black", lw=1.2, ls="--", label="both: holding tokens")
+    else:
+        for twin, used in holding.items():
+            ax.plot(used, color=colors[twin], lw=1.2, ls="--", label=f"{twin}: holding tokens")
+    ax.axhline(budget / scale, color="black", lw=0.8, ls=":", label=f"KV budget ({budget / scale:.2f} {unit})")
     ax.set_xlabel("step")
-    ax.set_ylabel("KV memory (GB)")
-    n = next(r.scheduler["peak_running"] for r in runs.values() if r.scheduler)
-    ax.set_title(f"KV memory reserved vs holding tokens, {n} requests (the gap is fragmentation)")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylabel(f"KV memory ({unit})")
+    ax.set_ylim(0, 1.15 * budget / scale)
+    ax.set_title(f"{model}, {batch} requests: KV memory reserved vs holding tokens (the gap is fragmentation)",
+                 fontsize=10)
+    ax.legend(loc="upper right", fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_sweep(sweep: list[dict], k_naive: int, path: Path) -> Path:
+def plot_sweep(sweep: list[dict], k_naive: int, batch: int, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    sizes = [r["block_size"] for r in sweep]
-    labels = [str(b) for b in sizes]
-    left.bar(labels, [r["fragmented_pct_of_budget"] or 0 for r in sweep], color="tab:blue")
+    labels = [str(r["block_size"]) for r in sweep]
+    left.bar(labels, [100 * (r["fragmented_fraction_of_budget"] or 0) for r in sweep], color="tab:blue")
     left.set_xlabel("block size (tokens)")
     left.set_ylabel("fragmented at peak (% of KV budget)")
-    left.set_title("Paged fragmentation vs block size")
+    left.set_title(f"Paged fragmentation at batch {batch}")
     right.plot(labels, [r["max_batch"] for r in sweep], "o-", color="tab:blue", label="paged")
     right.axhline(k_naive, color="tab:red", ls="--", label=f"naive ({k_naive})")
     right.set_xlabel("block size (tokens)")
-    right.set_ylabel("largest batch, all resident")
-    right.set_title("Max batch vs block size")
+    right.set_ylabel("largest batch that fits in KV memory")
+    right.set_title("Largest batch vs block size")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -15,7 +15,7 @@ from .kv_cache import KVCache
 from .model import Transformer
 from .report import GB, MemoryTracker
 from .sampling import SamplingParams, sample, sample_key
-from .scheduler import Scheduler
+from .scheduler import MAX_PREFILL_TOKENS, Scheduler
 from .sequence import Sequence, SequenceGroup
 from .sharing import SharingTracker
 from .swap import SwapSpace
@@ -62,7 +62,7 @@ class Engine:
     """
 
     def __init__(self, model: Transformer | None, cache: KVCache, sampling: SamplingParams,
-                 stop_ids: frozenset[int], ignore_eos: bool = False, max_prefill_tokens: int = 16384,
+                 stop_ids: frozenset[int], ignore_eos: bool = False, max_prefill_tokens: int = MAX_PREFILL_TOKENS,
                  preemption: str = "recompute", swap_space_bytes: int = 4 * GB, prefix_caching: bool = False,
                  cuda_graphs: bool = False):
         """`preemption`: "recompute" or "swap" (to a CPU pool of `swap_space_bytes`). `cuda_graphs`:
@@ -146,7 +146,8 @@ class Engine:
             tokens, positions, meta = self.cache.prepare_step(batch, is_prefill)
             logits = (self.model if is_prefill else self.decode)(tokens, positions, self.cache, meta)
             positions = meta.context_lens  # where each new token goes
-        self.memory.record()
+        scheduler = self.scheduler
+        self.memory.record(len(scheduler.running_groups), len(scheduler.waiting) + len(scheduler.swapped))
         self.sharing.record(self.cache.allocator.num_refs)  # only running sequences hold blocks
         finished = []
         for seq, token in self._next_tokens(batch, logits, positions):

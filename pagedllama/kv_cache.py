@@ -230,7 +230,7 @@ class KVCache:
             seq.block_table += [self.new_block() for _ in range(new)]
             self._sync_row(seq, start)
         if self.prefix_cache:
-            self.prefix_cache.register(seq, seq.num_cached_tokens // self.block_size, num_tokens // self.block_size)
+            self.prefix_cache.register(seq, num_tokens // self.block_size)
 
     def _copy_on_write(self, seq: Sequence, i: int) -> None:
         old, new = seq.block_table[i], self.new_block()
@@ -289,6 +289,7 @@ class KVCache:
         """Return a finished (or preempted) sequence's blocks to the pool at once."""
         self.release(seq)
         seq.num_cached_tokens = 0
+        seq.prefix_ids.clear()  # recomputed blocks are new blocks: keyed afresh
 
     # ---- per-step tensors ---------------------------------------------------------------
     def prepare_step(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:

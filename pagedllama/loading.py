@@ -1,6 +1,7 @@
 """From --model / --tokenizer / --device / --dtype to a ready model and tokenizer."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from .tokenizer import Tokenizer, demo_tokenizer, find_tokenizer, load_tokenizer
 
 DEMO = "demo"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LLAMA3_VOCAB_SIZE = 128256  # every Llama 3.x model: 128,000 BPE ranks and 256 special tokens
+LLAMA_MODELS_INSTALL = "pip install llama-models==0.3.0"  # Meta's package, shipping Llama 3's tokenizer.model
 
 
 @dataclass
@@ -63,6 +66,19 @@ def check_weights_fit(need: int, device: torch.device, dtype: torch.dtype) -> No
            else "use a smaller model or a machine with more memory")
     raise UserError(f"the model's weights take {human_bytes(need)} in {str(dtype).removeprefix('torch.')} but "
                     f"this machine has {human_bytes(room)} {where}; {fix}")
+
+
+def installed_llama3_tokenizer() -> Path | None:
+    """Llama 3's `tokenizer.model` from Meta's `llama-models` package, if it is installed.
+
+    Found without importing the package, which would import pydantic, Pillow and more.
+    """
+    spec = importlib.util.find_spec("llama_models")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "llama3" / "tokenizer.model"
+        if path.is_file():
+            return path
+    return None
 
 
 def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.dtype,

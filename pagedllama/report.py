@@ -6,7 +6,8 @@ Words, used the same way everywhere (and in the vLLM paper):
 - fragmented: reserved but not holding a token (naive: the unused tail of each row;
   paged: the unused end of each request's last block). reserved = holding + fragmented;
 - KV utilization: holding / reserved, at the moment of peak reservation.
-GB means 2**30 bytes throughout, as nvidia-smi and PyTorch count.
+GB means 2**30 bytes throughout, as nvidia-smi and PyTorch count. Shares in --json are
+fractions (0.5 is half), printed as percents.
 """
 from __future__ import annotations
 
@@ -21,8 +22,13 @@ GB = 1 << 30
 
 @dataclass(frozen=True)
 class MemorySample:
+    """One step, before its finished requests free their blocks: slots reserved and holding
+    tokens; requests running and waiting (queued, or swapped out to CPU memory)."""
+
     reserved_tokens: int
     used_tokens: int
+    running: int = 0
+    waiting: int = 0
 
     @property
     def fragmented_tokens(self) -> int:
@@ -38,8 +44,8 @@ class MemoryTracker:
     peak: MemorySample = MemorySample(0, 0)
     peak_blocks: int = 0
 
-    def record(self) -> None:
-        sample = MemorySample(self.cache.reserved_tokens, self.cache.num_cached_tokens)
+    def record(self, running: int, waiting: int) -> None:
+        sample = MemorySample(self.cache.reserved_tokens, self.cache.num_cached_tokens, running, waiting)
         self.timeline.append(sample)
         if sample.reserved_tokens > self.peak.reserved_tokens:
             self.peak = sample
@@ -65,8 +71,15 @@ class MemoryTracker:
             "end_fragmented_bytes": end.fragmented_tokens * slot,
             "blocks_in_use_after": self.cache.allocator.num_used,
             "peak_utilization": peak.used_tokens / peak.reserved_tokens if peak.reserved_tokens else 0.0,
-            "fragmented_pct_of_budget": 100 * peak.fragmented_tokens * slot / budget_bytes if budget_bytes else 0.0,
+            "fragmented_fraction_of_budget": peak.fragmented_tokens * slot / budget_bytes if budget_bytes else 0.0,
         }
+
+
+def timeline_json(timeline: list[MemorySample], bytes_per_slot: int) -> dict:
+    """The per-step memory timeline as columns (one entry per step), for --json users to plot."""
+    return {"reserved_bytes": [s.reserved_tokens * bytes_per_slot for s in timeline],
+            "used_bytes": [s.used_tokens * bytes_per_slot for s in timeline],
+            "running": [s.running for s in timeline], "waiting": [s.waiting for s in timeline]}
 
 
 def human_bytes(n: float) -> str:
@@ -76,8 +89,9 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def format_memory_report(m: dict, title: str) -> str:
-    """A readable table, ending with the classic `Fragmented Memory:` line."""
+def format_memory_report(m: dict, title: str, interrupted: bool = False) -> str:
+    """A readable table, ending with the classic `Fragmented Memory:` line (with the size in MB too
+    when it is under 0.01 GB, which that line would print as 0.00 GB)."""
     budget = m["budget_bytes"]
 
     def pct(n: float) -> str:
@@ -95,11 +109,15 @@ def format_memory_report(m: dict, title: str) -> str:
         ("reserved at last step", human_bytes(m["end_reserved_bytes"]), pct(m["end_reserved_bytes"])),
         ("holding tokens at last step", human_bytes(m["end_used_bytes"]), pct(m["end_used_bytes"])),
         ("fragmented at last step", human_bytes(m["end_fragmented_bytes"]), pct(m["end_fragmented_bytes"])),
-        ("blocks in use after", f"{m['blocks_in_use_after']}", f"of {m['num_blocks']}: finished requests free theirs"),
+        ("blocks in use after", f"{m['blocks_in_use_after']}",
+         f"of {m['num_blocks']}: " + ("held by the requests interrupted mid-run" if interrupted
+                                      else "finished requests free theirs")),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [title, "-" * len(title)]
     lines += [f"  {name:<{width}}  {value:>10}  {note}".rstrip() for name, value, note in rows]
-    lines.append(f"Fragmented Memory: {m['peak_fragmented_bytes'] / GB:.2f} GB "
-                 f"({m['fragmented_pct_of_budget']:.2f}%)  [at peak, % of the KV budget]")
+    fragmented = m["peak_fragmented_bytes"]
+    small = f" = {fragmented / (1 << 20):.2f} MB" if 0 < fragmented < GB / 100 else ""
+    lines.append(f"Fragmented Memory: {fragmented / GB:.2f} GB ({100 * m['fragmented_fraction_of_budget']:.2f}%)"
+                 f"{small}  [at peak, % of the KV budget]")
     return "\n".join(lines)

@@ -20,6 +20,11 @@ def _signed(x: int) -> int:
 
 
 _GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+# Random sampling takes the batch's rows a few at a time, so that its integer temporaries (the
+# random bits, top-p's sort order) hold at most this many (row, token) entries, 32 MB of int64:
+# a whole batch at once would hold batch x vocabulary, 260 MB at batch 256 and Llama 3's 128,256
+# tokens. Rows are independent, so how they are grouped never changes a token.
+SAMPLING_CHUNK_ENTRIES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor | No
     """
     if params.greedy:
         return first_argmax(logits)
+    rows = max(1, SAMPLING_CHUNK_ENTRIES // logits.shape[-1])
+    return torch.cat([_sample_rows(logits[i:i + rows], params, keys[i:i + rows], positions[i:i + rows])
+                      for i in range(0, len(logits), rows)])
+
+
+def _sample_rows(logits: torch.Tensor, params: SamplingParams, keys: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
     scaled = logits / params.temperature
     if params.top_p < 1.0:
         sorted_logits, order = scaled.sort(-1, descending=True)

@@ -4,7 +4,9 @@ Each step is either a prefill of newly admitted sequences or a decode step of al
 ones, never both (nano-vllm's choice: simple, and prefill steps stay large). The unit of
 scheduling is a request's group of sequences (its samples or beams), admitted, preempted
 and resumed together. Waiting requests are admitted first-come first-served whenever the
-pool has blocks for their tokens plus a small watermark. When decode needs a block and
+pool has blocks for their tokens plus a small watermark, up to `MAX_PREFILL_TOKENS` prompt
+tokens per step (a request still queued when that budget is spent waits for the next prefill
+step, not for memory). When decode needs a block and
 none is free, the most recently admitted request is preempted: its K/V are either
 swapped to a CPU pool, to be copied back before anything new is admitted, or freed, the
 request going back to the front of the queue with its generated tokens to be recomputed
@@ -21,36 +23,50 @@ from .kv_cache import KVCache
 from .sequence import Sequence, SequenceGroup, Status
 from .swap import SwapSpace
 
+# Prompt tokens one prefill step may take: bounds the step's activation memory (budget.py
+# plans for it). Dry runs and real runs both use it, so they schedule the same steps.
+MAX_PREFILL_TOKENS = 4096
+
 
 @dataclass
 class SchedulerStats:
     peak_running: int = 0  # requests running at once
     preemptions: int = 0
+    waited_for_memory: int = 0  # requests that sat in the queue while admission stopped for lack of KV blocks
     num_requests: int = 0
     swaps: int = 0  # preemptions that swapped to CPU memory
     swap_fallbacks: int = 0  # preemptions that would have swapped but found the CPU pool full
 
     @property
-    def all_resident(self) -> bool:
-        """Was every request in the cache at the same time (none waited for memory)?"""
-        return self.peak_running == self.num_requests and self.preemptions == 0
+    def fits_in_memory(self) -> bool:
+        """The batch fit its KV memory: no request waited for blocks and none was preempted.
+
+        Waiting for a later prefill step (the prefill token budget) does not count, nor does a
+        request finishing before the last one is admitted: neither is a lack of memory.
+        """
+        return self.waited_for_memory == 0 and self.preemptions == 0
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_prefill_tokens: int = 16384, watermark: float = 0.01,
+    def __init__(self, cache: KVCache, max_prefill_tokens: int = MAX_PREFILL_TOKENS, watermark: float = 0.01,
                  swap: SwapSpace | None = None):
         """`swap`: where preempted requests go; None preempts by recompute."""
         self.cache = cache
         self.max_prefill_tokens = max_prefill_tokens
-        self.watermark_blocks = int(watermark * cache.num_blocks)
+        # The watermark keeps room for running sequences to grow into new blocks; a sequence whose
+        # one block holds max_seq_len slots (the naive twin) never does.
+        grows = cache.block_size < cache.max_seq_len
+        self.watermark_blocks = int(watermark * cache.num_blocks) if grows else 0
         self.swap = swap
         self.waiting: deque[SequenceGroup] = deque()
         self.running_groups: list[SequenceGroup] = []  # in admission order
         self.swapped: deque[SequenceGroup] = deque()
         self.seq_ids = itertools.count()
         self.stats = SchedulerStats()
+        self.memory_stalls = 0  # steps at which admission stopped for lack of KV blocks
 
     def add(self, group: SequenceGroup) -> None:
+        group.stalls_seen = self.memory_stalls
         self.waiting.append(group)
         self.stats.num_requests += 1
 
@@ -65,6 +81,8 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """The sequences of the next step and whether it is a prefill step."""
         self._swap_in()
+        if self.swapped and self.waiting:  # queued behind requests waiting for memory to swap back in
+            self.memory_stalls += 1
         admitted = [] if self.swapped else self._admit()
         self.stats.peak_running = max(self.stats.peak_running, len(self.running_groups))
         if admitted:
@@ -94,8 +112,12 @@ class Scheduler:
             if tokens and tokens + group_tokens > self.max_prefill_tokens:
                 break
             if not self.cache.can_allocate(*group.seqs, watermark_blocks=self._watermark()):
+                self.memory_stalls += 1
                 break
             self.waiting.popleft()
+            if group.stalls_seen != self.memory_stalls and not group.waited_for_memory:
+                group.waited_for_memory = True  # it was queued when admission stopped for memory
+                self.stats.waited_for_memory += 1
             for i, seq in enumerate(group.seqs):
                 self.cache.allocate(seq, tuple(group.seqs[:i]))
             self._run(group)
@@ -149,6 +171,7 @@ class Scheduler:
         for seq in group.seqs:
             self.cache.free(seq)
             seq.status = Status.WAITING
+        group.stalls_seen = self.memory_stalls
         self.waiting.appendleft(group)
 
     def fork(self, parent: Sequence, sample_key: int) -> Sequence:

@@ -29,7 +29,7 @@ class Sequence:
     num_preemptions: int = 0
     sample_key: int = 0  # names the sequence's random stream (see sampling.py)
     cum_logprob: float = 0.0  # beam search: the sum of its output tokens' log-probabilities
-    block_hashes: list[int] = field(default_factory=list)  # prefix caching: one per full block
+    prefix_ids: list[int] = field(default_factory=list)  # prefix caching: each full block's prefix id
     group: SequenceGroup | None = field(default=None, repr=False)
 
     @property
@@ -47,7 +47,7 @@ class Sequence:
     def fork(self, seq_id: int, sample_key: int) -> Sequence:
         """A copy that goes on by itself from here; `KVCache.fork` gives it the same blocks."""
         return replace(self, seq_id=seq_id, sample_key=sample_key, token_ids=list(self.token_ids),
-                       block_hashes=list(self.block_hashes), block_table=[], row=-1, num_cached_tokens=0)
+                       prefix_ids=list(self.prefix_ids), block_table=[], row=-1, num_cached_tokens=0)
 
 
 @dataclass(eq=False, slots=True)
@@ -64,6 +64,8 @@ class SequenceGroup:
     beam_width: int = 1
     sample_index: int = 0  # sample j draws from stream sample_index + j
     finished: list[Sequence] = field(default_factory=list)
+    stalls_seen: int = 0  # the scheduler's memory_stalls when the request last joined the queue
+    waited_for_memory: bool = False  # queued at some step when admission stopped for lack of KV blocks
 
     @property
     def width(self) -> int:

@@ -31,16 +31,16 @@ class SharingTracker:
         """`table_blocks`: the entries of the running sequences' block tables, the allocator's `num_refs`."""
         self.peak_table_blocks = max(self.peak_table_blocks, table_blocks)
 
-    def summary(self, memory: dict, n: int, beam_width: int) -> dict:
+    def summary(self, memory: dict, n: int, beam_width: int, prefix_caching: bool = False) -> dict:
         """Figures for the report and --json, next to the memory summary of the same run."""
         unshared = self.peak_table_blocks * memory["block_size"] * memory["bytes_per_token"]
         saved = unshared - memory["peak_reserved_bytes"]
-        return {"n": n, "beam_width": beam_width, "peak_reserved_bytes": memory["peak_reserved_bytes"],
-                "unshared_peak_bytes": unshared, "saved_bytes": saved,
-                "saved_pct": 100 * saved / unshared if unshared else 0.0}
+        return {"n": n, "beam_width": beam_width, "prefix_caching": prefix_caching,
+                "peak_reserved_bytes": memory["peak_reserved_bytes"], "unshared_peak_bytes": unshared, "saved_bytes": saved,
+                "saved_fraction": saved / unshared if unshared else 0.0}
 
 
 def format_sharing(s: dict) -> str:
-    return (f"  sharing (n {s['n']}, beam width {s['beam_width']}): peak reserved "
-            f"{human_bytes(s['peak_reserved_bytes'])} vs {human_bytes(s['unshared_peak_bytes'])} with a copy per "
-            f"sequence; saved {human_bytes(s['saved_bytes'])} ({s['saved_pct']:.1f}%)")
+    what = f"n {s['n']}, beam width {s['beam_width']}" + (", prefix caching" if s["prefix_caching"] else "")
+    return (f"  sharing ({what}): peak reserved {human_bytes(s['peak_reserved_bytes'])} vs "
+            f"{human_bytes(s['unshared_peak_bytes'])} with a copy per sequence; saved {human_bytes(s['saved_bytes'])} ({100 * s['saved_fraction']:.1f}%)")

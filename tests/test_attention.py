@@ -146,23 +146,31 @@ def test_flash_attn_rejects_small_pages_like_the_real_kernel(standin):
 def test_backend_selection_errors_here(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(UsageError, match="needs a CUDA GPU"):
-        select_backend("flash-attn", CPU, torch.float32, 256)
+        select_backend("flash-attn", CPU, torch.float32, 256, 256)
     with pytest.raises(UsageError, match="triton"):
-        select_backend("triton", CPU, torch.float32, 16)
+        select_backend("triton", CPU, torch.float32, 16, 4096)
     with pytest.raises(UsageError, match="choose one of"):
-        select_backend("xformers", CPU, torch.float32, 16)
-    assert select_backend("auto", CPU, torch.float32, 16).name == "torch"
+        select_backend("xformers", CPU, torch.float32, 16, 4096)
+    assert select_backend("auto", CPU, torch.float32, 16, 4096).name == "torch"
 
 
 def test_flash_attn_block_size_rule(standin, monkeypatch):
     cuda = torch.device("cuda")
     with pytest.raises(UsageError, match="multiple of 256"):
-        select_backend("flash-attn", cuda, torch.bfloat16, 16)
+        select_backend("flash-attn", cuda, torch.bfloat16, 16, 8192)
     with pytest.raises(UsageError, match="float16 or bfloat16"):
-        select_backend("flash-attn", cuda, torch.float32, 256)
-    assert select_backend("flash-attn", cuda, torch.bfloat16, 512).name == "flash-attn"
-    assert select_backend("auto", cuda, torch.bfloat16, 256).name == "flash-attn"
-    assert select_backend("auto", cuda, torch.bfloat16, 16).name in ("triton", "torch")
+        select_backend("flash-attn", cuda, torch.float32, 256, 8192)
+    assert select_backend("flash-attn", cuda, torch.bfloat16, 8192, 16).name == "flash-attn"  # asked for: this twin's
+
+
+def test_auto_picks_one_backend_for_both_twins(standin, monkeypatch):
+    """The naive twin's block (max_seq_len, a multiple of 256) suits flash-attn, the paged twin's 16 does
+    not: auto gives both twins the same kernel, whichever of them asks."""
+    cuda = torch.device("cuda")
+    for naive_block, paged_block in ((8192, 16), (8192, 256)):
+        naive = select_backend("auto", cuda, torch.bfloat16, naive_block, paged_block).name
+        assert naive == select_backend("auto", cuda, torch.bfloat16, paged_block, naive_block).name
+        assert (naive == "flash-attn") == (paged_block == 256)
 
 
 def test_benchmark_baseline_is_a_correct_attention():

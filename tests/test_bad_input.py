@@ -161,7 +161,7 @@ def flash_attn_block_size_16(env: Env) -> Callable[[], int]:
     stand-in `flash_attn` module (the real one needs a GPU), through the CLI's error reporting."""
     env.monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_standin)
     return lambda: cli.run_reporting_errors(
-        lambda: select_backend("flash-attn", torch.device("cuda"), torch.bfloat16, 16), debug=False)
+        lambda: select_backend("flash-attn", torch.device("cuda"), torch.bfloat16, 16, 8192), debug=False)
 
 
 K = "--kv-cache-gb"
@@ -245,6 +245,8 @@ CASES = [
     Case("device-unknown", "paged", lambda e: ["2", "--device", "tpu"], 2, ["'tpu'", "auto, cpu or cuda"]),
     Case("cuda-graphs-on-cpu", "paged", lambda e: ["2", *e.run_flags(e.ws.meta, "--cuda-graphs", "--device", "cpu")],
          2, ["--cuda-graphs needs a CUDA GPU", "--attention triton"]),
+    Case("threads-0", "paged", lambda e: ["2", "--threads", "0"], 2, ["--threads", "positive integer"]),
+    Case("threads-negative", "naive", lambda e: ["2", "--threads", "-2"], 2, ["--threads", "positive integer"]),
     # KV budget
     Case("kv-budget-too-small-paged", "paged", lambda e: ["2", *e.run_flags(e.ws.meta, K, "0.00001")], 1,
          ["cannot hold even the longest request", K]),
@@ -268,6 +270,20 @@ CASES = [
          ["--gpu-memory-gb", "only applies with --simulate"]),
     Case("gpu-memory-gb-absurd", "paged", lambda e: ["2", "--simulate", "llama3-8b", "--gpu-memory-gb", "-8"], 2,
          ["--gpu-memory-gb -8", "e.g. 24"]),
+    Case("tensor-parallel-size-0", "paged", lambda e: ["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "80",
+                                                      "--tensor-parallel-size", "0"], 2,
+         ["--tensor-parallel-size", "positive integer"]),
+    Case("tensor-parallel-size-negative", "naive", lambda e: ["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "80",
+                                                             "--tensor-parallel-size", "-4"], 2,
+         ["--tensor-parallel-size", "positive integer"]),
+    Case("tensor-parallel-size-not-dividing-kv-heads", "paged",
+         lambda e: ["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "80", "--tensor-parallel-size", "3"], 2,
+         ["--tensor-parallel-size 3 does not divide", "8 KV heads", "1, 2, 4, 8"]),
+    Case("tensor-parallel-budget-per-gpu-negative", "paged",
+         lambda e: ["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "24", "--tensor-parallel-size", "2"], 1,
+         ["no memory left for the KV cache on each GPU", "more GPUs (--tensor-parallel-size)"]),
+    Case("tensor-parallel-without-simulate", "paged", lambda e: ["2", "--tensor-parallel-size", "2"], 2,
+         ["--tensor-parallel-size", "--simulate CONFIG", "running tensor parallel is not supported"]),
     Case("max-seq-len-absurd", "paged", lambda e: ["2", "--max-seq-len", "1000000000"], 2,
          ["--max-seq-len 1000000000", "at most 1048576"]),
     # the tiny model's prefill activations are allowed 13 MiB: 16 MiB holds them, not a 10 MiB pool beside them

@@ -3,19 +3,26 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
 
-from conftest import CPU, TINY, make_cache, random_requests
+from conftest import CPU, TINY, make_cache, random_requests, tokenizer_bytes
 from pagedllama import cli
 from pagedllama.attention import TorchAttention
 from pagedllama.budget import build_cache, reference_preallocations, simulated_budget
 from pagedllama.capacity import dry_run, find_max_batch
-from pagedllama.config import DEMO_ARGS, NAMED_SHAPES
+from pagedllama.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, NAMED_SHAPES
+from pagedllama.data import default_data_path, load_sharegpt
+from pagedllama.loading import Loaded, installed_llama3_tokenizer
 from pagedllama.engine import Engine, Request
 from pagedllama.errors import OutOfKVMemory, UsageError
+from pagedllama.report import timeline_json
 from pagedllama.sampling import SamplingParams
+from pagedllama.scheduler import MAX_PREFILL_TOKENS
+from pagedllama.tokenizer import demo_tokenizer, load_tokenizer
+from pagedllama.workload import build_requests
 
 F32 = torch.float32
 SLOT = TINY.kv_bytes_per_token(4)
@@ -27,9 +34,11 @@ def run_checking_every_step(model, cache, requests):
     record = engine.memory.record
     checked = []
 
-    def record_and_check():
-        record()
+    def record_and_check(running, waiting):
+        record(running, waiting)
         sample, running = engine.memory.timeline[-1], engine.scheduler.running
+        assert sample.running == len({id(s.group) for s in running})  # requests, not sequences
+        assert sample.waiting == len(engine.scheduler.waiting) + len(engine.scheduler.swapped)
         reserved = sum(len(s.block_table) for s in running) * cache.block_size
         assert sample.reserved_tokens == reserved == cache.allocator.num_used * cache.block_size
         assert sample.used_tokens == sum(s.num_cached_tokens for s in running)
@@ -70,7 +79,7 @@ def test_hand_computed_small_case():
     assert paged.memory["peak_reserved_bytes"] == 12 * SLOT
     assert paged.memory["peak_used_bytes"] == 7 * SLOT
     assert paged.memory["peak_fragmented_bytes"] == 5 * SLOT
-    assert paged.memory["fragmented_pct_of_budget"] == 100 * 5 * SLOT / (1 << 30)  # at the peak, not the end (0)
+    assert paged.memory["fragmented_fraction_of_budget"] == 5 * SLOT / (1 << 30)  # at the peak, not the end (0)
     naive = dry_run("naive", TINY, requests, 1 << 30, 16, F32)
     assert [(s.reserved_tokens, s.used_tokens) for s in naive.timeline] == [(32, 7), (32, 9), (16, 7), (16, 8)]
     assert naive.memory["peak_utilization"] == pytest.approx(7 / 32)
@@ -102,12 +111,12 @@ def test_find_max_batch_boundary_with_real_runs(tiny_model, twin):
         engine.run(requests[:n], progress=False)
         return engine.scheduler.stats
 
-    assert real(k).all_resident
+    assert real(k).fits_in_memory
     if twin == "naive":
         with pytest.raises(OutOfKVMemory):
             real(k + 1)
     else:
-        assert not real(k + 1).all_resident  # it still completes, by waiting or preemption
+        assert not real(k + 1).fits_in_memory  # it still completes, by waiting or preemption
 
 
 def test_dry_run_agrees_with_a_real_demo_run():
@@ -127,6 +136,92 @@ def test_dry_run_agrees_with_a_real_demo_run():
         assert sim.memory == engine.memory.summary(budget)
         assert sim.stats == engine.scheduler.stats
     assert sim.stats is not None
+
+
+def sharegpt_shaped(num_short: int) -> list[Request]:
+    """Traffic shaped like real ShareGPT (REFERENCE.md section 8): the longest prompt (2,674 tokens)
+    first, another long one next, both with one-token answers, then median requests (40-token
+    prompts, 220-token answers). The two long prompts do not fit one prefill step together, so the
+    second is admitted after the first has already finished."""
+    assert 2674 + 1500 > MAX_PREFILL_TOKENS
+    return random_requests([(2674, 1), (1500, 1)] + [(40, 220)] * num_short, TINY.vocab_size)
+
+
+def test_a_batch_fits_when_memory_holds_it_not_when_every_request_overlaps():
+    """The old definition (every request running at the same step) says batch 2 does not fit:
+    the first request finishes before the second starts. Memory says: the median requests all run
+    together, so they fit while their peak, 17 blocks each (40 + 219 tokens cached at their last
+    step, blocks of 16), stays within the pool; one more and decode must preempt."""
+    num_blocks, block = 1200, 16
+    budget = num_blocks * block * SLOT
+    per_short = -(-(40 + 220 - 1) // block)
+    k = 2 + num_blocks // per_short
+    requests = sharegpt_shaped(k)
+
+    def run(n):
+        return dry_run("paged", TINY, requests[:n], budget, 4096, F32, block)
+
+    pair = run(2).stats
+    assert pair.peak_running == 1 and pair.fits_in_memory  # the old definition's "no"
+    assert find_max_batch("paged", TINY, requests, budget, 4096, F32, block) == (k, False)
+    fits, over = run(k), run(k + 1)
+    assert fits.stats.fits_in_memory and fits.stats.waited_for_memory == 0
+    assert fits.timeline[1].waiting > 0, "the prefill budget made requests wait a step (not for memory)"
+    assert fits.memory["peak_blocks_in_use"] == (k - 2) * per_short <= num_blocks
+    assert over.stats.preemptions > 0 and not over.stats.fits_in_memory
+
+
+def test_requests_queued_while_memory_is_short_are_counted():
+    """A pool of 10 blocks of 16: a 100-token prompt takes 7; the next two (60 tokens, 4 blocks each)
+    are queued while admission stops for memory, and are counted once each however long they wait."""
+    requests = random_requests([(100, 30), (60, 2), (60, 2)], TINY.vocab_size)
+    run = dry_run("paged", TINY, requests, 10 * 16 * SLOT, 256, F32, 16)
+    assert run.stats.waited_for_memory == 2 and run.stats.preemptions == 0 and not run.stats.fits_in_memory
+    assert run.timeline[0].waiting == 2
+
+
+def test_naive_rows_keep_no_watermark():
+    """The watermark keeps room for growth; a request in a max_seq_len row never grows, so the naive
+    twin admits as many requests as it has rows, even a hundred or more."""
+    requests = random_requests([(4, 4)] * 120, TINY.vocab_size)
+    run = dry_run("naive", TINY, requests, 120 * 64 * SLOT, 64, F32)
+    assert run.stats.fits_in_memory and run.stats.peak_running == 120
+
+
+def test_dry_run_agrees_with_a_real_run_at_the_cli_setting(tmp_path, capsys):
+    """The CLI's real demo run and a dry run of the same requests schedule the same steps: prompts
+    too long for one prefill step together wait for the next one, in both."""
+    prompt = " ".join(f"Tell me about item {i} and why it matters." for i in range(150))
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps([{"id": f"c{i}", "conversations": [{"from": "human", "value": f"{i}: {prompt}"},
+                                                                    {"from": "gpt", "value": "Sure thing."}]}
+                                for i in range(4)]))
+    path = tmp_path / "r.json"
+    code, _, _ = run_cli("paged", ["4", "--data", str(data), "--no-progress", "--json", str(path)], capsys)
+    assert code == 0
+    doc = json.loads(path.read_text())
+    requests = build_requests(load_sharegpt(data)[0], demo_tokenizer(), 4, DEMO_MAX_SEQ_LEN, None, True)
+    assert sum(len(r.prompt_ids) for r in requests) > MAX_PREFILL_TOKENS
+    sim = dry_run("paged", DEMO_ARGS, requests, doc["kv_budget_bytes"], DEMO_MAX_SEQ_LEN, F32, 16)
+    assert doc["timeline"] == timeline_json(sim.timeline, sim.memory["bytes_per_token"])
+    assert doc["memory"] == sim.memory and doc["scheduler"] == cli.scheduler_json(sim.stats)
+    assert doc["timeline"]["waiting"][0] > 0 and doc["scheduler"]["fits_in_memory"]
+
+
+def test_budget_warm_up_runs_the_backend_and_block_size_that_will_run(tiny_model):
+    """On CUDA the KV budget is what a warm-up forward leaves; it goes through the twin's own backend
+    and block size (here blocks of 16 and a backend that records what reaches it)."""
+    seen = []
+
+    class Recording(TorchAttention):
+        def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+            seen.append((meta.is_prefill, len(q), k_cache.shape[1]))
+            return super().forward(q, k, v, k_cache, v_cache, meta, scale)
+
+    loaded = Loaded(tiny_model, None, TINY, False, 64, "tiny")
+    kv_bytes = cli.warmup_forward(loaded, Recording(), 16, CPU, F32)
+    assert seen == [(True, 63, 16)] * TINY.n_layers  # the largest prefill step the context allows
+    assert kv_bytes == 4 * 16 * SLOT  # 64 slots: 63 prompt tokens and the one generated
 
 
 def test_named_shapes_have_published_parameter_counts():
@@ -149,27 +244,86 @@ def test_simulated_budget_for_llama3_8b_on_24gb():
         simulated_budget(args, -3, 0.9, 2)
 
 
+def test_tensor_parallel_plan_for_llama3_70b_on_four_80gb_gpus(capsys):
+    """Each GPU holds a quarter of every matrix (norms copied), a quarter of the KV heads and its
+    activations; vLLM's rule applies per GPU, and the four GPUs' KV heads make whole blocks."""
+    args = NAMED_SHAPES["llama3-70b"]
+    norms = (2 * 80 + 1) * 8192
+    weights = 2 * (norms + (70_553_706_496 - norms) // 4)
+    acts = 4096 * (2 * 8192 + (2 * 8192 + 3 * 28672) // 4) * 2
+    per_gpu = int(80 * 2**30 * 0.9) - weights - acts
+    assert simulated_budget(args, 80, 0.9, 2, tensor_parallel_size=4).kv_bytes == 4 * per_gpu
+    rows = per_gpu // (8192 * args.kv_bytes_per_token(2) // 4)  # a GPU's share of each 8192-token row
+    code, out, _ = run_cli("naive", ["--simulate", "llama3-70b", "--gpu-memory-gb", "80", "--tensor-parallel-size",
+                                     "4", "--find-max-batch"], capsys)
+    assert code == 0 and f"largest batch that fits in KV memory (naive): {rows}" in out
+    assert 55 < rows < 70  # about 40 GB of KV per GPU, 80 KB per token per GPU
+
+
 def run_cli(twin, argv, capsys):
-    code = cli.main(twin, argv)
+    try:
+        code = cli.main(twin, argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
 
-def test_cli_simulate_and_find_max_batch_json(tmp_path, capsys):
+def test_cli_simulate_and_find_max_batch_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_models", None)  # the demo tokenizer measures, installed or not
     path = tmp_path / "r.json"
     code, out, _ = run_cli("naive", ["--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--find-max-batch",
                                      "--json", str(path)], capsys)
     assert code == 0
-    assert "largest batch with every request resident at once (naive): 6" in out
+    assert "largest batch that fits in KV memory (naive): 6" in out
     assert json.loads(path.read_text())["max_batch"] == {"naive": 6}
     code, out, _ = run_cli("paged", ["--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--find-max-batch"], capsys)
-    assert code == 0 and "largest batch with every request resident at once (paged): 188" in out  # the README's
+    assert code == 0 and "largest batch that fits in KV memory (paged): 188" in out  # the README's
     code, out, _ = run_cli("paged", ["4", "--simulate", "llama3-8b", "--gpu-memory-gb", "24",
                                      "--json", str(path)], capsys)
     assert code == 0 and "Fragmented Memory:" in out
     assert re.search(r"blocks in use after +0 +of \d+", out)
     doc = json.loads(path.read_text())
-    assert doc["scheduler"]["all_resident"] and doc["memory"]["block_size"] == 16
+    assert doc["scheduler"]["fits_in_memory"] and doc["memory"]["block_size"] == 16
+
+
+def simulated_timeline(tokenizer, budget: int) -> dict:
+    """The memory timeline of a dry run of the shipped data's first 4 requests, measured with `tokenizer`,
+    as `--simulate llama3-8b` plans them."""
+    requests = build_requests(load_sharegpt(default_data_path())[0], tokenizer, 4, 8192, None, True)
+    run = dry_run("paged", NAMED_SHAPES["llama3-8b"], requests, budget, 8192, torch.bfloat16, 16)
+    return timeline_json(run.timeline, run.memory["bytes_per_token"])
+
+
+def simulate_4(tmp_path, capsys) -> tuple[str, dict]:
+    path = tmp_path / "r.json"
+    code, out, _ = run_cli("paged", ["4", "--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--json", str(path)],
+                           capsys)
+    assert code == 0
+    return out, json.loads(path.read_text())
+
+
+def test_simulate_measures_lengths_with_llama_models_tokenizer_where_installed(tmp_path, capsys, monkeypatch):
+    """A stand-in `llama_models` package on the path, shipping a byte-level tokenizer.model where Meta's
+    ships Llama 3's: --simulate finds it without importing the package and measures the prompts with it."""
+    package = tmp_path / "site" / "llama_models"
+    (package / "llama3").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('the planner must not import the package')\n")
+    (package / "llama3" / "tokenizer.model").write_bytes(tokenizer_bytes())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert installed_llama3_tokenizer() == package / "llama3" / "tokenizer.model"
+    out, doc = simulate_4(tmp_path, capsys)
+    assert "lengths measured with Llama 3's tokenizer (from llama-models)" in out
+    byte_level = simulated_timeline(load_tokenizer(package / "llama3" / "tokenizer.model"), doc["kv_budget_bytes"])
+    assert doc["timeline"] == byte_level != simulated_timeline(demo_tokenizer(), doc["kv_budget_bytes"])
+
+
+def test_simulate_says_the_demo_tokenizer_stands_in_without_llama_models(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_models", None)  # as if not installed
+    assert installed_llama3_tokenizer() is None
+    out, doc = simulate_4(tmp_path, capsys)
+    assert "the demo tokenizer, a stand-in for Llama 3's (`pip install llama-models==0.3.0`" in out
+    assert doc["timeline"] == simulated_timeline(demo_tokenizer(), doc["kv_budget_bytes"])
 
 
 def test_cli_simulate_from_a_config_file(tmp_path, capsys):
@@ -189,6 +343,14 @@ def test_cli_simulate_from_a_config_file(tmp_path, capsys):
     (["2", "--kv-cache-gb", "1e9"], "not a usable budget"),
     (["2", "--kv-cache-gb", "0.00001", "--no-progress"], "too small"),
     (["2", "--gpu-memory-gb", "24"], "only applies with --simulate"),
+    (["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "80", "--tensor-parallel-size", "0"], "positive integer"),
+    (["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "80", "--tensor-parallel-size", "-4"], "positive integer"),
+    (["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "80", "--tensor-parallel-size", "3"],
+     "does not divide the model's 8 KV heads; use one of 1, 2, 4, 8"),
+    (["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "24", "--tensor-parallel-size", "2"],
+     "no memory left for the KV cache on each GPU"),
+    (["2", "--tensor-parallel-size", "2"], "running tensor parallel is not supported"),
+    (["2", "--simulate", "llama3-8b", "--kv-cache-gb", "4", "--tensor-parallel-size", "2"], "not with --kv-cache-gb"),
 ])
 def test_cli_budget_errors(argv, pattern, capsys):
     code, _, err = run_cli("naive", argv, capsys)

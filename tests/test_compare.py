@@ -49,9 +49,10 @@ def test_compare_limits_equal_each_twins_find_max_batch(checkpoint, tmp_path, ca
 def test_plots_and_block_size_sweep(checkpoint, tmp_path, monkeypatch, capsys):
     """A batch the naive twin cannot hold: it reports the error, and the memory timeline shows both
     twins at the batch the naive one can hold; the sweep covers the block sizes that fit the context."""
-    timelines = []
+    timelines, figures = [], []
     plot_timelines = compare.plot_timelines
     monkeypatch.setattr(compare, "plot_timelines", lambda runs, *a: timelines.append(runs) or plot_timelines(runs, *a))
+    monkeypatch.setattr(compare.plt, "close", figures.append)
     doc_path = tmp_path / "compare.json"
     assert compare.main(["4", *flags(checkpoint, "--json", str(doc_path), "--plots-dir", str(tmp_path))]) == 0
     out, err = capsys.readouterr()
@@ -61,6 +62,15 @@ def test_plots_and_block_size_sweep(checkpoint, tmp_path, monkeypatch, capsys):
     assert "the memory timeline shows 3 requests" in err
     assert [r.scheduler["peak_running"] for r in timelines[0].values()] == [3, 3]
     assert [r["block_size"] for r in doc["block_size_sweep"]] == [1, 8, 16, 32, 64]
+    assert {r["measured_at_batch"] for r in doc["block_size_sweep"]} == {4}
+    timeline, sweep = figures
+    ax = timeline.axes[0]
+    assert "3 requests" in ax.get_title() and ax.get_ylabel() == "KV memory (MB)"  # a 0.0001 GB budget
+    assert compare.parser().parse_args(flags(checkpoint)).model in ax.get_title()
+    # the twins hold the same tokens at every step: one holding line for both, not one hidden under the other
+    assert ax.get_legend_handles_labels()[1] == ["naive: reserved", "paged: reserved", "both: holding tokens",
+                                                 "KV budget (0.10 MB)"]
+    assert sweep.axes[0].get_title() == "Paged fragmentation at batch 4"
     for name in ("memory_timeline.png", "block_size_sweep.png"):
         assert (tmp_path / name).read_bytes().startswith(PNG)
 
@@ -74,4 +84,5 @@ def test_readme_headline_limits_on_the_demo(tmp_path):
     assert doc["max_batch"] == {"naive": 6, "paged": 82}
     naive, paged = doc["twins"]["naive"]["memory"], doc["twins"]["paged"]["memory"]
     assert round(100 * naive["peak_utilization"], 1) == 8.0 and round(100 * paged["peak_utilization"], 1) == 97.8
-    assert round(naive["fragmented_pct_of_budget"], 1) == 89.2 and round(paged["fragmented_pct_of_budget"], 2) == 0.21
+    assert round(100 * naive["fragmented_fraction_of_budget"], 1) == 89.2
+    assert round(100 * paged["fragmented_fraction_of_budget"], 2) == 0.21

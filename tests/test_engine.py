@@ -43,7 +43,7 @@ def test_paged_equals_reference(tiny_model, requests, expected, block_size):
     out, engine = generate(tiny_model, make_cache(tiny_model, block_size, num_blocks, MAX_SEQ_LEN, len(requests)),
                            requests)
     assert out == expected
-    assert engine.scheduler.stats.all_resident
+    assert engine.scheduler.stats.fits_in_memory
     assert engine.cache.allocator.num_free == num_blocks  # every block back in the pool
 
 
@@ -67,7 +67,7 @@ def test_flash_attn_backend_equals_reference(tiny_model, requests, expected, mon
         cache = make_cache(tiny_model, 256, num_blocks, MAX_SEQ_LEN, len(requests), FlashAttention())
         out, engine = generate(tiny_model, cache, requests)
         assert out == expected and cache.allocator.num_free == num_blocks
-    assert not engine.scheduler.stats.all_resident
+    assert not engine.scheduler.stats.fits_in_memory
     assert {"flash_attn_varlen_func", "flash_attn_with_kvcache"} <= set(flash_attn_standin.calls)
 
 
@@ -94,7 +94,7 @@ def test_heavy_preemption_equals_reference(tiny_model, requests, expected, block
     out = [s.output_ids for s in engine.run(requests, progress=False).sequences]
     assert out == expected
     stats = engine.scheduler.stats
-    assert stats.preemptions > 0 or not stats.all_resident
+    assert stats.preemptions > 0 or not stats.fits_in_memory
     assert (stats.swaps > 0) == (preemption == "swap" and stats.preemptions > 0)
     assert engine.cache.allocator.num_free == num_blocks
     assert engine.cache.num_cached_tokens == 0

@@ -73,9 +73,10 @@ def test_ctrl_c_keeps_finished_requests_and_reports(tmp_path):
     assert took < 10, f"took {took:.1f} s to stop after Ctrl-C"
     assert "Traceback" not in out + err
     assert "Fragmented Memory:" in out and "interrupted" in out
+    assert "held by the requests interrupted mid-run" in out and "finished requests free theirs" not in out
 
     doc = json.loads(doc_path.read_text(encoding="utf-8"))
-    assert doc["interrupted"] is True and doc["batch_size"] == 4
+    assert doc["interrupted"] is True and doc["batch_size"] == 4 and doc["memory"]["blocks_in_use_after"] > 0
     finished = {r["id"]: r for r in doc["requests"]}
     assert finished and finished.keys() <= {"short-1", "short-2"}  # the long ones were cut off
     lines = read_jsonl(jsonl)  # every line is whole JSON

@@ -10,6 +10,7 @@ from conftest import CPU, TINY, dry_step, make_cache, new_group
 from pagedllama import cli
 from pagedllama.engine import Engine, Request
 from pagedllama.kv_cache import KVCache
+from pagedllama.prefix_cache import ROOT
 from pagedllama.sampling import SamplingParams
 from pagedllama.scheduler import Scheduler
 from pagedllama.sequence import Sequence
@@ -80,6 +81,24 @@ def test_a_block_filled_by_a_decode_step_is_found_by_the_next_admission():
     assert cache.prefix_cache.lookup(seq) == first.block_table[:2]
 
 
+def test_a_hash_collision_is_never_a_hit():
+    """Python hashes an int modulo 2**61 - 1, so token t and t + 2**61 - 1 collide, as do keys made
+    of them. A request whose first block collides with a cached one, and whose second block equals
+    the cached second block, finds nothing: the tokens are compared, not only their hashes."""
+    cache = KVCache(TINY, 8, 4, 64, 4, None, CPU, torch.float32, storage=False)
+    cache.enable_prefix_caching()
+    cached = Sequence(0, "a", tokens(9, 1), 9, 1)
+    cache.allocate(cached)
+    cache.commit([cached], is_prefill=True)
+    other = list(cached.token_ids)
+    other[0] += 2**61 - 1
+    assert hash((ROOT, tuple(other[:4]))) == hash((ROOT, tuple(cached.token_ids[:4])))
+    assert cache.prefix_cache.lookup(Sequence(1, "b", other, 9, 1)) == []
+    same_start = cached.token_ids[:4] + [t + 1 for t in cached.token_ids[4:]]
+    assert cache.prefix_cache.lookup(Sequence(2, "c", same_start, 9, 1)) == cached.block_table[:1]
+    assert cache.prefix_cache.lookup(Sequence(3, "d", list(cached.token_ids), 9, 1)) == cached.block_table[:2]
+
+
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])
 def test_prefix_caching_under_preemption_equals_unconstrained_run(tiny_model, preemption):
     prefix = tokens(13, 4)
@@ -100,5 +119,5 @@ def test_cli_system_prompt_shows_hits_on_sharegpt(tmp_path, capsys):
                               "2", "--no-progress", "--no-answers", "--json", str(path)])
     out = capsys.readouterr().out
     doc = json.loads(path.read_text())
-    assert code == 0 and "prefix cache: hit rate" in out
+    assert code == 0 and "prefix cache: hit rate" in out and "sharing (n 1, beam width 1, prefix caching)" in out
     assert 0 < doc["prefix_cache"]["hit_rate"] < 1 and doc["sharing"]["saved_bytes"] > 0

@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from conftest import CPU, TINY
 from pagedllama.kv_cache import KVCache, cdiv
+from pagedllama.prefix_cache import ROOT
 from pagedllama.scheduler import Scheduler
 from pagedllama.sequence import Sequence, SequenceGroup, Status
 from pagedllama.swap import SwapSpace
@@ -153,16 +154,15 @@ class SchedulerMachine(RuleBasedStateMachine):
             if self.cache.k:
                 written = [int(self.cache.k[0][self._slot(s, p)][0, 0]) for p in range(s.num_cached_tokens)]
                 assert written == [t + 1 for t in s.token_ids[:s.num_cached_tokens]]
-            if prefix_cache:
+            if prefix_cache:  # each cached block is keyed by its own tokens after the sequence's own prefix
                 bs = self.cache.block_size
-                parent, own = 0, []  # the hash of each full block, worked out afresh from the tokens
-                for i in range(s.num_tokens // bs):
-                    parent = hash((parent, tuple(s.token_ids[i * bs:(i + 1) * bs])))
-                    own.append(parent)
-                assert prefix_cache.hashes(s) == own, "a sequence's block hashes are not of its own tokens"
                 for i, b in enumerate(s.block_table[:s.num_cached_tokens // bs]):
-                    h = prefix_cache._hash_of.get(b)
-                    assert h is None or h == own[i], "a cached block holds another prefix"
+                    entry = prefix_cache._entry_of.get(b)
+                    if entry is not None:
+                        (parent, block_tokens), prefix = entry
+                        assert block_tokens == tuple(s.token_ids[i * bs:(i + 1) * bs]), "a block holds other tokens"
+                        assert parent == (s.prefix_ids[i - 1] if i else ROOT), "a block follows another prefix"
+                        assert prefix == s.prefix_ids[i]
 
 
 TestSchedulerStateMachine = SchedulerMachine.TestCase

@@ -103,9 +103,19 @@ def test_cli_twins_side_by_side_with_samples(tmp_path, capsys, flag, shown):
         assert code == 0 and f"sharing ({shown})" in capsys.readouterr().out
         docs[twin] = json.loads(path.read_text())
         assert docs[twin]["dtype"] == "float32"  # --dtype auto on CPU
+    for doc in docs.values():  # each output says which sample or beam it is
+        answers = doc["requests"]
+        assert [a["id"] for a in answers] == ["#0"] * 3 + ["#1"] * 3
+        if flag == "--n":
+            assert [a["sample_index"] for a in answers] == [0, 1, 2] * 2
+        else:
+            assert [a["beam_index"] for a in answers] == [0, 1, 2] * 2
+            scores = [a["cumulative_logprob"] for a in answers]
+            assert scores[:3] == sorted(scores[:3], reverse=True) and scores[3:] == sorted(scores[3:], reverse=True)
+        assert all(len(a["output_token_ids"]) == a["output_tokens"] for a in answers)
     naive, paged = docs["naive"]["sharing"], docs["paged"]["sharing"]
     assert naive["saved_bytes"] == 0 < paged["saved_bytes"]
-    assert paged["saved_pct"] == pytest.approx(100 * paged["saved_bytes"] / paged["unshared_peak_bytes"])
+    assert paged["saved_fraction"] == pytest.approx(paged["saved_bytes"] / paged["unshared_peak_bytes"])
     assert naive["peak_reserved_bytes"] == 6 * 4096 * docs["naive"]["memory"]["bytes_per_token"]
     assert paged["peak_reserved_bytes"] < naive["peak_reserved_bytes"] / 10
     assert cli.main("paged", ["2", flag, "3", "--simulate", "llama3-8b", "--gpu-memory-gb", "24"]) == 2

@@ -131,4 +131,4 @@ def test_engine_through_the_kernel_equals_reference(tiny_model):
     expected = [reference_greedy(tiny_model, r.prompt_ids, r.max_new_tokens) for r in requests]
     cache = make_cache(tiny_model, 16, 4, 64, len(requests), TritonAttention())  # 64 slots: requests take turns
     out, engine = generate(tiny_model, cache, requests)
-    assert out == expected and not engine.scheduler.stats.all_resident
+    assert out == expected and not engine.scheduler.stats.fits_in_memory
