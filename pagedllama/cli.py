@@ -49,8 +49,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     p.add_argument("batch_size", type=positive_int, metavar="BATCH_SIZE", nargs="?",
                    help="number of ShareGPT prompts to run at once (optional with --find-max-batch)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEMO, help="checkpoint directory (Meta or Hugging Face format), or "
-                                                 "'demo' for the built-in random-weight model (default)")
+    g.add_argument("--model", default=DEMO, help="checkpoint directory (Meta or Hugging Face format), a Llama "
+                                                 "GGUF file, or 'demo' for the built-in random-weight model (default)")
     g.add_argument("--tokenizer", help="tokenizer.model (tiktoken) or tokenizer.json; default: found in --model")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 "
@@ -296,7 +296,7 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
         for seq in finished:
             print(f"\n{'=' * 30} request {seq.request_id}: {seq.num_prompt_tokens} prompt tokens, "
                   f"{seq.num_output_tokens} generated ({seq.finish_reason}) {'=' * 30}")
-            print(loaded.tokenizer.decode(seq.output_ids))
+            print(answer_text(seq, loaded))
         print("=" * 80)
     if result.interrupted:
         print(f"\ninterrupted after {result.steps} steps: {len(finished)} of {len(requests)} requests finished; "
@@ -380,7 +380,12 @@ def warmup_peak_bytes(loaded: Loaded, device: torch.device, dtype: torch.dtype) 
 def _answer(seq: Sequence, loaded: Loaded) -> dict:
     return {"id": seq.request_id, "prompt_tokens": seq.num_prompt_tokens, "output_tokens": seq.num_output_tokens,
             "finish_reason": seq.finish_reason, "preemptions": seq.num_preemptions,
-            "text": loaded.tokenizer.decode(seq.output_ids)}
+            "text": answer_text(seq, loaded)}
+
+
+def answer_text(seq: Sequence, loaded: Loaded) -> str:
+    """The answer, without the end-of-turn token that stopped it."""
+    return loaded.tokenizer.decode(seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids)
 
 
 def _write_line(stream, seq: Sequence, loaded: Loaded) -> None:
