@@ -244,6 +244,16 @@ def read_config(model_dir: str | Path) -> ModelArgs:
     return args
 
 
+def check_gguf_tensors(model: Path, args: ModelArgs) -> None:
+    """A GGUF's tensors, checked against its metadata (names, shapes) and for types the loader reads,
+    from the file's index alone: before anything is dequantized."""
+    path = gguf_path(model)
+    shapes = gguf_checkpoint.tensor_shapes(path)
+    _tie_output(shapes, args.tie_word_embeddings)
+    check_state_dict(args, shapes, gguf_checkpoint.file_name)
+    gguf_checkpoint.check_types(path)
+
+
 def gguf_path(model: Path) -> Path:
     """The GGUF file of a checkpoint `detect_format` called "gguf"."""
     path = gguf_checkpoint.gguf_file(model)
@@ -263,11 +273,8 @@ def load_weights(model_dir: str | Path, args: ModelArgs, dtype: torch.dtype = to
     model_dir = Path(model_dir)
     fmt = detect_format(model_dir)
     if fmt == "gguf":
-        path = gguf_path(model_dir)
-        shapes = gguf_checkpoint.tensor_shapes(path)
-        _tie_output(shapes, args.tie_word_embeddings)
-        check_state_dict(args, shapes, gguf_checkpoint.file_name)  # before dequantizing anything
-        sd = gguf_checkpoint.dequantized_state_dict(path, dtype)
+        check_gguf_tensors(model_dir, args)
+        sd = gguf_checkpoint.dequantized_state_dict(gguf_path(model_dir), dtype)
         _tie_output(sd, args.tie_word_embeddings)
         return sd
     if fmt == "meta":

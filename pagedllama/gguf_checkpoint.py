@@ -70,7 +70,7 @@ def _open(path: Path, size: int, mtime_ns: int) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except ValueError as e:
-        unknown = re.search(r"(\d+) is not a valid GGMLQuantizationType", str(e))
+        unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
         if unknown:
             raise UserError(f"{path} stores tensors in quantization type {unknown[1]}, which the gguf reader "
                             f"{_version()} does not know; use a GGUF quantized as one of "
@@ -191,18 +191,24 @@ def tensor_shapes(path: Path) -> dict[str, torch.Tensor]:
             for t in open_gguf(path).tensors if t.name != ROPE_FREQS}
 
 
-def dequantized_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The weights under the model's names, dequantized one tensor at a time straight to `dtype`, so
-    memory holds the model in `dtype` plus one tensor in float32, never the whole model in float32."""
-    tensors = [t for t in open_gguf(path).tensors if t.name != ROPE_FREQS]
-    unsupported = [t for t in tensors if t.tensor_type not in SUPPORTED_TYPES]
+def check_types(path: Path) -> None:
+    """Fail unless every tensor is of a type this loader dequantizes."""
+    unsupported = [t for t in open_gguf(path).tensors if t.tensor_type not in SUPPORTED_TYPES]
     if unsupported:
         kinds = sorted({t.tensor_type.name for t in unsupported})
         raise UserError(f"{path} stores {unsupported[0].name} (and {len(unsupported) - 1} more) as {', '.join(kinds)}, "
                         f"which this engine does not dequantize; use a GGUF quantized as one of "
                         f"{_type_names(SUPPORTED_TYPES)} (Q4_K_M, Q8_0 and F16 files are common)")
+
+
+def dequantized_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights under the model's names, dequantized one tensor at a time straight to `dtype`, so
+    memory holds the model in `dtype` plus one tensor in float32, never the whole model in float32."""
+    check_types(path)
     state = {}
-    for t in tensors:
+    for t in open_gguf(path).tensors:
+        if t.name == ROPE_FREQS:
+            continue
         shape = tuple(int(d) for d in reversed(t.shape))
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
@@ -221,7 +227,7 @@ def quantization(path: Path) -> str:
     for t in open_gguf(path).tensors:
         counts[t.tensor_type.name] += int(t.n_elements)
     total = sum(counts.values())
-    return ", ".join(f"{name} {100 * n / total:.2g}%" for name, n in counts.most_common())
+    return ", ".join(f"{name} {100 * n / total:.3g}%" for name, n in counts.most_common())
 
 
 def gguf_tokenizer(path: Path) -> Tokenizer:

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from . import gguf_checkpoint, host_memory
-from .checkpoint import build_model, detect_format, gguf_path, load_weights, random_state_dict, read_config, read_json
+from .checkpoint import (build_model, check_gguf_tensors, detect_format, gguf_path, load_weights, random_state_dict,
+                         read_config, read_json)
 from .config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs
 from .errors import UserError, UsageError
 from .model import Transformer
@@ -103,6 +104,7 @@ def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.d
         name = str(dtype).removeprefix("torch.")
         stored = ""
         if detect_format(Path(model)) == "gguf":
+            check_gguf_tensors(Path(model), args)
             stored = (f"; GGUF {gguf_checkpoint.quantization(gguf_path(Path(model)))}, dequantized to {name}: "
                       f"the KV cache and matmuls run in {name}")
         print(f"loading {model}: {args.num_params() / 1e9:.2f}B parameters, {human_bytes(weight_bytes)} in "
