@@ -1,4 +1,4 @@
-"""Llama 3 weights from disk: Meta's `consolidated.*.pth` or Hugging Face safetensors.
+"""Llama 3 weights from disk: Meta's `consolidated.*.pth`, Hugging Face safetensors, or a GGUF file.
 
 Whatever the source, the state dict handed to the model uses Meta's key names and Meta's
 interleaved RoPE layout of the q/k rows, so `model.py` has a single layout to support.
@@ -12,6 +12,7 @@ import math
 import pickle
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import gguf_checkpoint
 from .config import ModelArgs, from_hf_config, from_meta_params
 from .errors import UserError
 from .model import Transformer
@@ -47,7 +49,7 @@ _REDOWNLOAD = "download a model with `python -m pagedllama.download REPO_ID` or 
 # Finding the checkpoint
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -72,7 +74,7 @@ def _hf_weight_files(model_dir: Path) -> list[Path]:
             return [model_dir / single]
         index = model_dir / index_name
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise UserError(f"{index} has no weight_map; re-download it")
             files = [model_dir / str(name) for name in sorted(set(weight_map.values()))]
@@ -86,12 +88,16 @@ def _hf_weight_files(model_dir: Path) -> list[Path]:
 
 
 def detect_format(model_dir: Path) -> str:
-    """"hf" or "meta"; HF safetensors win over Meta pickles when a directory holds both."""
+    """"hf", "meta" or "gguf" (a .gguf file, or a directory holding one); HF safetensors win over Meta
+    pickles, and both over a GGUF, when a directory holds several."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise UserError(f"model directory {model_dir} does not exist; {_REDOWNLOAD}")
     if not model_dir.is_dir():
-        raise UserError(f"--model {model_dir} is not a directory; give the folder holding the checkpoint")
+        if gguf_checkpoint.gguf_file(model_dir) is not None:
+            return "gguf"
+        raise UserError(f"--model {model_dir} is not a directory or a .gguf file; give the folder holding "
+                        "the checkpoint or a GGUF file")
     if not any(model_dir.iterdir()):
         raise UserError(f"model directory {model_dir} is empty; {_REDOWNLOAD}")
     hf_files = _hf_weight_files(model_dir) if (model_dir / "config.json").is_file() else []
@@ -101,6 +107,8 @@ def detect_format(model_dir: Path) -> str:
         return "meta"
     if hf_files:
         return "hf"
+    if gguf_checkpoint.gguf_file(model_dir) is not None:
+        return "gguf"
     if (model_dir / "params.json").is_file() or (model_dir / "original" / "params.json").is_file():
         raise UserError(f"{model_dir} has params.json but no consolidated.*.pth weights; "
                         "the download is incomplete: re-download it")
@@ -108,7 +116,7 @@ def detect_format(model_dir: Path) -> str:
         raise UserError(f"{model_dir} has config.json but no model.safetensors (or index) weights; "
                         "the download is incomplete: re-download it")
     raise UserError(f"{model_dir} holds no Llama checkpoint: expected config.json + model.safetensors "
-                    "(Hugging Face) or params.json + consolidated.*.pth (Meta)")
+                    "(Hugging Face), params.json + consolidated.*.pth (Meta) or a .gguf file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +220,7 @@ def _from_hf(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
             continue
         sd[_meta_name(key) or key] = t  # unknown names stay as they are, for check_state_dict to report
     _tie_output(sd, args.tie_word_embeddings)
-    check_state_dict(args, sd, hf_names=True)  # before the permutation, which needs the right shapes
+    check_state_dict(args, sd, _hf_name)  # before the permutation, which needs the right shapes
     for i in range(args.n_layers):
         for name, n in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
             key = f"layers.{i}.attention.{name}.weight"
@@ -221,29 +229,55 @@ def _from_hf(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 
 
 def read_config(model_dir: str | Path) -> ModelArgs:
-    """The model shape a checkpoint folder's params.json (Meta) or config.json (HF) describes."""
+    """The model shape a checkpoint's params.json (Meta), config.json (HF) or GGUF metadata describes."""
     model_dir = Path(model_dir)
-    if detect_format(model_dir) == "meta":
+    fmt = detect_format(model_dir)
+    if fmt == "gguf":
+        return gguf_checkpoint.read_gguf_config(gguf_path(model_dir))
+    if fmt == "meta":
         root = _meta_root(model_dir)
         assert root is not None
-        args = from_meta_params(_read_json(root / "params.json"))
+        args = from_meta_params(read_json(root / "params.json"))
     else:
-        args = from_hf_config(_read_json(model_dir / "config.json"))
+        args = from_hf_config(read_json(model_dir / "config.json"))
     args.validate()
     return args
 
 
-def load_checkpoint(model_dir: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Config and state dict of a checkpoint folder."""
+def check_gguf_tensors(model: Path, args: ModelArgs) -> None:
+    """A GGUF's tensors, checked against its metadata (names, shapes) and for types the loader reads,
+    from the file's index alone: before anything is dequantized."""
+    path = gguf_path(model)
+    shapes = gguf_checkpoint.tensor_shapes(path)
+    _tie_output(shapes, args.tie_word_embeddings)
+    check_state_dict(args, shapes, gguf_checkpoint.file_name)
+    gguf_checkpoint.check_types(path)
+
+
+def gguf_path(model: Path) -> Path:
+    """The GGUF file of a checkpoint `detect_format` called "gguf"."""
+    path = gguf_checkpoint.gguf_file(model)
+    assert path is not None
+    return path
+
+
+def load_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Config and state dict of a checkpoint folder or GGUF file."""
     args = read_config(model_dir)
-    return args, load_weights(model_dir, args)
+    return args, load_weights(model_dir, args, dtype)
 
 
-def load_weights(model_dir: str | Path, args: ModelArgs) -> dict[str, torch.Tensor]:
-    """The state dict (Meta names and RoPE layout, CPU, stored dtype) of a checkpoint folder whose
-    config `read_config` gave as `args`."""
+def load_weights(model_dir: str | Path, args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The state dict (Meta names and RoPE layout, CPU) of a checkpoint whose config `read_config`
+    gave as `args`: in the stored dtype, except a GGUF's, which is dequantized to `dtype`."""
     model_dir = Path(model_dir)
-    if detect_format(model_dir) == "meta":
+    fmt = detect_format(model_dir)
+    if fmt == "gguf":
+        check_gguf_tensors(model_dir, args)
+        sd = gguf_checkpoint.dequantized_state_dict(gguf_path(model_dir), dtype)
+        _tie_output(sd, args.tie_word_embeddings)
+        return sd
+    if fmt == "meta":
         root = _meta_root(model_dir)
         assert root is not None
         sd = _load_meta(root)
@@ -278,13 +312,15 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor], hf_names: bool = False) -> None:
+def check_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor],
+                     name_in_file: Callable[[str], str] | None = None) -> None:
     """Fail with a one-line UserError unless `state_dict` is exactly the model `args` describes.
 
-    `hf_names`: the tensors came from Hugging Face files, so messages also give the name there.
+    `name_in_file`: the tensors came from files that name them otherwise (HF, GGUF), so messages also
+    give that name.
     """
     def show(name: str) -> str:
-        return f"{_hf_name(name)} ({name})" if hf_names else name
+        return f"{name_in_file(name)} ({name})" if name_in_file else name
 
     expected = expected_shapes(args)
     missing = [k for k in expected if k not in state_dict]

@@ -52,8 +52,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     p.add_argument("batch_size", type=positive_int, metavar="BATCH_SIZE", nargs="?",
                    help="number of ShareGPT prompts to run at once (optional with --find-max-batch)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEMO, help="checkpoint directory (Meta or Hugging Face format), or "
-                                                 "'demo' for the built-in random-weight model (default)")
+    g.add_argument("--model", default=DEMO, help="checkpoint directory (Meta or Hugging Face format), a Llama "
+                                                 "GGUF file, or 'demo' for the built-in random-weight model (default)")
     g.add_argument("--tokenizer", help="tokenizer.model (tiktoken) or tokenizer.json; default: found in --model")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     g.add_argument("--threads", type=positive_int, metavar="N",
@@ -336,7 +336,7 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
                             if k != "cumulative_logprob")
             print(f"\n{'=' * 30} request {seq.request_id}{which}: {seq.num_prompt_tokens} prompt tokens, "
                   f"{seq.num_output_tokens} generated ({seq.finish_reason}) {'=' * 30}")
-            print(loaded.tokenizer.decode(seq.output_ids))
+            print(answer_text(seq, loaded))
         print("=" * 80)
     if result.interrupted:
         print(f"\ninterrupted after {result.steps} steps: {len(finished)} of {len(requests)} requests finished; "
@@ -451,7 +451,12 @@ def _answer(seq: Sequence, loaded: Loaded) -> dict:
     return {"id": seq.request_id, **_output_index(seq), "prompt_tokens": seq.num_prompt_tokens,
             "output_tokens": seq.num_output_tokens, "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens],
             "output_token_ids": seq.output_ids, "finish_reason": seq.finish_reason,
-            "preemptions": seq.num_preemptions, "text": loaded.tokenizer.decode(seq.output_ids)}
+            "preemptions": seq.num_preemptions, "text": answer_text(seq, loaded)}
+
+
+def answer_text(seq: Sequence, loaded: Loaded) -> str:
+    """The answer, without the end-of-turn token that stopped it."""
+    return loaded.tokenizer.decode(seq.output_ids[:-1] if seq.finish_reason == "stop" else seq.output_ids)
 
 
 def _write_line(stream, seq: Sequence, loaded: Loaded) -> None:

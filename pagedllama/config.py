@@ -30,6 +30,9 @@ class ModelArgs:
     rope_theta: float = 500000.0
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
+    # GGUF's `rope_freqs` tensor: each channel pair's frequency is divided by its factor (how llama.cpp
+    # stores Llama 3.1's scaling); None when the file has none.
+    rope_freq_factors: tuple[float, ...] | None = None
 
     @property
     def head_dim(self) -> int:
@@ -56,6 +59,9 @@ class ModelArgs:
                 f"{self.n_kv_heads} (dim must divide by n_heads, n_heads by n_kv_heads)")
         if self.head_dim % 2:
             raise UserError(f"model config has an odd head_dim {self.head_dim}; RoPE needs an even one")
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise UserError(f"the model has {len(self.rope_freq_factors)} RoPE frequency factors but head_dim "
+                            f"{self.head_dim} needs {self.head_dim // 2}; the file is damaged: re-download it")
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -103,18 +109,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         if cfg.get("head_dim") not in (None, dim // n_heads):
             raise UserError(f"config.json head_dim {cfg['head_dim']} != hidden_size/num_attention_heads; "
                             "such models are not Llama 3 shaped")
-        rs = cfg.get("rope_scaling")
-        scaling = None
-        if rs:
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind != "llama3":
-                raise UserError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
-            scaling = RopeScaling(
-                factor=float(rs["factor"]),
-                low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
-            )
+        rope_theta, scaling = _hf_rope(cfg)
         return ModelArgs(
             dim=dim,
             n_layers=int(cfg["num_hidden_layers"]),
@@ -123,13 +118,61 @@ def from_hf_config(cfg: dict) -> ModelArgs:
             vocab_size=int(cfg["vocab_size"]),
             hidden_dim=int(cfg["intermediate_size"]),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 500000.0)),
+            rope_theta=rope_theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"config.json is not a Llama config (missing or bad field {e}); "
                         "point --model or --simulate at a Llama 3 checkpoint directory") from None
+
+
+# transformers' LlamaConfig default, for a config.json that names no base.
+HF_DEFAULT_ROPE_THETA = 10000.0
+ROPE_TYPES = ("default", "llama3")
+
+
+def _hf_rope(cfg: dict) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling of a config.json in either form transformers writes.
+
+    transformers 4 writes top-level `rope_theta` and `rope_scaling`; transformers 5 writes one
+    `rope_parameters` dict holding both. Reading only the old form runs a checkpoint saved by
+    transformers 5 with the default base and no scaling, wrong positions without a word; so both
+    are read, and a RoPE type this engine does not implement is an error.
+    """
+    params, legacy = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    if params is None:
+        return _rope_from(legacy or {}, cfg.get("rope_theta"))
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise UserError("config.json rope_parameters is not one {rope_type, rope_theta, ...} object (per-layer "
+                        "RoPE is not Llama's); point --model at a Llama checkpoint")
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    rope = _rope_from(params, theta)
+    top_theta = cfg.get("rope_theta")
+    if (top_theta is not None and float(top_theta) != rope[0]) or (legacy and _rope_from(legacy, theta) != rope):
+        raise UserError(f"config.json gives RoPE both as rope_parameters and as rope_theta/rope_scaling, and the "
+                        f"two disagree; keep the one the model was trained with (rope_parameters: {params})")
+    return rope
+
+
+def _rope_from(spec: dict, theta: object) -> tuple[float, RopeScaling | None]:
+    """(base, scaling) from a rope_scaling or rope_parameters dict and the base found beside it."""
+    if not isinstance(spec, dict):
+        raise UserError(f"config.json rope_scaling {spec!r} is not an object; re-download the config")
+    kind = spec.get("rope_type", spec.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise UserError(f"config.json asks for RoPE type {kind!r}, which this engine does not implement "
+                        f"({', '.join(map(repr, ROPE_TYPES))}); running it anyway would put every token at the "
+                        "wrong position: use a Llama 3 checkpoint")
+    base = float(HF_DEFAULT_ROPE_THETA if theta is None else theta)
+    if kind == "default":
+        return base, None
+    return base, RopeScaling(
+        factor=float(spec["factor"]),
+        low_freq_factor=float(spec.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(spec.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(spec.get("original_max_position_embeddings", 8192)),
+    )
 
 
 _LLAMA3 = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0)

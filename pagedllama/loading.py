@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from . import host_memory
-from .checkpoint import build_model, load_weights, random_state_dict, read_config
+from . import gguf_checkpoint, host_memory
+from .checkpoint import (build_model, check_gguf_tensors, detect_format, gguf_path, load_weights, random_state_dict,
+                         read_config, read_json)
 from .config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs
 from .errors import UserError, UsageError
 from .model import Transformer
@@ -81,27 +82,53 @@ def installed_llama3_tokenizer() -> Path | None:
     return None
 
 
+def check_tokenizer_fits(tok: Tokenizer, args: ModelArgs) -> None:
+    if tok.vocab_size > args.vocab_size:
+        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {args.vocab_size}; "
+                        "they belong to different models: pass the model's own tokenizer with --tokenizer")
+
+
+def checkpoint_tokenizer(model: Path, explicit: str | None) -> Tokenizer:
+    """The model's tokenizer: `--tokenizer`, else the GGUF's own or the file found in the folder; with a
+    Hugging Face folder's tokenizer_config.json (chat template, BOS/EOS) and generation_config.json
+    (stop ids) where they exist, in the model's folder or beside the tokenizer."""
+    if explicit is None and detect_format(model) == "gguf":
+        return gguf_checkpoint.gguf_tokenizer(gguf_path(model))
+    path = find_tokenizer(model, explicit)
+    folder = model if model.is_dir() else path.parent
+    configs = [folder / "tokenizer_config.json", folder / "generation_config.json"]
+    tokenizer_config, generation_config = (read_json(c) if c.is_file() else {} for c in configs)
+    return load_tokenizer(path).with_model_config(tokenizer_config, generation_config, str(configs[0]))
+
+
 def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.dtype,
          max_seq_len: int | None) -> Loaded:
-    """The demo model (random weights, made here) or a checkpoint directory."""
+    """The demo model (random weights, made here) or a checkpoint: a directory or a GGUF file."""
     if model == DEMO:
         args, state = DEMO_ARGS, random_state_dict(DEMO_ARGS, seed=0)
         tok = load_tokenizer(Path(tokenizer)) if tokenizer else demo_tokenizer()
+        check_tokenizer_fits(tok, args)
         max_len = max_seq_len or DEMO_MAX_SEQ_LEN
         description = "built-in demo model (RANDOM WEIGHTS: answers are gibberish; memory figures are real)"
     else:
         args = read_config(model)
+        tok = checkpoint_tokenizer(Path(model), tokenizer)  # before the weights: its errors come first
+        check_tokenizer_fits(tok, args)
+        tok.check_chat()
         weight_bytes = args.num_params() * dtype.itemsize
         check_weights_fit(weight_bytes, device, dtype)
+        name = str(dtype).removeprefix("torch.")
+        stored = ""
+        if detect_format(Path(model)) == "gguf":
+            check_gguf_tensors(Path(model), args)
+            stored = (f"; GGUF {gguf_checkpoint.quantization(gguf_path(Path(model)))}, dequantized to {name}: "
+                      f"the KV cache and matmuls run in {name}")
         print(f"loading {model}: {args.num_params() / 1e9:.2f}B parameters, {human_bytes(weight_bytes)} in "
-              f"{str(dtype).removeprefix('torch.')} ...", flush=True)
-        state = load_weights(model, args)
-        tok = load_tokenizer(find_tokenizer(Path(model), tokenizer))
+              f"{name}{stored} ...", flush=True)
+        state = load_weights(model, args, dtype)
         max_len = max_seq_len or DEFAULT_MAX_SEQ_LEN
-        description = f"{model} ({args.num_params() / 1e9:.2f}B parameters)"
-    if tok.vocab_size > args.vocab_size:
-        raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {args.vocab_size}; "
-                        "they belong to different models: pass the model's own tokenizer with --tokenizer")
+        description = (f"{model} ({args.num_params() / 1e9:.2f}B parameters{stored}); prompts in "
+                       f"{tok.describe_chat()}")
     if max_len < 2:
         raise UsageError(f"--max-seq-len {max_len} is too small; it must hold a prompt and an answer")
     net = build_model(args, state, device, dtype, max_positions=max_len)

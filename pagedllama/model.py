@@ -51,6 +51,8 @@ def rope_freqs_cis(args: ModelArgs, max_positions: int, device: torch.device | s
     """(max_positions, head_dim/2) complex64 table of e^(i * position * frequency)."""
     with torch.device("cpu"):  # real numbers even while the model is built on the meta device
         freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+        if args.rope_freq_factors is not None:  # a GGUF's rope_freqs: llama.cpp divides by them
+            freqs = freqs / torch.tensor(args.rope_freq_factors, dtype=torch.float32)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), freqs)
         return torch.polar(torch.ones_like(angles), angles).to(device)
 

@@ -391,7 +391,7 @@ def test_a_checkpoint_run_says_what_it_loads_before_loading(ws, tmp_path, monkey
     printed_before = []
     load_weights = loading.load_weights
     monkeypatch.setattr(loading, "load_weights",
-                        lambda d, args: (printed_before.append(capsys.readouterr().out), load_weights(d, args))[1])
+                        lambda *a: (printed_before.append(capsys.readouterr().out), load_weights(*a))[1])
     assert cli.main("paged", ["2", *Env(ws, tmp_path, monkeypatch).run_flags(ws.hf)]) == 0
     assert printed_before[0].startswith(f"loading {ws.hf}: 0.00B parameters, ") and "in float32" in printed_before[0]
 

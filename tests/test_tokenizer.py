@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pagedllama.errors import UserError
 from pagedllama.tokenizer import (
     DEMO_TOKENIZER,
+    PAT_STR,
     Tokenizer,
     _bytes_to_unicode,
     demo_tokenizer,
@@ -35,14 +36,36 @@ def write_model(path: Path, ranks: dict[bytes, int]) -> Path:
     return path
 
 
-def write_hf_json(path: Path, ranks: dict[bytes, int], specials_in_vocab: bool = False) -> Path:
+# Llama 3's tokenizer.json cuts words with its regex, then maps bytes to GPT-2's alphabet.
+LLAMA3_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": PAT_STR}, "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def spelled(token: bytes) -> str:
     to_unicode = _bytes_to_unicode()
-    vocab = {"".join(to_unicode[b] for b in tok): rank for tok, rank in ranks.items()}
+    return "".join(to_unicode[b] for b in token)
+
+
+def merges_of(ranks: dict[bytes, int]) -> list[str]:
+    """The merge list behind tiktoken ranks: each multi-byte token, in rank order, from its lowest-ranked
+    split into two tokens (how Llama 3's tokenizer.json was made from its tiktoken file)."""
+    merges = []
+    for token in sorted((t for t in ranks if len(t) > 1), key=ranks.get):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        left, right = min(splits, key=lambda s: max(ranks[s[0]], ranks[s[1]]))
+        merges.append(f"{spelled(left)} {spelled(right)}")
+    return merges
+
+
+def write_hf_json(path: Path, ranks: dict[bytes, int], specials_in_vocab: bool = False) -> Path:
+    vocab = {spelled(tok): rank for tok, rank in ranks.items()}
     names = Tokenizer(ranks).special_tokens
     if specials_in_vocab:
         vocab.update(names)
     added = [{"id": i, "content": name, "special": True} for name, i in names.items()]
-    doc = {"version": "1.0", "added_tokens": added, "model": {"type": "BPE", "vocab": vocab, "merges": []}}
+    doc = {"version": "1.0", "added_tokens": added, "normalizer": None, "pre_tokenizer": LLAMA3_PRE_TOKENIZER,
+           "model": {"type": "BPE", "vocab": vocab, "merges": merges_of(ranks)}}
     path.write_text(json.dumps(doc), encoding="utf-8")
     return path
 
@@ -54,8 +77,9 @@ def tok() -> Tokenizer:
 
 def test_special_ids_follow_base_ranks(tok):
     assert tok.vocab_size == NUM_BASE + 256
-    assert (tok.bos_id, tok.eos_id, tok.eom_id, tok.eot_id) == (NUM_BASE, NUM_BASE + 1, NUM_BASE + 8, NUM_BASE + 9)
     sp = tok.special_tokens
+    assert (tok.bos_id, tok.eos_id, sp["<|eom_id|>"], sp["<|eot_id|>"]) == (NUM_BASE, NUM_BASE + 1, NUM_BASE + 8,
+                                                                           NUM_BASE + 9)
     assert sp["<|start_header_id|>"] == NUM_BASE + 6 and sp["<|end_header_id|>"] == NUM_BASE + 7
     assert sp["<|reserved_special_token_0|>"] == NUM_BASE + 2
     assert sp["<|reserved_special_token_3|>"] == NUM_BASE + 5
@@ -65,10 +89,9 @@ def test_special_ids_follow_base_ranks(tok):
     assert tok.stop_ids == frozenset({NUM_BASE + 1, NUM_BASE + 8, NUM_BASE + 9})
 
 
-def test_encode_uses_merges_and_bos(tok):
+def test_encode_uses_merges(tok):
     hello, world = tiny_ranks()[b"hello"], tiny_ranks()[b" world"]
     assert tok.encode("hello world") == [hello, world]
-    assert tok.encode("hello", bos=True) == [tok.bos_id, hello]
 
 
 def test_chat_template_exact_ids(tok):
@@ -82,7 +105,7 @@ def test_chat_template_exact_ids(tok):
 def test_chat_template_several_messages(tok):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     ids = tok.encode_chat(messages)
-    assert ids.count(tok.eot_id) == 2 and ids.count(tok.bos_id) == 1
+    assert ids.count(tok.special_tokens["<|eot_id|>"]) == 2 and ids.count(tok.bos_id) == 1
     assert tok.decode(ids[1:]) == (
         "<|start_header_id|>system<|end_header_id|>\n\nbe brief<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nhello<|eot_id|>"
@@ -96,7 +119,7 @@ def test_special_token_text_in_user_content_stays_text(tok):
     assert not set(ids) & set(tok.special_tokens.values())
     assert tok.decode(ids) == text
     chat = tok.encode_chat([{"role": "user", "content": text}])
-    assert chat.count(tok.eot_id) == 1 and chat.count(tok.bos_id) == 1
+    assert chat.count(tok.special_tokens["<|eot_id|>"]) == 1 and chat.count(tok.bos_id) == 1
 
 
 ROUND_TRIP = ["", "hello world", "héllo wörld", "東京に行きます 🙂🗼", "tabs\tand\r\nlines\n\n\n", "  "]
@@ -198,8 +221,11 @@ def test_bad_hf_json(tmp_path):
     path.write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
     with pytest.raises(UserError, match="byte-level BPE"):
         Tokenizer.from_hf_json(path)
-    path.write_text(json.dumps({"model": {"type": "BPE", "vocab": {"▁hello": 0}}}))
+    path.write_text(json.dumps({"model": {"type": "BPE", "vocab": {"▁hello": 0}}, "pre_tokenizer": LLAMA3_PRE_TOKENIZER}))
     with pytest.raises(UserError, match="not byte-level BPE"):
+        Tokenizer.from_hf_json(path)
+    path.write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "Metaspace"}}))
+    with pytest.raises(UserError, match=r"pre_tokenizer \['Metaspace'\] is not one this engine runs"):
         Tokenizer.from_hf_json(path)
     with pytest.raises(UserError, match="does not exist"):
         Tokenizer.from_hf_json(tmp_path / "missing.json")
@@ -227,7 +253,7 @@ def test_load_tokenizer_dispatches_on_suffix(tmp_path, tok):
 
 def test_demo_tokenizer():
     demo = demo_tokenizer()
-    assert demo.vocab_size == 4352 and demo.bos_id == 4096 and demo.eot_id == 4105
+    assert demo.vocab_size == 4352 and demo.bos_id == 4096 and demo.special_tokens["<|eot_id|>"] == 4105
     text = "How do I make banana bread without it coming out too dry?"
     ids = demo.encode(text)
     assert demo.decode(ids) == text and len(ids) < len(text) / 3
