@@ -21,18 +21,21 @@ ARGS = ModelArgs(dim=128, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=10, hi
 H, HKV, D = 8, 2, 16
 
 
-def dense_reference(q, keys, values, scale):
-    """q (Sq, H, D) are the last Sq positions of keys/values (Sk, Hkv, D)."""
+def dense_reference(q, keys, values, scale, dtype=torch.float64):
+    """q (Sq, H, D) are the last Sq positions of keys/values (Sk, Hkv, D); computed in `dtype`."""
     sq, sk = q.shape[0], keys.shape[0]
-    k = keys.double().repeat_interleave(H // HKV, dim=1)
-    v = values.double().repeat_interleave(H // HKV, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    k = keys.to(dtype).repeat_interleave(H // HKV, dim=1)
+    v = values.to(dtype).repeat_interleave(H // HKV, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.to(dtype), k) * scale
     allowed = torch.ones(sq, sk, dtype=torch.bool).tril(diagonal=sk - sq)
     return torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
 
 
-def run_steps(backend, block_size, dtype, lengths=(1, 37, 300), seed=0):
-    """Prefill, one decode step, then a 5-token chunk after the context; compare each step."""
+def run_steps(backend, block_size, dtype, lengths=(1, 37, 300), seed=0, reference_dtype=torch.float64,
+              tolerance=None):
+    """Prefill, one decode step, then a 5-token chunk after the context; compare each step with the
+    dense reference in `reference_dtype`, within `tolerance` (absolute and relative; by default 1e-5
+    in float32, 3e-2 in bfloat16)."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-(n + 6) // block_size) for n in lengths) + 4  # all steps fit, a few spare
     cache = KVCache(ARGS, num_blocks, block_size, 512, len(lengths), backend, CPU, dtype)
@@ -60,9 +63,9 @@ def run_steps(backend, block_size, dtype, lengths=(1, 37, 300), seed=0):
         for i, n in enumerate(meta.query_lens):
             full_k[i] = torch.cat([full_k[i], k[start:start + n]])
             full_v[i] = torch.cat([full_v[i], v[start:start + n]])
-            want = dense_reference(q[start:start + n], full_k[i], full_v[i], cache.scale)
-            tol = 1e-5 if dtype == torch.float32 else 3e-2
-            torch.testing.assert_close(out[start:start + n].double(), want, atol=tol, rtol=tol)
+            want = dense_reference(q[start:start + n], full_k[i], full_v[i], cache.scale, reference_dtype)
+            tol = tolerance or (1e-5 if dtype == torch.float32 else 3e-2)
+            torch.testing.assert_close(out[start:start + n].to(reference_dtype), want, atol=tol, rtol=tol)
             start += n
     return cache
 
@@ -120,27 +123,113 @@ def standin(monkeypatch):
     return flash_attn_standin
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# flash-attn in half precision against attention in float32 on the same inputs: the kernel rounds
+# the softmax probabilities and its output to the input dtype, each within a unit of 2^-8 (bf16,
+# 8 significant bits) or 2^-11 (fp16, 11); the tolerance is four such units, absolute and relative.
+HALF_TOLERANCE = {torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_attn_call_site(standin, dtype):
-    run_steps(FlashAttention(), 256, dtype)
+    run_steps(FlashAttention(), 256, dtype, reference_dtype=torch.float32, tolerance=HALF_TOLERANCE[dtype])
     assert standin.calls.count("flash_attn_varlen_func") == 2  # prefill and the chunk
     assert standin.calls.count("flash_attn_with_kvcache") == 1  # decode, appending in place
 
 
 def test_flash_attn_decode_appends_in_place_and_keeps_seqlens(standin):
-    cache_k = torch.zeros(2, 256, HKV, D)
-    cache_v = torch.zeros(2, 256, HKV, D)
+    cache_k = torch.zeros(2, 256, HKV, D, dtype=torch.bfloat16)
+    cache_v = torch.zeros(2, 256, HKV, D, dtype=torch.bfloat16)
     seqlens = torch.tensor([3, 0], dtype=torch.int32)
-    k = torch.randn(2, 1, HKV, D)
-    standin.flash_attn_with_kvcache(torch.randn(2, 1, H, D), cache_k, cache_v, k=k, v=k, cache_seqlens=seqlens,
-                                    block_table=torch.tensor([[1], [0]], dtype=torch.int32), causal=True)
+    k = torch.randn(2, 1, HKV, D).to(torch.bfloat16)
+    standin.flash_attn_with_kvcache(torch.randn(2, 1, H, D).to(torch.bfloat16), cache_k, cache_v, k=k, v=k,
+                                    cache_seqlens=seqlens, block_table=torch.tensor([[1], [0]], dtype=torch.int32),
+                                    causal=True)
     assert torch.equal(cache_k[1, 3], k[0, 0]) and torch.equal(cache_k[0, 0], k[1, 0])
     assert seqlens.tolist() == [3, 0]
 
 
+def test_flash_attn_call_sites_refuse_float32_like_the_real_kernel(standin):
+    with pytest.raises(RuntimeError, match="only support fp16 and bf16"):
+        run_steps(FlashAttention(), 256, torch.float32)
+
+
 def test_flash_attn_rejects_small_pages_like_the_real_kernel(standin):
-    with pytest.raises(RuntimeError, match="256"):
-        run_steps(FlashAttention(), 16, torch.float32)
+    with pytest.raises(RuntimeError, match="divisible by 256"):
+        run_steps(FlashAttention(), 16, torch.bfloat16)
+
+
+def kvcache_call(**changes):
+    """A valid paged decode call to `flash_attn_with_kvcache`, with `changes` to its arguments."""
+    bf16, g = torch.bfloat16, torch.Generator().manual_seed(0)
+    call = dict(q=torch.randn(2, 1, H, D, generator=g).to(bf16), k_cache=torch.zeros(3, 256, HKV, D, dtype=bf16),
+                v_cache=torch.zeros(3, 256, HKV, D, dtype=bf16), k=torch.randn(2, 1, HKV, D, generator=g).to(bf16),
+                v=torch.randn(2, 1, HKV, D, generator=g).to(bf16), cache_seqlens=torch.tensor([3, 0], dtype=torch.int32),
+                block_table=torch.tensor([[2], [0]], dtype=torch.int32), causal=True)
+    return lambda: flash_attn_standin.flash_attn_with_kvcache(**(call | changes))
+
+
+def varlen_call(**changes):
+    """A valid paged prefill call to `flash_attn_varlen_func`, with `changes` to its arguments."""
+    bf16 = torch.bfloat16
+    call = dict(q=torch.randn(5, H, D).to(bf16), k=torch.zeros(3, 256, HKV, D, dtype=bf16),
+                v=torch.zeros(3, 256, HKV, D, dtype=bf16), cu_seqlens_q=torch.tensor([0, 2, 5], dtype=torch.int32),
+                cu_seqlens_k=torch.tensor([0, 2, 5], dtype=torch.int32), max_seqlen_q=3, max_seqlen_k=3,
+                causal=True, block_table=torch.tensor([[2], [0]], dtype=torch.int32))
+    return lambda: flash_attn_standin.flash_attn_varlen_func(**(call | changes))
+
+
+def strided_last_dim(shape, dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.zeros(*shape[:-1], 2 * shape[-1], dtype=dtype)[..., ::2]
+
+
+F32, F16 = torch.float32, torch.float16
+REFUSED = {  # what flash-attn refuses: (call, exception, its message)
+    "float32": (kvcache_call(q=torch.randn(2, 1, H, D), k_cache=torch.zeros(3, 256, HKV, D),
+                             v_cache=torch.zeros(3, 256, HKV, D), k=torch.randn(2, 1, HKV, D),
+                             v=torch.randn(2, 1, HKV, D)), RuntimeError, "only support fp16 and bf16"),
+    "cache-dtype-differs": (kvcache_call(k_cache=torch.zeros(3, 256, HKV, D, dtype=F16)), RuntimeError,
+                            "query and key must have the same dtype"),
+    "value-cache-dtype-differs": (kvcache_call(v_cache=torch.zeros(3, 256, HKV, D, dtype=F16)), RuntimeError,
+                                  "query and value must have the same dtype"),
+    "new-key-dtype-differs": (kvcache_call(k=torch.randn(2, 1, HKV, D).to(F16)), RuntimeError,
+                              "Key must have the same dtype as query"),
+    "cache-last-dim-strided": (kvcache_call(k_cache=strided_last_dim((3, 256, HKV, D))), AssertionError,
+                               "k_cache must have contiguous last dimension"),
+    "int64-block-table": (kvcache_call(block_table=torch.tensor([[2], [0]])), RuntimeError,
+                          "block_table must have dtype torch.int32"),
+    "int64-seqlens": (kvcache_call(cache_seqlens=torch.tensor([3, 0])), RuntimeError,
+                      "seqlens_k must have dtype int32"),
+    "page-of-16": (kvcache_call(k_cache=torch.zeros(48, 16, HKV, D, dtype=torch.bfloat16),
+                                v_cache=torch.zeros(48, 16, HKV, D, dtype=torch.bfloat16)), RuntimeError,
+                   "divisible by 256"),
+    "leftpad-with-pages": (kvcache_call(cache_leftpad=torch.zeros(2, dtype=torch.int32)), RuntimeError,
+                           "Paged KV and leftpad"),
+    "varlen-float32": (varlen_call(q=torch.randn(5, H, D), k=torch.zeros(3, 256, HKV, D),
+                                   v=torch.zeros(3, 256, HKV, D)), RuntimeError, "only support fp16 and bf16"),
+    "varlen-key-dtype-differs": (varlen_call(k=torch.zeros(3, 256, HKV, D, dtype=F16)), RuntimeError,
+                                 "query and key must have the same dtype"),
+    "varlen-int64-cu-seqlens": (varlen_call(cu_seqlens_k=torch.tensor([0, 2, 5])), RuntimeError,
+                                "cu_seqlens_k must have dtype int32"),
+    "varlen-page-of-16": (varlen_call(k=torch.zeros(48, 16, HKV, D, dtype=torch.bfloat16),
+                                      v=torch.zeros(48, 16, HKV, D, dtype=torch.bfloat16)), RuntimeError,
+                          "divisible by 256"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_standin_refuses_what_flash_attn_refuses(case):
+    call, error, message = REFUSED[case]
+    kvcache_call()()  # the unchanged call is accepted
+    varlen_call()()
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_standin_copies_strided_queries_as_flash_attn_does():
+    """flash-attn's Python layer makes q, k and v contiguous itself: a strided query is no error."""
+    q = strided_last_dim((2, 1, H, D))
+    q.copy_(torch.randn(q.shape))
+    torch.testing.assert_close(kvcache_call(q=q)(), kvcache_call(q=q.contiguous())(), atol=0, rtol=0)
 
 
 def test_backend_selection_errors_here(monkeypatch):
