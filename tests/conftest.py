@@ -7,19 +7,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import Phase, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llama_reference import reference_logits  # noqa: E402
 from pagedllama.attention import AttentionBackend, TorchAttention  # noqa: E402
 from pagedllama.checkpoint import build_model, meta_params, random_state_dict, save_hf, save_meta  # noqa: E402
 from pagedllama.config import ModelArgs, RopeScaling  # noqa: E402
-from llama_reference import reference_logits  # noqa: E402
 from pagedllama.engine import Engine, Request, RunResult  # noqa: E402
 from pagedllama.kv_cache import KVCache  # noqa: E402
 from pagedllama.model import Transformer  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
 from pagedllama.scheduler import Scheduler  # noqa: E402
 from pagedllama.sequence import Sequence, SequenceGroup  # noqa: E402
+
+# tools/mutation.py runs the tests once per mutant (`--hypothesis-profile mutation`): the same
+# examples every run, so scores repeat, and a failure is not shrunk (a failure is all it needs).
+settings.register_profile("mutation", derandomize=True, database=None, deadline=None,
+                          phases=[Phase.explicit, Phase.generate])
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
 # A model whose vocabulary is the byte-level tokenizer's (256 bytes + 256 specials): checkpoints on disk.

@@ -11,7 +11,9 @@ import flash_attn_standin
 from conftest import CPU
 from hypothesis import given, strategies as st
 
-from pagedllama.attention import DECODE_MIN_FILL, FlashAttention, TorchAttention, plan_decode_groups, select_backend
+from pagedllama import attention
+from pagedllama.attention import (DECODE_MIN_FILL, FlashAttention, TorchAttention, Workspace, gather_kv,
+                                  plan_decode_groups, select_backend)
 from pagedllama.config import ModelArgs
 from pagedllama.errors import UsageError
 from pagedllama.kv_cache import KVCache
@@ -32,10 +34,10 @@ def dense_reference(q, keys, values, scale, dtype=torch.float64):
 
 
 def run_steps(backend, block_size, dtype, lengths=(1, 37, 300), seed=0, reference_dtype=torch.float64,
-              tolerance=None):
-    """Prefill, one decode step, then a 5-token chunk after the context; compare each step with the
-    dense reference in `reference_dtype`, within `tolerance` (absolute and relative; by default 1e-5
-    in float32, 3e-2 in bfloat16)."""
+              tolerance=None, steps=("prefill", "decode", "chunk"), scale=None):
+    """By default prefill, one decode step, then a 5-token chunk after the context; compare each
+    step with the dense reference in `reference_dtype`, within `tolerance` (absolute and relative;
+    by default 1e-5 in float32, 3e-2 in bfloat16). `scale`: the softmax scale (default 1/sqrt(D))."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-(n + 6) // block_size) for n in lengths) + 4  # all steps fit, a few spare
     cache = KVCache(ARGS, num_blocks, block_size, 512, len(lengths), backend, CPU, dtype)
@@ -47,7 +49,7 @@ def run_steps(backend, block_size, dtype, lengths=(1, 37, 300), seed=0, referenc
     full_v = [torch.empty(0, HKV, D, dtype=dtype) for _ in seqs]
     for seq in seqs:
         cache.allocate(seq)
-    for step in ("prefill", "decode", "chunk"):
+    for step in steps:
         if step != "prefill":
             for seq in seqs:
                 seq.token_ids += [0] * (1 if step == "decode" else 5)
@@ -57,13 +59,13 @@ def run_steps(backend, block_size, dtype, lengths=(1, 37, 300), seed=0, referenc
         q = torch.randn(t, H, D, generator=g).to(dtype)
         k = torch.randn(t, HKV, D, generator=g).to(dtype)
         v = torch.randn(t, HKV, D, generator=g).to(dtype)
-        out = backend.forward(q, k, v, cache.k[0], cache.v[0], meta, cache.scale)
+        out = backend.forward(q, k, v, cache.k[0], cache.v[0], meta, scale or cache.scale)
         assert out.shape == q.shape and out.dtype == dtype
         start = 0
         for i, n in enumerate(meta.query_lens):
             full_k[i] = torch.cat([full_k[i], k[start:start + n]])
             full_v[i] = torch.cat([full_v[i], v[start:start + n]])
-            want = dense_reference(q[start:start + n], full_k[i], full_v[i], cache.scale, reference_dtype)
+            want = dense_reference(q[start:start + n], full_k[i], full_v[i], scale or cache.scale, reference_dtype)
             tol = tolerance or (1e-5 if dtype == torch.float32 else 3e-2)
             torch.testing.assert_close(out[start:start + n].to(reference_dtype), want, atol=tol, rtol=tol)
             start += n
@@ -76,10 +78,23 @@ def test_torch_backend(block_size, dtype):
     run_steps(TorchAttention(), block_size, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths", [(40, 40, 40), (64, 61, 60, 58)])
-def test_torch_backend_one_decode_group(lengths):
-    """Equal contexts (no mask) and nearly equal ones (one padded group) take the one-group path."""
-    run_steps(TorchAttention(), 16, torch.float32, lengths)
+def test_torch_backend_one_decode_group(lengths, dtype):
+    """Equal contexts (no mask) and nearly equal ones (one padded group, masked) take the one-group
+    path, in float32 (query heads as rows) and bfloat16 (per head)."""
+    run_steps(TorchAttention(), 16, dtype, lengths)
+
+
+@pytest.mark.parametrize("block_size", [16, 512])
+def test_torch_backend_uses_the_scale_it_is_given(block_size):
+    """Prefill, a chunk and decode, padded groups included, with a scale other than 1/sqrt(D)."""
+    run_steps(TorchAttention(), block_size, torch.float32, (1, 37, 300, 290), scale=0.3)
+
+
+def test_torch_backend_chunk_after_one_cached_token():
+    """A prefill chunk after exactly one cached token still reads that token from the cache."""
+    run_steps(TorchAttention(), 4, torch.float32, (1, 5), steps=("prefill", "chunk", "chunk"))
 
 
 @given(st.lists(st.integers(1, 3000), min_size=1, max_size=80), st.sampled_from([0.5, DECODE_MIN_FILL, 1.0]))
@@ -101,6 +116,7 @@ def test_decode_groups_cover_the_batch_and_stay_full(lengths, min_fill):
             assert min(lens) == max(lens)
         else:
             assert g.mask.shape == (len(m), 1, 1, max(lens)) and g.mask.sum(-1).flatten().tolist() == lens
+            assert min(lens) < max(lens)  # equal contexts need no mask
     for earlier, later in zip(members, members[1:]):  # longest first, and a group stops only when it must
         assert min(lengths[i] for i in earlier) >= max(lengths[i] for i in later)
         grown = [lengths[i] for i in earlier] + [lengths[later[0]]]
@@ -114,6 +130,40 @@ def test_torch_backend_reuses_its_scratch_buffers_across_steps_of_any_size():
     for lengths in ((300, 37, 1), (2,), (500, 480, 3, 64), (5, 9)):
         run_steps(backend, 16, torch.float32, lengths)
     assert backend.workspace.get("keys", (2, 3), torch.float32, CPU).shape == (2, 3)
+
+
+def test_workspace_keeps_a_buffer_until_a_request_outgrows_it():
+    """A buffer is reused for any request that fits in it (a quarter more than first asked for),
+    replaced when one does not or asks for another dtype, and kept apart per name."""
+    ws = Workspace()
+    first = ws.get("keys", (10, 10), torch.float32, CPU)
+    for shape in ((10, 10), (5, 2), (125,)):  # fits: the same memory
+        assert ws.get("keys", shape, torch.float32, CPU).data_ptr() == first.data_ptr()
+    assert ws.get("values", (10, 10), torch.float32, CPU).data_ptr() != first.data_ptr()
+    bigger = ws.get("keys", (126,), torch.float32, CPU)
+    assert bigger.data_ptr() != first.data_ptr()
+    assert ws.get("keys", (126,), torch.float32, CPU).data_ptr() == bigger.data_ptr()
+    half = ws.get("keys", (4,), torch.bfloat16, CPU)
+    assert half.dtype == torch.bfloat16 and half.shape == (4,)
+    assert ws.get("keys", (4,), torch.bfloat16, CPU).data_ptr() == half.data_ptr()
+
+
+@pytest.mark.parametrize("max_len", [5, 8, 20])
+def test_gather_kv_fills_the_buffer_it_is_handed(max_len):
+    """Within one block (rows read directly) and across blocks, the gathered K/V are written into
+    `empty(shape)`, so the torch backend's decode reuses its workspace instead of allocating."""
+    cache = torch.randn(6, 8, HKV, D)
+    tables = torch.tensor([[4, 1, 2], [0, 5, 3]], dtype=torch.int32)
+    handed = []
+
+    def empty(shape):
+        handed.append(torch.empty(shape))
+        return handed[-1]
+
+    got = gather_kv(cache, tables, max_len, empty)
+    want = torch.stack([cache[t.long()].flatten(0, 1)[:max_len] for t in tables])
+    assert torch.equal(got, want) and got.untyped_storage().data_ptr() == handed[0].data_ptr()
+    assert torch.equal(gather_kv(cache, tables, max_len), want)  # its own buffer by default
 
 
 @pytest.fixture
@@ -134,6 +184,7 @@ def test_flash_attn_call_site(standin, dtype):
     run_steps(FlashAttention(), 256, dtype, reference_dtype=torch.float32, tolerance=HALF_TOLERANCE[dtype])
     assert standin.calls.count("flash_attn_varlen_func") == 2  # prefill and the chunk
     assert standin.calls.count("flash_attn_with_kvcache") == 1  # decode, appending in place
+    run_steps(FlashAttention(), 256, dtype, reference_dtype=torch.float32, tolerance=HALF_TOLERANCE[dtype], scale=0.3)
 
 
 def test_flash_attn_decode_appends_in_place_and_keeps_seqlens(standin):
@@ -232,17 +283,6 @@ def test_standin_copies_strided_queries_as_flash_attn_does():
     torch.testing.assert_close(kvcache_call(q=q)(), kvcache_call(q=q.contiguous())(), atol=0, rtol=0)
 
 
-def test_backend_selection_errors_here(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(UsageError, match="needs a CUDA GPU"):
-        select_backend("flash-attn", CPU, torch.float32, 256)
-    with pytest.raises(UsageError, match="triton"):
-        select_backend("triton", CPU, torch.float32, 16)
-    with pytest.raises(UsageError, match="choose one of"):
-        select_backend("xformers", CPU, torch.float32, 16)
-    assert select_backend("auto", CPU, torch.float32, 16).name == "torch"
-
-
 def test_flash_attn_block_size_rule(standin, monkeypatch):
     cuda = torch.device("cuda")
     with pytest.raises(UsageError, match="multiple of 256"):
@@ -251,7 +291,57 @@ def test_flash_attn_block_size_rule(standin, monkeypatch):
         select_backend("flash-attn", cuda, torch.float32, 256)
     assert select_backend("flash-attn", cuda, torch.bfloat16, 512).name == "flash-attn"
     assert select_backend("auto", cuda, torch.bfloat16, 256).name == "flash-attn"
-    assert select_backend("auto", cuda, torch.bfloat16, 16).name in ("triton", "torch")
+    fallback = "triton" if attention._importable("triton") else "torch"
+    assert select_backend("auto", cuda, torch.float32, 256).name == fallback  # flash-attn takes no float32
+    assert select_backend("auto", cuda, torch.bfloat16, 16).name == fallback
+
+
+CUDA = torch.device("cuda")
+SELECTION_ERRORS = {  # (backend asked for, device, dtype, block size, modules missing, TRITON_INTERPRET): message
+    ("flash-attn", CPU, torch.bfloat16, 256, (), None):
+        "--attention flash-attn needs a CUDA GPU; use --attention torch here",
+    ("flash-attn", CUDA, torch.bfloat16, 256, ("flash_attn",), None):
+        "flash-attn is not installed; `pip install flash-attn --no-build-isolation`, or use --attention triton",
+    ("flash-attn", CUDA, torch.bfloat16, 16, (), None):
+        "flash-attn's paged kernel needs a block size that is a multiple of 256, not 16; use --block-size 256 "
+        "or --attention triton",
+    ("flash-attn", CUDA, torch.float32, 256, (), None):
+        "flash-attn runs in float16 or bfloat16 only; use --dtype bfloat16",
+    ("triton", CUDA, torch.bfloat16, 16, ("triton",), None):
+        "triton is not installed; `pip install triton`, or use --attention torch",
+    ("triton", CPU, torch.float32, 16, (), None):
+        "--attention triton needs a CUDA GPU (or TRITON_INTERPRET=1, very slow); use --attention torch here",
+    ("triton", CPU, torch.float32, 16, (), "0"):
+        "--attention triton needs a CUDA GPU (or TRITON_INTERPRET=1, very slow); use --attention torch here",
+    ("xformers", CPU, torch.float32, 16, (), None):
+        "unknown --attention 'xformers'; choose one of auto, flash-attn, triton, torch",
+}
+
+
+@pytest.mark.parametrize("case", SELECTION_ERRORS, ids=lambda c: "-".join(map(str, c[:2] + c[4:])))
+def test_backend_selection_says_what_to_do_instead(standin, monkeypatch, case):
+    name, device, dtype, block_size, missing, interpret = case
+    monkeypatch.setattr(attention, "_importable", lambda module: module not in missing)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if interpret is not None:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    with pytest.raises(UsageError) as e:
+        select_backend(name, device, dtype, block_size)
+    assert str(e.value) == SELECTION_ERRORS[case]
+
+
+def test_backend_selection_takes_what_can_run(standin, monkeypatch):
+    """auto picks flash-attn, else Triton, on CUDA; Triton runs on CPU only in its interpreter."""
+    monkeypatch.setattr(attention, "_importable", lambda module: module != "flash_attn")
+    assert select_backend("auto", CUDA, torch.bfloat16, 256).name == "triton"
+    monkeypatch.setattr(attention, "_importable", lambda module: False)
+    assert select_backend("auto", CUDA, torch.bfloat16, 256).name == "torch"
+    monkeypatch.setattr(attention, "_importable", lambda module: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert select_backend("triton", CUDA, torch.float32, 16).name == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backend("triton", CPU, torch.float32, 16).name == "triton"
+    assert select_backend("auto", CPU, torch.bfloat16, 256).name == "torch"
 
 
 def test_benchmark_baseline_is_a_correct_attention():

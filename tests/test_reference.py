@@ -16,9 +16,10 @@ import transformers
 from transformers import LlamaForCausalLM
 
 from conftest import CPU, REFERENCE_SHAPES, TINY, hf_config, lively_state_dict
-from llama_reference import reference_logits
+from llama_reference import reference_logits, rope_frequency
 from pagedllama.checkpoint import build_model, load_checkpoint, save_hf
-from pagedllama.config import ModelArgs
+from pagedllama.config import ModelArgs, RopeScaling
+from pagedllama.model import rope_frequencies
 
 # Logits agree to this fraction of their largest magnitude. The package and transformers compute
 # in float32 (RoPE angles too), which leaves errors around 1e-6 of it; the smallest change the
@@ -27,7 +28,7 @@ TOLERANCE = 1e-4
 SCALED = [name for name, args in REFERENCE_SHAPES.items() if args.rope_scaling]
 NOT_LLAMA3_DEFAULTS = SCALED + [n for n, a in REFERENCE_SHAPES.items() if a.rope_theta != 500000.0]
 TRANSFORMERS_5 = pytest.param("transformers-5", marks=pytest.mark.xfail(
-    strict=True, reason="issue 21: the loader ignores transformers 5's rope_parameters (theta and scaling)"))
+    strict=True, raises=AssertionError, reason="issue 21: the loader ignores transformers 5's rope_parameters (theta and scaling)"))
 
 
 def tokens(args: ModelArgs, length: int, seed: int) -> list[int]:
@@ -79,18 +80,43 @@ def test_the_rope_configuration_moves_the_logits_checked(name):
     assert (reference_logits(sd, wrong, ids) - want).abs().max() > 300 * TOLERANCE * want.abs().max()
 
 
-@pytest.mark.parametrize("args", [TINY, replace(TINY, n_kv_heads=1, tie_word_embeddings=True, rope_theta=10000.0),
-                                  *REFERENCE_SHAPES.values()],
-                         ids=["gqa-2-hd16", "mqa-tied-hd16", *REFERENCE_SHAPES])
-def test_full_forward_equals_the_formulas(args):
+def quiet_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    """Lively weights, but a residual stream of magnitude 1e-3: every RMSNorm's input is small
+    enough that its eps (1e-5 against a mean square of about 1e-6) shapes its output."""
+    sd = lively_state_dict(args, seed)
+    for name in sd:
+        if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
+            sd[name] = sd[name] * 1e-3
+    return sd
+
+
+@pytest.mark.parametrize("args,weights", [
+    (TINY, lively_state_dict), (replace(TINY, n_kv_heads=1, tie_word_embeddings=True, rope_theta=10000.0),
+                                lively_state_dict),
+    (TINY, quiet_state_dict), *((args, lively_state_dict) for args in REFERENCE_SHAPES.values())],
+    ids=["gqa-2-hd16", "mqa-tied-hd16", "gqa-2-hd16-quiet", *REFERENCE_SHAPES])
+def test_full_forward_equals_the_formulas(args, weights):
     """`forward_full`, the quick ground truth of the hypothesis tests, is itself Llama 3."""
-    sd = lively_state_dict(args, seed=5)
+    sd = weights(args, seed=5)
     model = build_model(args, sd, CPU, torch.float32, max_positions=128)
     batch = torch.tensor([tokens(args, 80, seed=6), tokens(args, 80, seed=7)])
     got = model.forward_full(batch)
     cfg = hf_config(args, "transformers-4")
     for b in range(2):
         assert_logits_close(got[b], reference_logits(sd, cfg, batch[b].tolist()))
+
+
+@pytest.mark.parametrize("scaling", [RopeScaling(8.0), RopeScaling(32.0, 2.0, 8.0, 4096), RopeScaling(4.0, 0.5, 3.0, 2048)],
+                         ids=["3.1", "other-factors", "low-below-1"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_frequencies_equal_the_formulas(head_dim, scaling):
+    """The package's RoPE frequencies, for Llama 3.1's scaling and for other factors, windows and
+    original contexts than the ones the reference shapes use."""
+    cfg = {k: getattr(scaling, k) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                            "original_max_position_embeddings")}
+    want = [rope_frequency(i, head_dim, 500000.0, cfg) for i in range(head_dim // 2)]
+    torch.testing.assert_close(rope_frequencies(head_dim, 500000.0, scaling).double(),  # float32: one unit 2^-23
+                               torch.tensor(want, dtype=torch.float64), rtol=2 ** -23, atol=0)
 
 
 @pytest.mark.parametrize("style", ["transformers-4", TRANSFORMERS_5])
