@@ -12,8 +12,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import transformers
-from transformers import LlamaForCausalLM
 
 from conftest import CPU, REFERENCE_SHAPES, TINY, hf_config, lively_state_dict
 from llama_reference import reference_logits, rope_frequency
@@ -47,21 +45,26 @@ def write_hf_checkpoint(path, args: ModelArgs, sd: dict[str, torch.Tensor], styl
     return cfg
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quiet_transformers():
+@pytest.fixture(scope="module")
+def llama_for_causal_lm():
+    """transformers' Llama, imported when a test first needs it: importing it imports triton, which
+    must wait until test_triton_attention.py has set TRITON_INTERPRET (at its collection)."""
+    import transformers
+
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    return transformers.LlamaForCausalLM
 
 
 @pytest.mark.parametrize("style", ["transformers-4", "transformers-5"])
 @pytest.mark.parametrize("name", REFERENCE_SHAPES)
-def test_reference_equals_transformers(tmp_path, name, style):
+def test_reference_equals_transformers(tmp_path, llama_for_causal_lm, name, style):
     """The formulas give transformers' logits: the reference is Llama 3, RoPE scaling, GQA and tied
     output included, whichever way the config says it."""
     args = REFERENCE_SHAPES[name]
     sd = lively_state_dict(args, seed=11)
     cfg = write_hf_checkpoint(tmp_path, args, sd, style)
-    hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    hf = llama_for_causal_lm.from_pretrained(tmp_path, dtype=torch.float64).eval()
     ids = tokens(args, 96, seed=12)
     with torch.no_grad():
         got = hf(torch.tensor([ids])).logits[0]
