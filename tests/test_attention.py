@@ -184,6 +184,25 @@ def test_gather_kv_fills_the_buffer_it_is_handed(max_len):
     assert torch.equal(gather_kv(cache, tables, max_len), want)  # its own buffer by default
 
 
+def test_the_cache_hands_its_backend_the_scale_of_its_head_dim():
+    """The Triton kernel has no default scale: the cache must pass 1/sqrt(head_dim) itself."""
+    seen = []
+
+    class Recording:
+        name = "recording"
+
+        def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+            seen.append(scale)
+            return q
+
+    cache = KVCache(ARGS, 4, 16, 64, 1, Recording(), CPU, torch.float32)
+    seq = Sequence(0, "0", [0] * 3, 3, 4)
+    cache.allocate(seq)
+    _, _, meta = cache.prepare_step([seq], is_prefill=True)
+    cache.attend(0, torch.zeros(3, H, D), torch.zeros(3, HKV, D), torch.zeros(3, HKV, D), meta)
+    assert seen == [D ** -0.5]
+
+
 @pytest.fixture
 def standin(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", flash_attn_standin)

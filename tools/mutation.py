@@ -6,7 +6,7 @@ that execute the mutated function. A mutant the tests let through ("survived") i
 code that no test notices. docs/mutation.md records the scores and explains every survivor.
 
     pip install mutmut==3.8.1                 # not in requirements-dev.txt: CI does not run this
-    python tools/mutation.py                  # all five modules, one worker: about 40 minutes on 2 cores
+    python tools/mutation.py                  # all five modules, one worker: about 15 minutes on 2 cores
     python tools/mutation.py scheduler        # one module
 
 Each module runs in its own copy of the repository under --workdir (default build/mutation), with
