@@ -95,11 +95,13 @@ def hf_config(args: ModelArgs, style: str) -> dict:
     rs = args.rope_scaling
     scaling = None if rs is None else {
         "rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
-        "high_freq_factor": rs.high_freq_factor, "original_max_position_embeddings": rs.original_max_position_embeddings}
+        "high_freq_factor": rs.high_freq_factor,
+        "original_max_position_embeddings": rs.original_max_position_embeddings}
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
            "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_attention_heads": args.n_heads,
            "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
-           "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "tie_word_embeddings": args.tie_word_embeddings,
+           "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
+           "tie_word_embeddings": args.tie_word_embeddings,
            "max_position_embeddings": 131072 if rs else 8192, "torch_dtype": "float32"}
     if style == "transformers-4":
         return cfg | {"rope_theta": args.rope_theta, "rope_scaling": scaling}

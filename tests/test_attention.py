@@ -245,7 +245,8 @@ def kvcache_call(**changes):
     bf16, g = torch.bfloat16, torch.Generator().manual_seed(0)
     call = dict(q=torch.randn(2, 1, H, D, generator=g).to(bf16), k_cache=torch.zeros(3, 256, HKV, D, dtype=bf16),
                 v_cache=torch.zeros(3, 256, HKV, D, dtype=bf16), k=torch.randn(2, 1, HKV, D, generator=g).to(bf16),
-                v=torch.randn(2, 1, HKV, D, generator=g).to(bf16), cache_seqlens=torch.tensor([3, 0], dtype=torch.int32),
+                v=torch.randn(2, 1, HKV, D, generator=g).to(bf16),
+                cache_seqlens=torch.tensor([3, 0], dtype=torch.int32),
                 block_table=torch.tensor([[2], [0]], dtype=torch.int32), causal=True)
     return lambda: flash_attn_standin.flash_attn_with_kvcache(**(call | changes))
 

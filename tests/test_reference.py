@@ -26,7 +26,8 @@ TOLERANCE = 1e-4
 SCALED = [name for name, args in REFERENCE_SHAPES.items() if args.rope_scaling]
 NOT_LLAMA3_DEFAULTS = SCALED + [n for n, a in REFERENCE_SHAPES.items() if a.rope_theta != 500000.0]
 TRANSFORMERS_5 = pytest.param("transformers-5", marks=pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="issue 21: the loader ignores transformers 5's rope_parameters (theta and scaling)"))
+    strict=True, raises=AssertionError,
+    reason="issue 21: the loader ignores transformers 5's rope_parameters (theta and scaling)"))
 
 
 def tokens(args: ModelArgs, length: int, seed: int) -> list[int]:
@@ -109,8 +110,8 @@ def test_full_forward_equals_the_formulas(args, weights):
         assert_logits_close(got[b], reference_logits(sd, cfg, batch[b].tolist()))
 
 
-@pytest.mark.parametrize("scaling", [RopeScaling(8.0), RopeScaling(32.0, 2.0, 8.0, 4096), RopeScaling(4.0, 0.5, 3.0, 2048)],
-                         ids=["3.1", "other-factors", "low-below-1"])
+@pytest.mark.parametrize("scaling", [RopeScaling(8.0), RopeScaling(32.0, 2.0, 8.0, 4096),
+                                     RopeScaling(4.0, 0.5, 3.0, 2048)], ids=["3.1", "other-factors", "low-below-1"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_rope_frequencies_equal_the_formulas(head_dim, scaling):
     """The package's RoPE frequencies, for Llama 3.1's scaling and for other factors, windows and
