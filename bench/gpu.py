@@ -153,7 +153,7 @@ def run_twin(model, args: ModelArgs, reqs: list[Request], twin: str, attention: 
         prompts = sum(cdiv(len(r.prompt_ids), BLOCK_SIZE) for r in reqs)
         num_blocks = sum(need) + 1 if pool == "ample" else max(max(need), prompts)
         block_size = BLOCK_SIZE
-    backend = select_backend(attention, device, dtype, block_size)
+    backend = select_backend(attention, device, dtype, block_size, BLOCK_SIZE if twin == "naive" else max_seq_len)
     cache = KVCache(args, num_blocks, block_size, max_seq_len, len(reqs), backend, device, dtype)
     engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, preemption=preemption,
                     swap_space_bytes=num_blocks * block_size * cache.bytes_per_slot, cuda_graphs=graphs)

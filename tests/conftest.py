@@ -7,23 +7,43 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import Phase, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llama_reference import reference_logits  # noqa: E402
 from pagedllama.attention import AttentionBackend, TorchAttention  # noqa: E402
 from pagedllama.checkpoint import build_model, meta_params, random_state_dict, save_hf, save_meta  # noqa: E402
-from pagedllama.config import ModelArgs  # noqa: E402
-from pagedllama.engine import Engine, Request  # noqa: E402
+from pagedllama.config import ModelArgs, RopeScaling  # noqa: E402
+from pagedllama.engine import Engine, Request, RunResult  # noqa: E402
 from pagedllama.kv_cache import KVCache  # noqa: E402
 from pagedllama.model import Transformer  # noqa: E402
 from pagedllama.sampling import SamplingParams  # noqa: E402
 from pagedllama.scheduler import Scheduler  # noqa: E402
 from pagedllama.sequence import Sequence, SequenceGroup  # noqa: E402
 
+# tools/mutation.py runs the tests once per mutant (`--hypothesis-profile mutation`): the same
+# examples every run, so scores repeat, and a failure is not shrunk (a failure is all it needs).
+settings.register_profile("mutation", derandomize=True, database=None, deadline=None,
+                          phases=[Phase.explicit, Phase.generate])
+
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
 # A model whose vocabulary is the byte-level tokenizer's (256 bytes + 256 specials): checkpoints on disk.
 BYTE_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=192)
 CPU = torch.device("cpu")
+
+# Shapes at which the float64 reference (llama_reference.py) checks the model: no RoPE scaling,
+# Llama 3.1's factor 8 and 3.2's factor 32; tied and untied output; GQA ratios 1, 4 and 8; head
+# dims 64 and 128. Tiny otherwise: 2 layers, FFN 192, a vocabulary of 256.
+_SMALL = dict(n_layers=2, vocab_size=256, hidden_dim=192)
+REFERENCE_SHAPES = {
+    "mha-hd128": ModelArgs(dim=256, n_heads=2, n_kv_heads=2, **_SMALL),
+    "3.1-gqa8-hd64": ModelArgs(dim=512, n_heads=8, n_kv_heads=1, rope_scaling=RopeScaling(factor=8.0), **_SMALL),
+    "3.2-gqa4-hd128-tied": ModelArgs(dim=512, n_heads=4, n_kv_heads=1, rope_scaling=RopeScaling(factor=32.0),
+                                     tie_word_embeddings=True, **_SMALL),
+    "gqa4-hd64-tied-theta1e4": ModelArgs(dim=256, n_heads=4, n_kv_heads=1, rope_theta=10000.0,
+                                         tie_word_embeddings=True, **_SMALL),
+}
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +70,72 @@ def reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]
     for _ in range(n):
         ids.append(int(model.forward_full(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def lively_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights with which every part of a layer moves the logits: matrices of std
+    1.5/sqrt(fan-in) (attention neither flat nor one-hot), an embedding of std 1, and norm weights
+    that are not all ones (the demo's are), so scaling by them is checked too."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, t in random_state_dict(args, seed).items():
+        if name == "output.weight" and args.tie_word_embeddings:
+            sd[name] = sd["tok_embeddings.weight"]  # one tensor, as the loader ties them
+        elif t.dim() == 1:
+            sd[name] = 1 + 0.5 * torch.randn(t.shape, generator=g)
+        else:
+            std = 1.0 if name == "tok_embeddings.weight" else 1.5 / t.shape[1] ** 0.5
+            sd[name] = std * torch.randn(t.shape, generator=g)
+    return sd
+
+
+def hf_config(args: ModelArgs, style: str) -> dict:
+    """The config.json of a LlamaForCausalLM of shape `args`, as transformers 4 ("transformers-4":
+    `rope_theta`, `rope_scaling`) or transformers 5 ("transformers-5": `rope_parameters`) writes it."""
+    rs = args.rope_scaling
+    scaling = None if rs is None else {
+        "rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+        "high_freq_factor": rs.high_freq_factor,
+        "original_max_position_embeddings": rs.original_max_position_embeddings}
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+           "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_attention_heads": args.n_heads,
+           "num_hidden_layers": args.n_layers, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+           "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
+           "tie_word_embeddings": args.tie_word_embeddings,
+           "max_position_embeddings": 131072 if rs else 8192, "torch_dtype": "float32"}
+    if style == "transformers-4":
+        return cfg | {"rope_theta": args.rope_theta, "rope_scaling": scaling}
+    assert style == "transformers-5", style
+    return cfg | {"rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta} if rs is None
+                  else {**scaling, "rope_theta": args.rope_theta}}
+
+
+def run_against_reference(engine: Engine, requests: list[Request], sd: dict[str, torch.Tensor],
+                          tolerance: float = 1e-4) -> RunResult:
+    """Run `requests`, checking every token the engine picks against the float64 reference
+    (llama_reference.py) on weights `sd`: the logits it picks from (after a prefill, a decode step
+    reading K/V through the block tables, a recompute or a swap) are the reference's for the same
+    tokens, within `tolerance` of their largest magnitude, and a greedy pick is the reference's
+    best token up to that tolerance (so near ties may go either way)."""
+    rows = []  # (sequence, index of the token being picked, the logits it is picked from)
+    next_tokens = engine._next_tokens
+
+    def record(batch, logits, positions):
+        rows.extend(zip(batch, positions.tolist(), logits.double()))
+        return next_tokens(batch, logits, positions)
+
+    engine._next_tokens = record
+    result = engine.run(requests, progress=False)
+    cfg = hf_config(engine.model.args, "transformers-4")
+    want = {s: reference_logits(sd, cfg, s.token_ids) for s in result.sequences}
+    assert len(rows) == sum(s.num_output_tokens for s in result.sequences)  # one row per token picked
+    for seq, index, logits in rows:  # logits at the token before `index` choose token `index`
+        ref = want[seq][index - 1]
+        atol = tolerance * ref.abs().max().item()
+        torch.testing.assert_close(logits, ref, atol=atol, rtol=0)
+        if engine.sampling.greedy:
+            assert ref[seq.token_ids[index]] >= ref.max() - 2 * atol
+    return result
 
 
 def tokenizer_bytes() -> bytes:

@@ -1,11 +1,13 @@
 """Block allocator and cache bookkeeping invariants, with hypothesis."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import CPU, TINY
 from pagedllama.attention import TorchAttention
+from pagedllama.block_allocator import BlockAllocator
 from pagedllama.kv_cache import KVCache
 from pagedllama.sequence import Sequence
 
@@ -53,6 +55,37 @@ def test_allocator_invariants(block_size, num_blocks, ops):
         cache.free(seq)
     assert cache.allocator.num_free == num_blocks, "blocks leaked after every request ended"
     assert cache.num_cached_tokens == 0
+
+
+def test_allocator_refuses_what_would_corrupt_its_counts():
+    """Callers check `num_free` first and free only what they hold; when they do not, the allocator
+    says so rather than hand out a block twice or let a count go negative."""
+    pool = BlockAllocator(2)
+    held = [pool.allocate(), pool.allocate()]
+    with pytest.raises(RuntimeError, match="^no free KV block$"):
+        pool.allocate()
+    pool.free(held[0])
+    with pytest.raises(AssertionError, match=f"double free of block {held[0]}"):
+        pool.free(held[0])
+    with pytest.raises(AssertionError, match=f"sharing free block {held[0]}"):
+        pool.share(held[0])
+    pool.reuse(held[0])
+    with pytest.raises(AssertionError, match=f"reusing block {held[0]}, which is in use"):
+        pool.reuse(held[0])
+    assert pool.ref_counts == [1, 1] and pool.num_refs == 2 and pool.num_free == 0
+
+
+def test_recomputed_samples_share_their_full_common_blocks_again():
+    """Two samples of 9 tokens, admitted together after a preemption: the first 2 blocks of 4
+    (never the block of the last token, whose logits the prefill is for) are held once. A request
+    that needs every free block fits (no watermark unless asked)."""
+    cache = KVCache(TINY, 4, 4, 64, 4, None, CPU, torch.float32, storage=False)
+    first, second = (Sequence(i, "r", list(range(9)), 9, 4) for i in range(2))
+    assert cache.can_allocate(first, second) and not cache.can_allocate(first, second, watermark_blocks=1)
+    cache.allocate(first)
+    cache.allocate(second, (first,))
+    assert second.block_table[:2] == first.block_table[:2] and second.block_table[2] != first.block_table[2]
+    assert cache.allocator.num_free == 0
 
 
 def _state(cache: KVCache, seqs: list[Sequence]):

@@ -67,6 +67,19 @@ def test_freed_blocks_stay_cached_and_are_evicted_least_recently_used_first():
     assert cache.num_cached_tokens == 16 + 9 and cache.allocator.num_used == 4 + 3
 
 
+def test_admission_counts_cached_blocks_in_use_as_already_there():
+    """Blocks of 4, a pool of 4: A (12 tokens) holds 3. B shares A's first 8 tokens, whose 2 blocks
+    are cached and in use: B needs only 1 more block, which is free, so B is admitted."""
+    cache = KVCache(TINY, 4, 4, 64, 4, None, CPU, torch.float32, storage=False)
+    cache.enable_prefix_caching()
+    a = Sequence(0, "a", tokens(12, 1), 12, 4)
+    b = Sequence(1, "b", a.token_ids[:8] + tokens(4, 2), 12, 4)
+    cache.allocate(a)
+    assert cache.allocator.num_free == 1 and cache.can_allocate(b)
+    cache.allocate(b)
+    assert b.block_table[:2] == a.block_table[:2] and cache.allocator.num_free == 0
+
+
 def test_a_block_filled_by_a_decode_step_is_found_by_the_next_admission():
     """Blocks of 4: a 7-token prompt's decode step writes token 8, filling its second block. A
     request arriving right after, with those 8 tokens and one more, finds both blocks."""

@@ -100,7 +100,7 @@ def test_greedy_tokens_equal_transformers(ours, batch, hf_greedy, twin):
     the CPU attention backend, token for token against transformers on the same file."""
     assert [len(r.prompt_ids) for r in batch] == sorted(len(r.prompt_ids) for r in batch)
     assert len(batch[0].prompt_ids) < 50 and len(batch[-1].prompt_ids) > 200
-    backend = select_backend("torch", CPU, torch.float32, 16)
+    backend = select_backend("torch", CPU, torch.float32, 16, MAX_SEQ_LEN)
     cache = build_cache(twin, ours.args, one_per_sequence(batch), 2 ** 28, MAX_SEQ_LEN, backend, CPU, torch.float32,
                         block_size=16)
     engine = Engine(ours.model, cache, SamplingParams(), ours.tokenizer.stop_ids)

@@ -1,112 +1,135 @@
-"""The model against Llama 3 written out again from its formulas, sharing no code with the package.
+"""The model and its checkpoint loader against Llama 3 written out again from its formulas.
 
-`Transformer.forward_full`, the ground truth the engine tests compare both twins with, reuses the
-model's own RMSNorm, RoPE and SwiGLU modules, so a mistake in one of those would be in the truth
-too. The reference here reads only the state dict, in float64: RMSNorm as x / sqrt(mean(x^2) + eps),
-RoPE as a rotation of each interleaved channel pair by cos and sin, attention head by head with each
-query head reading KV head h // (n_heads / n_kv_heads), SwiGLU as w2(silu(w1 x) * w3 x).
+The float64 reference (llama_reference.py) shares no code with the package; here it is itself
+checked against Hugging Face transformers' LlamaForCausalLM on the same weights, at every shape
+in `REFERENCE_SHAPES` and from both styles of config.json. The engine's cached forward passes are
+compared with it in test_engine_reference.py.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 import torch
 
-from conftest import CPU, TINY, make_cache, random_requests
-from pagedllama.checkpoint import build_model, random_state_dict
-from pagedllama.config import ModelArgs
-from pagedllama.engine import Engine
-from pagedllama.sampling import SamplingParams
+from conftest import CPU, REFERENCE_SHAPES, TINY, hf_config, lively_state_dict
+from llama_reference import reference_logits, rope_frequency
+from pagedllama.checkpoint import build_model, load_checkpoint, save_hf
+from pagedllama.config import ModelArgs, RopeScaling
+from pagedllama.model import rope_frequencies
+
+# Logits agree to this fraction of their largest magnitude. The package and transformers compute
+# in float32 (RoPE angles too), which leaves errors around 1e-6 of it; the smallest change the
+# tests below must notice (RoPE scaling at these lengths) is above 3e-2 of it.
+TOLERANCE = 1e-4
+SCALED = [name for name, args in REFERENCE_SHAPES.items() if args.rope_scaling]
+NOT_LLAMA3_DEFAULTS = SCALED + [n for n, a in REFERENCE_SHAPES.items() if a.rope_theta != 500000.0]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+def tokens(args: ModelArgs, length: int, seed: int) -> list[int]:
+    return torch.randint(0, args.vocab_size, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def rotate_pairs(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """x (S, heads, D): channels (2i, 2i+1) at position p turned by p * theta^(-2i/D)."""
-    seq_len, _, dim = x.shape
-    freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * freqs  # (S, D/2)
-    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
-    even, odd = x[..., 0::2], x[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = even * cos - odd * sin
-    out[..., 1::2] = even * sin + odd * cos
-    return out
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got.double(), want, atol=TOLERANCE * want.abs().max().item(), rtol=0)
 
 
-def reference_logits(sd: dict[str, torch.Tensor], args: ModelArgs, tokens: list[int]) -> torch.Tensor:
-    """(S, vocab) float64 logits of one sequence, every position attending to itself and all before."""
-    w = {k: v.double() for k, v in sd.items()}
-    seq_len, hd = len(tokens), args.head_dim
-    per_kv = args.n_heads // args.n_kv_heads
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    x = w["tok_embeddings.weight"][tokens]
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        h = rms_norm(x, w[p + "attention_norm.weight"], args.norm_eps)
-        q = rotate_pairs((h @ w[p + "attention.wq.weight"].T).view(seq_len, args.n_heads, hd), args.rope_theta)
-        k = rotate_pairs((h @ w[p + "attention.wk.weight"].T).view(seq_len, args.n_kv_heads, hd), args.rope_theta)
-        v = (h @ w[p + "attention.wv.weight"].T).view(seq_len, args.n_kv_heads, hd)
-        heads = []
-        for head in range(args.n_heads):
-            kv = head // per_kv
-            scores = (q[:, head] @ k[:, kv].T) / hd ** 0.5
-            heads.append(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, kv])
-        x = x + torch.cat(heads, -1) @ w[p + "attention.wo.weight"].T
-        h = rms_norm(x, w[p + "ffn_norm.weight"], args.norm_eps)
-        gate, up = h @ w[p + "feed_forward.w1.weight"].T, h @ w[p + "feed_forward.w3.weight"].T
-        x = x + (gate * torch.sigmoid(gate) * up) @ w[p + "feed_forward.w2.weight"].T
-    return rms_norm(x, w["norm.weight"], args.norm_eps) @ w["output.weight"].T
+def write_hf_checkpoint(path, args: ModelArgs, sd: dict[str, torch.Tensor], style: str) -> dict:
+    """Safetensors in Hugging Face's layout (no lm_head when tied), and a config.json of `style`."""
+    save_hf(sd, args, path)
+    cfg = hf_config(args, style)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return cfg
 
 
-def lively_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights large enough that every part of a layer moves the logits, and norm weights
-    that are not all ones (the demo's are), so scaling by them is checked too."""
-    g = torch.Generator().manual_seed(seed)
-    sd = random_state_dict(args, seed)
-    for name, t in sd.items():
-        sd[name] = 1 + 0.5 * torch.randn(t.shape, generator=g) if t.dim() == 1 else t * 8
-    if args.tie_word_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]  # one tensor again
+@pytest.fixture(scope="module")
+def llama_for_causal_lm():
+    """transformers' Llama, imported when a test first needs it: importing it imports triton, which
+    must wait until test_triton_attention.py has set TRITON_INTERPRET (at its collection)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers.LlamaForCausalLM
+
+
+@pytest.mark.parametrize("style", ["transformers-4", "transformers-5"])
+@pytest.mark.parametrize("name", REFERENCE_SHAPES)
+def test_reference_equals_transformers(tmp_path, llama_for_causal_lm, name, style):
+    """The formulas give transformers' logits: the reference is Llama 3, RoPE scaling, GQA and tied
+    output included, whichever way the config says it."""
+    args = REFERENCE_SHAPES[name]
+    sd = lively_state_dict(args, seed=11)
+    cfg = write_hf_checkpoint(tmp_path, args, sd, style)
+    hf = llama_for_causal_lm.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ids = tokens(args, 96, seed=12)
+    with torch.no_grad():
+        got = hf(torch.tensor([ids])).logits[0]
+    assert_logits_close(got, reference_logits(sd, cfg, ids))
+
+
+@pytest.mark.parametrize("name", NOT_LLAMA3_DEFAULTS)
+def test_the_rope_configuration_moves_the_logits_checked(name):
+    """The tests can fail: at the lengths they use, ignoring RoPE scaling, or reading Llama 3's
+    theta for another, changes the logits far beyond the tolerance."""
+    args = REFERENCE_SHAPES[name]
+    sd, ids = lively_state_dict(args, seed=11), tokens(args, 96, seed=12)
+    cfg = hf_config(args, "transformers-4")
+    want = reference_logits(sd, cfg, ids)
+    wrong = cfg | ({"rope_scaling": None} if args.rope_scaling else {"rope_theta": 500000.0})
+    assert (reference_logits(sd, wrong, ids) - want).abs().max() > 300 * TOLERANCE * want.abs().max()
+
+
+def quiet_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    """Lively weights, but a residual stream of magnitude 1e-3: every RMSNorm's input is small
+    enough that its eps (1e-5 against a mean square of about 1e-6) shapes its output."""
+    sd = lively_state_dict(args, seed)
+    for name in sd:
+        if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
+            sd[name] = sd[name] * 1e-3
     return sd
 
 
-@pytest.mark.parametrize("args", [TINY, replace(TINY, n_kv_heads=1, tie_word_embeddings=True, rope_theta=10000.0)],
-                         ids=["gqa-2", "mqa-tied"])
-def test_full_forward_equals_the_formulas(args):
-    sd = lively_state_dict(args, seed=5)
-    model = build_model(args, sd, CPU, torch.float32, max_positions=64)
-    tokens = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))
-    got = model.forward_full(tokens).double()
+@pytest.mark.parametrize("args,weights", [
+    (TINY, lively_state_dict), (replace(TINY, n_kv_heads=1, tie_word_embeddings=True, rope_theta=10000.0),
+                                lively_state_dict),
+    (TINY, quiet_state_dict), *((args, lively_state_dict) for args in REFERENCE_SHAPES.values())],
+    ids=["gqa-2-hd16", "mqa-tied-hd16", "gqa-2-hd16-quiet", *REFERENCE_SHAPES])
+def test_full_forward_equals_the_formulas(args, weights):
+    """`forward_full`, the quick ground truth of the hypothesis tests, is itself Llama 3."""
+    sd = weights(args, seed=5)
+    model = build_model(args, sd, CPU, torch.float32, max_positions=128)
+    batch = torch.tensor([tokens(args, 80, seed=6), tokens(args, 80, seed=7)])
+    got = model.forward_full(batch)
+    cfg = hf_config(args, "transformers-4")
     for b in range(2):
-        want = reference_logits(sd, args, tokens[b].tolist())
-        assert want.std() > 1  # the logits are far from flat: every weight moved them
-        torch.testing.assert_close(got[b], want, atol=1e-4 * want.abs().max().item(), rtol=0)
+        assert_logits_close(got[b], reference_logits(sd, cfg, batch[b].tolist()))
 
 
-@pytest.mark.parametrize("block_size", [16, 128], ids=["paged", "naive"])
-def test_engine_logits_equal_the_formulas(block_size):
-    """Both twins' cached forward passes (prefill, then decode steps that read K/V through the block
-    tables) give the formulas' logits for every token they pick, not only the same argmax."""
-    sd = lively_state_dict(TINY, seed=7)
-    model = build_model(TINY, sd, CPU, torch.float32, max_positions=128)
-    requests = random_requests([(19, 6), (5, 9), (33, 4)], TINY.vocab_size, seed=8)
-    engine = Engine(model, make_cache(model, block_size, 40 if block_size == 16 else 3, 128, 3), SamplingParams(),
-                    frozenset(), ignore_eos=True)
-    rows = []  # (sequence, index of the token being picked, its logits)
-    next_tokens = engine._next_tokens
+@pytest.mark.parametrize("scaling", [RopeScaling(8.0), RopeScaling(32.0, 2.0, 8.0, 4096),
+                                     RopeScaling(4.0, 0.5, 3.0, 2048)], ids=["3.1", "other-factors", "low-below-1"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_frequencies_equal_the_formulas(head_dim, scaling):
+    """The package's RoPE frequencies, for Llama 3.1's scaling and for other factors, windows and
+    original contexts than the ones the reference shapes use."""
+    cfg = {k: getattr(scaling, k) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                            "original_max_position_embeddings")}
+    want = [rope_frequency(i, head_dim, 500000.0, cfg) for i in range(head_dim // 2)]
+    torch.testing.assert_close(rope_frequencies(head_dim, 500000.0, scaling).double(),  # float32: one unit 2^-23
+                               torch.tensor(want, dtype=torch.float64), rtol=2 ** -23, atol=0)
 
-    def record(batch, logits, positions):
-        rows.extend(zip(batch, positions.tolist(), logits.double()))
-        return next_tokens(batch, logits, positions)
 
-    engine._next_tokens = record
-    result = engine.run(requests, progress=False)
-    want = {s.request_id: reference_logits(sd, TINY, s.token_ids) for s in result.sequences}
-    assert len(rows) == sum(r.max_new_tokens for r in requests)
-    for seq, index, logits in rows:  # logits at the token before `index` choose token `index`
-        ref = want[seq.request_id][index - 1]
-        torch.testing.assert_close(logits, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+@pytest.mark.parametrize("style", ["transformers-4", "transformers-5"])
+@pytest.mark.parametrize("name", NOT_LLAMA3_DEFAULTS)
+def test_loaded_checkpoint_equals_the_formulas(tmp_path, name, style):
+    """A Hugging Face checkpoint read from disk by the package (config parsed, q/k rows permuted
+    back, a tied output taken from the embedding) is the model its config describes, in either
+    config style."""
+    args = REFERENCE_SHAPES[name]
+    sd = lively_state_dict(args, seed=13)
+    cfg = write_hf_checkpoint(tmp_path, args, sd, style)
+    loaded_args, loaded = load_checkpoint(tmp_path)
+    model = build_model(loaded_args, loaded, CPU, torch.float32, max_positions=128)
+    ids = tokens(args, 96, seed=14)
+    assert_logits_close(model.forward_full(torch.tensor([ids]))[0], reference_logits(sd, cfg, ids))

@@ -1,11 +1,12 @@
 """The scheduler's admission and preemption rules, one small scene each (dry runs, no model)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import CPU, TINY, dry_step, new_group
 from pagedllama.kv_cache import KVCache
-from pagedllama.scheduler import Scheduler
+from pagedllama.scheduler import MAX_PREFILL_TOKENS, Scheduler
 from pagedllama.sequence import Status
 
 
@@ -48,3 +49,67 @@ def test_a_request_preempted_by_recompute_resumes_before_later_arrivals():
     assert scheduler.stats.preemptions == 1 and second.finished[0].num_preemptions == 1
     assert [[s.request_id for s in batch] for batch in prefills] == [["r0", "r1"], ["r1", "r2"]]
     assert late.finished and first.finished
+
+
+def test_watermark_keeps_a_block_free_for_running_requests():
+    """100 blocks of 4, watermark 1: beside a running 1-block request, a 98-block request is
+    admitted (1 block stays free) and a 99-block one is not."""
+    for blocks, admitted in ((98, True), (99, False)):
+        scheduler = Scheduler(bookkeeping_cache(100), watermark=0.01)
+        running = new_group(scheduler, 4, 8)
+        dry_step(scheduler)
+        new_group(scheduler, 4 * blocks, 1)
+        batch, is_prefill = dry_step(scheduler)
+        assert is_prefill == admitted and (batch == running.seqs) != admitted
+
+
+def test_a_prefill_step_takes_requests_while_their_tokens_fit_the_budget():
+    """Prompts of 40 and 60 fill a budget of 100 exactly and go together; the next waits a step."""
+    scheduler = Scheduler(bookkeeping_cache(64), max_prefill_tokens=100, watermark=0)
+    a, b, c = new_group(scheduler, 40, 2), new_group(scheduler, 60, 2), new_group(scheduler, 10, 2)
+    assert dry_step(scheduler) == (a.seqs + b.seqs, True)
+    assert dry_step(scheduler) == (c.seqs, True)
+
+
+def test_the_default_prefill_budget_is_max_prefill_tokens():
+    half = MAX_PREFILL_TOKENS // 2
+    cache = KVCache(TINY, 8, half, 2 * half, 4, None, CPU, torch.float32, storage=False)
+    scheduler = Scheduler(cache, watermark=0)
+    a, b, c = new_group(scheduler, half, 2), new_group(scheduler, half, 2), new_group(scheduler, 1, 2)
+    assert dry_step(scheduler) == (a.seqs + b.seqs, True)
+    assert dry_step(scheduler) == (c.seqs, True)
+
+
+def test_a_request_larger_than_the_pool_is_a_clear_error():
+    scheduler = Scheduler(bookkeeping_cache(4), watermark=0)
+    new_group(scheduler, 20, 1)
+    with pytest.raises(MemoryError, match="^request r0 needs 20 KV slots but the whole pool holds 16$"):
+        scheduler.schedule()
+
+
+def test_a_request_outgrowing_the_pool_alone_is_a_clear_error():
+    """Running alone, it cannot be preempted to make room for itself."""
+    scheduler = Scheduler(bookkeeping_cache(2), watermark=0)
+    new_group(scheduler, 7, 10)
+    with pytest.raises(MemoryError, match="^request r0's 1 sequences outgrow the whole pool of 8 KV slots$"):
+        for _ in range(4):
+            dry_step(scheduler)
+
+
+def test_finished_pruned_and_preempted_sequences_say_so():
+    scheduler = Scheduler(bookkeeping_cache(16), watermark=0)
+    group = new_group(scheduler, 4, 8)
+    for _ in range(2):  # preempted twice, recomputed each time
+        dry_step(scheduler)
+        scheduler.preempt(group)
+    dry_step(scheduler)
+    seq = group.seqs[0]
+    assert seq.num_preemptions == 2 and scheduler.stats.preemptions == 2
+    scheduler.finish(seq, "length")
+    assert (seq.status, seq.finish_reason, group.finished) == (Status.FINISHED, "length", [seq])
+    beams = new_group(scheduler, 4, 8)
+    dry_step(scheduler)
+    beam = beams.seqs[0]
+    scheduler.prune(beam)
+    assert (beam.status, beam.finish_reason, beams.finished) == (Status.FINISHED, "pruned", [])
+    assert scheduler.done and scheduler.cache.allocator.num_free == 16

@@ -44,6 +44,15 @@ def test_swap_round_trip_restores_kv_bit_for_bit():
     assert swap.allocator.num_free == swap.allocator.num_blocks and cache.num_cached_tokens == 17
 
 
+def test_a_bfloat16_swap_pool_holds_as_many_blocks_as_its_bytes_allow():
+    """Slots of bf16 K/V take half the bytes of float32 ones: the same bytes hold twice the blocks."""
+    for dtype, blocks in ((torch.float32, 5), (torch.bfloat16, 10)):
+        cache = KVCache(TINY, 12, 4, 64, 4, None, CPU, dtype)
+        assert cache.bytes_per_slot == TINY.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
+        swap = SwapSpace(cache, 5 * 4 * SLOT)
+        assert swap.allocator.num_blocks == blocks and swap.kv.dtype == dtype
+
+
 def test_swapped_request_resumes_before_new_admissions():
     """Blocks of 4, a pool of 9. `old` runs 3 samples; when all three need a new block at once,
     `young` (5 blocks) is swapped out and 2 blocks stay free: room for `late`, not for `young`."""

@@ -9,7 +9,11 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 pytest.importorskip("triton")
 
-from conftest import generate, make_cache, random_requests, reference_greedy  # noqa: E402
+from conftest import (CPU, REFERENCE_SHAPES, lively_state_dict, make_cache, random_requests,  # noqa: E402
+                      run_against_reference)
+from pagedllama.checkpoint import build_model  # noqa: E402
+from pagedllama.engine import Engine  # noqa: E402
+from pagedllama.sampling import SamplingParams  # noqa: E402
 from pagedllama import triton_attention  # noqa: E402
 from pagedllama.attention import TritonAttention  # noqa: E402
 from pagedllama.triton_attention import paged_attention  # noqa: E402
@@ -124,11 +128,15 @@ def test_strided_queries():
                                atol=1e-4, rtol=0)
 
 
-def test_engine_through_the_kernel_equals_reference(tiny_model):
+def test_engine_through_the_kernel_equals_the_formulas():
     """The whole engine with the Triton backend (prefill, decode, a request waiting for room and
-    recomputed after preemption), token for token against the full-recompute reference."""
-    requests = random_requests([(1, 6), (37, 4), (20, 5)], tiny_model.args.vocab_size)
-    expected = [reference_greedy(tiny_model, r.prompt_ids, r.max_new_tokens) for r in requests]
-    cache = make_cache(tiny_model, 16, 4, 64, len(requests), TritonAttention())  # 64 slots: requests take turns
-    out, engine = generate(tiny_model, cache, requests)
-    assert out == expected and not engine.scheduler.stats.fits_in_memory
+    recomputed after preemption), every token against the float64 reference, at Llama 3.1's RoPE
+    scaling with GQA 8."""
+    args = REFERENCE_SHAPES["3.1-gqa8-hd64"]
+    sd = lively_state_dict(args, seed=23)
+    model = build_model(args, sd, CPU, torch.float32, max_positions=64)
+    requests = random_requests([(1, 6), (37, 4), (20, 5)], args.vocab_size)
+    cache = make_cache(model, 16, 4, 64, len(requests), TritonAttention())  # 64 slots: requests take turns
+    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True)
+    run_against_reference(engine, requests, sd)
+    assert not engine.scheduler.stats.fits_in_memory
