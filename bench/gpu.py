@@ -185,22 +185,29 @@ def correctness(label: str, model, reference: list[list[int]], args: ModelArgs, 
     return rows
 
 
+def decode_case(args: ModelArgs, batch: int, context: int, device: torch.device, dtype: torch.dtype):
+    """Random decode inputs: one query per sequence over `context` keys in 16-slot blocks scattered
+    through the pool. Returns (q, k_cache, v_cache, block_table, context_lens, query_start_loc)."""
+    g = torch.Generator(device).manual_seed(batch * 100003 + context)
+    blocks_per_seq = cdiv(context, BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq
+    k_cache, v_cache = (torch.randn(num_blocks, BLOCK_SIZE, args.n_kv_heads, args.head_dim, generator=g,
+                                    device=device, dtype=dtype) for _ in range(2))
+    block_table = torch.randperm(num_blocks, generator=g, device=device).view(batch, blocks_per_seq).int()
+    q = torch.randn(batch, args.n_heads, args.head_dim, generator=g, device=device, dtype=dtype)
+    context_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, block_table, context_lens, query_start_loc
+
+
 def kernel_case(args: ModelArgs, batch: int, context: int, device: torch.device, dtype: torch.dtype,
                 repeats: int) -> dict:
     """Decode attention over `context` keys per sequence: Triton through the block table vs SDPA on a
     contiguous (batch, kv_heads, context, head_dim) copy of the same K/V."""
     from pagedllama.triton_attention import paged_attention
 
-    g = torch.Generator(device).manual_seed(batch * 100003 + context)
-    hkv, h, d = args.n_kv_heads, args.n_heads, args.head_dim
-    blocks_per_seq = -(-context // BLOCK_SIZE)
-    num_blocks = batch * blocks_per_seq
-    k_cache, v_cache = (torch.randn(num_blocks, BLOCK_SIZE, hkv, d, generator=g, device=device, dtype=dtype)
-                        for _ in range(2))
-    block_table = torch.randperm(num_blocks, generator=g, device=device).view(batch, blocks_per_seq).int()
-    q = torch.randn(batch, h, d, generator=g, device=device, dtype=dtype)
-    context_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    hkv, d = args.n_kv_heads, args.head_dim
+    q, k_cache, v_cache, block_table, context_lens, query_start_loc = decode_case(args, batch, context, device, dtype)
     k_dense, v_dense = (c[block_table.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
                         for c in (k_cache, v_cache))
     scale = d ** -0.5
@@ -232,17 +239,8 @@ def flash_cases(args: ModelArgs, batches, contexts, device: torch.device, dtype:
     rows = []
     for batch in batches:
         for context in contexts:
-            g = torch.Generator(device).manual_seed(batch * 7 + context)
-            hkv, h, d = args.n_kv_heads, args.n_heads, args.head_dim
-            blocks_per_seq = cdiv(context, BLOCK_SIZE)
-            num_blocks = batch * blocks_per_seq
-            k_cache, v_cache = (torch.randn(num_blocks, BLOCK_SIZE, hkv, d, generator=g, device=device, dtype=dtype)
-                                for _ in range(2))
-            table = torch.randperm(num_blocks, generator=g, device=device).view(batch, blocks_per_seq).int()
-            q = torch.randn(batch, h, d, generator=g, device=device, dtype=dtype)
-            lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-            starts = torch.arange(batch + 1, dtype=torch.int32, device=device)
-            scale = d ** -0.5
+            q, k_cache, v_cache, table, lens, starts = decode_case(args, batch, context, device, dtype)
+            scale = args.head_dim ** -0.5
 
             def flash():
                 out = flash_attn_varlen_func(q[:, None], k_cache, v_cache, seqused_k=lens, page_table=table,
