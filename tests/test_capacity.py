@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import derived_capacity as derived
 from conftest import CPU, TINY, make_cache, random_requests, tokenizer_bytes
 from pagedllama import cli
 from pagedllama.attention import TorchAttention
@@ -82,6 +83,12 @@ def test_hand_computed_small_case():
     assert paged.memory["fragmented_fraction_of_budget"] == 5 * SLOT / (1 << 30)  # at the peak, not the end (0)
     naive = dry_run("naive", TINY, requests, 1 << 30, 16, F32)
     assert [(s.reserved_tokens, s.used_tokens) for s in naive.timeline] == [(32, 7), (32, 9), (16, 7), (16, 8)]
+    # the independent simulation that derives the headline figures agrees with this hand computation
+    blocks = (1 << 30) // (4 * SLOT)
+    derived_paged = derived.simulate([(5, 4), (2, 2)], blocks, 4, int(derived.WATERMARK * blocks))
+    assert [(s.reserved_tokens, s.used_tokens) for s in derived_paged] == [(12, 7), (12, 9), (8, 7), (8, 8)]
+    assert [(s.reserved_tokens, s.used_tokens) for s in derived.naive_steps([(5, 4), (2, 2)], 16)] == \
+        [(32, 7), (32, 9), (16, 7), (16, 8)]
     assert naive.memory["peak_utilization"] == pytest.approx(7 / 32)
 
 
@@ -237,7 +244,9 @@ def test_simulated_budget_for_llama3_8b_on_24gb():
     weights = 8_030_261_248 * 2
     acts = 4096 * (4 * 4096 + 3 * 14336) * 2
     assert b.kv_bytes == int(24 * 2**30 * 0.9) - weights - acts
-    assert int(reference_preallocations()) == 6  # naive max batch at 8192-token preallocation, ~7 reported
+    # the naive max batch: whole 8192-token bf16 rows (2 x 32 layers x 8 KV heads x 128 x 2 bytes per token)
+    rows = derived.naive_max_batch(derived.llama3_8b_kv_budget(), 2 * 32 * 8 * 128 * 2, 8192)
+    assert int(reference_preallocations()) == rows == 6  # ~7 reported
     with pytest.raises(OutOfKVMemory, match="no memory left"):
         simulated_budget(args, 16, 0.9, 2)
     with pytest.raises(UsageError):
@@ -253,11 +262,13 @@ def test_tensor_parallel_plan_for_llama3_70b_on_four_80gb_gpus(capsys):
     acts = 4096 * (2 * 8192 + (2 * 8192 + 3 * 28672) // 4) * 2
     per_gpu = int(80 * 2**30 * 0.9) - weights - acts
     assert simulated_budget(args, 80, 0.9, 2, tensor_parallel_size=4).kv_bytes == 4 * per_gpu
-    rows = per_gpu // (8192 * args.kv_bytes_per_token(2) // 4)  # a GPU's share of each 8192-token row
+    # a GPU's share of each 8192-token bf16 row: 2 x 80 layers x 8 KV heads x 128 x 2 bytes per token, / 4 GPUs
+    rows = per_gpu // (8192 * 2 * 80 * 8 * 128 * 2 // 4)
     code, out, _ = run_cli("naive", ["--simulate", "llama3-70b", "--gpu-memory-gb", "80", "--tensor-parallel-size",
                                      "4", "--find-max-batch"], capsys)
     assert code == 0 and f"largest batch that fits in KV memory (naive): {rows}" in out
     assert 55 < rows < 70  # about 40 GB of KV per GPU, 80 KB per token per GPU
+    assert f"--tensor-parallel-size 4  # {rows}\n" in (derived.ROOT / "README.md").read_text()  # the README's
 
 
 def run_cli(twin, argv, capsys):
@@ -274,11 +285,13 @@ def test_cli_simulate_and_find_max_batch_json(tmp_path, capsys, monkeypatch):
     path = tmp_path / "r.json"
     code, out, _ = run_cli("naive", ["--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--find-max-batch",
                                      "--json", str(path)], capsys)
+    # derived from the shipped prompts' lengths and the budget arithmetic (the README states them too)
+    naive, paged = derived.headline().naive_max_batch_8b, derived.headline().paged_max_batch_8b
     assert code == 0
-    assert "largest batch that fits in KV memory (naive): 6" in out
-    assert json.loads(path.read_text())["max_batch"] == {"naive": 6}
+    assert f"largest batch that fits in KV memory (naive): {naive}" in out
+    assert json.loads(path.read_text())["max_batch"] == {"naive": naive}
     code, out, _ = run_cli("paged", ["--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--find-max-batch"], capsys)
-    assert code == 0 and "largest batch that fits in KV memory (paged): 188" in out  # the README's
+    assert code == 0 and f"largest batch that fits in KV memory (paged): {paged}" in out
     code, out, _ = run_cli("paged", ["4", "--simulate", "llama3-8b", "--gpu-memory-gb", "24",
                                      "--json", str(path)], capsys)
     assert code == 0 and "Fragmented Memory:" in out
@@ -362,10 +375,13 @@ def test_cli_budget_errors(argv, pattern, capsys):
 def test_demo_requests_generate_exactly_their_reference_lengths(tmp_path, capsys):
     """The demo ignores stop tokens, so each request generates its dataset answer's length and memory
     follows the traffic the dataset describes. Its random weights do emit them by chance: the 11th
-    request's greedy answer holds `<|end_of_text|>` at token 432 of the 806 it asks for."""
+    request's greedy answer holds `<|end_of_text|>` at token 432 of the 806 it asks for (its dataset
+    answer's length in the demo tokenizer, counted here without the package)."""
     path = tmp_path / "r.json"
     code, _, _ = run_cli("paged", ["11", "--no-progress", "--no-answers", "--json", str(path)], capsys)
     assert code == 0
     answers = json.loads(path.read_text())["requests"]
     assert len(answers) == 11 and {a["finish_reason"] for a in answers} == {"length"}
-    assert answers[10]["output_tokens"] == 806
+    lengths = derived.shipped_lengths(derived.DEMO_MAX_SEQ_LEN)
+    assert [a["output_tokens"] for a in answers] == [n for _, n in lengths[:11]]
+    assert answers[10]["output_tokens"] == lengths[10][1] == 806
