@@ -15,10 +15,6 @@ Then: decode groups sequences of similar context length and runs one padded SDPA
 (see attention.TorchAttention). `PerHeadGqaTorchAttention` is that grouped decode as first
 written: every query head its own single-row query, SDPA's `enable_gqa` mapping it to its KV
 head, in every dtype. Now, in float32, the query heads of a KV head are the rows of one query.
-
-`rope_real_halves` and `rms_norm_by_hand`: the model's RoPE and RMSNorm before they became one
-complex multiply and `F.rms_norm` (see model.py); `max_indices`: the greedy pick before it went
-through numpy (sampling.first_argmax). The same results, by slower ops.
 """
 from __future__ import annotations
 
@@ -137,23 +133,3 @@ class PerHeadGqaTorchAttention(TorchAttention):
     def _decode_sdpa(self, q, keys, values, mask, scale):
         return sdpa_per_head(q, keys, values, mask, scale)
 
-
-def rope_real_halves(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """RoPE with real cos and sin over the even and odd channels, stacked back (the first version)."""
-    cos_sin = torch.view_as_real(freqs_cis)  # (T, D/2, 2): the cos and sin table it used
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos_sin[:, None, :, 0], cos_sin[:, None, :, 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
-
-
-def rms_norm_by_hand(norm, x: torch.Tensor) -> torch.Tensor:
-    """`model.RMSNorm.forward` as first written, op by op."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
-    return xf.type_as(x) * norm.weight
-
-
-def max_indices(x: torch.Tensor) -> torch.Tensor:
-    """The first maximum of each row, PyTorch's way (the greedy pick before `first_argmax`)."""
-    return x.max(-1).indices

@@ -115,7 +115,7 @@ def cpu_has_amx_bf16() -> bool:
 
 
 # What the CLI does on CPU (pagedllama/host_memory.py); BENCH_KEEP_FREED_MEMORY=0 leaves glibc's
-# defaults (bench/malloc_ab.py measures both).
+# defaults (measured against each other at commit a35ad5d: BENCHMARKS.md's changelog).
 if DEVICE.type == "cpu" and os.environ.get("BENCH_KEEP_FREED_MEMORY", "1") == "1":
     keep_freed_memory()
 

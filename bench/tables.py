@@ -6,8 +6,7 @@ figure in it is copied by a program from a measured run, never typed by hand.
 
 In the markdown file a table stands between `<!-- table DTYPE/NAME -->` and `<!-- /table -->`
 (NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits_REV,
-bookkeeping_ab_REV, compile_probe, model_ops, gqa_rows, malloc_ab, or any of them with `_quick`;
-`gpu/gpu` for bench/gpu.py's results).
+or any of them with `_quick`; `gpu/gpu` for bench/gpu.py's results).
 """
 from __future__ import annotations
 
@@ -169,18 +168,6 @@ def compare_commits(doc: dict) -> str:
                       table(["measurement", "batch", "before", "after", "after / before"], rows)])
 
 
-def bookkeeping_ab(doc: dict) -> str:
-    m = doc["machine"]
-    head = (f"_{doc['time']}, commit `{m['git_commit']}`{' (package files modified)' if m.get('package_files_modified') else ''}"
-            f", tiny model with a cache-evicting stub forward, 1 thread_: `{doc['before']}` against `{doc['after']}`, "
-            f"{len(doc['repeats'])} repeats")
-    rows = [[b, f"{doc['median_us'][b]['before']:.0f}", f"{doc['median_us'][b]['after']:.0f}",
-             f"**{statistics.median(doc['ratios'][b]):.2f}** ({min(doc['ratios'][b]):.2f}-{max(doc['ratios'][b]):.2f})"]
-            for b in map(str, doc["batches"])]
-    return "\n".join([head, "", table(["batch", "bookkeeping before, us/step", "after, us/step",
-                                       "after / before (min-max)"], rows)])
-
-
 def gpu(doc: dict) -> str:
     bw, flops = doc["copy_bytes_per_s"], doc["matmul_flops_per_s"]
     a = doc["args"]
@@ -232,54 +219,8 @@ def gpu(doc: dict) -> str:
     return "\n".join(out)
 
 
-def compile_probe(doc: dict) -> str:
-    rows = []
-    for label, r in doc["dtypes"].items():
-        for name, what in (("package", "package's decode (grouped SDPA)"), ("split_k", "split-K decode it replaced")):
-            eager, compiled = r[f"{name}_eager_ms"], r[f"{name}_compiled_ms"]
-            rows.append([label, what, f"{eager:.1f}", f"{compiled:.1f}", f"{eager / compiled:.2f}",
-                         f"{r[name + '_compile_s']:.0f} s", f"{r[name + '_new_shape_s']:.1f} s"])
-    return "\n".join([source(doc), "", table(["dtype", "decode", "eager ms", "compiled ms", "eager / compiled",
-                                             "first call (compiling)", "first call at a new batch shape"], rows)])
-
-
-def model_ops(doc: dict) -> str:
-    ops = table(["model", "tokens", "op", "before, us", "package, us", "package / before"],
-                [[r["model"], r["tokens"], r["op"], f"{r['before']:.1f}", f"{r['package']:.1f}",
-                  f"**{r['package'] / r['before']:.2f}**"] for r in doc["ops"]])
-    steps = table(["model", "batch", "decode step before, ms", "package, ms", "package / before"],
-                  [[r["model"], r["batch"], f"{r['before']:.2f}", f"{r['package']:.2f}",
-                    f"**{r['package'] / r['before']:.2f}**"] for r in doc["steps"]])
-    return "\n".join([source(doc), "", ops, "", steps])
-
-
-def gqa_rows(doc: dict) -> str:
-    m = doc["machine"]
-    return "\n".join([f"_{doc['time']}, commit `{m['git_commit']}`, {m['torch_threads']} thread(s)_", "",
-                      table(["dtype", "head shape", "KV heads x query heads each, D", "batch", "context",
-                             "per head (enable_gqa), ms", "rows, ms", "rows / per head"],
-                            [[r["dtype"], r["shape"], f"{r['kv_heads']} x {r['group']}, {r['head_dim']}", r["batch"],
-                              r["context"], f"{r['per head']:.2f}", f"{r['rows']:.2f}",
-                              f"**{r['rows'] / r['per head']:.2f}**"] for r in doc["rows"]])])
-
-
-def malloc_ab(doc: dict) -> str:
-    rows = []
-    for c in doc["cases"]:
-        for side in c["prefill_ms"]:
-            ratios = [ratio(c[key][side]) if side in c[key] else "" for key in ("prefill_ratio", "decode_ratio")]
-            rows.append([c["dtype"], c["model"], side, f"{c['prefill_ms'][side]:.0f}", ratios[0],
-                         f"{c['prefill_faults'][side]:.0f}", f"{c['decode_ms'][side]:.1f}", ratios[1]])
-    return "\n".join([source(doc) + f", {doc['repeats']} processes a side, prefill of "
-                      f"{doc['cases'][0]['prefill_tokens']} tokens", "",
-                      table(["dtype", "model", "host memory", "prefill, ms", "/ default (min-max)",
-                             "page faults per prefill", "decode step, ms", "/ default (min-max)"], rows)])
-
-
 RENDER = {"throughput": throughput, "batch_scaling": batch_scaling, "hf_compare": hf_compare, "overhead": overhead,
-          "profile_decode": profile, "compare_commits": compare_commits, "compile_probe": compile_probe,
-          "model_ops": model_ops, "bookkeeping_ab": bookkeeping_ab, "gqa_rows": gqa_rows, "gpu": gpu,
-          "malloc_ab": malloc_ab}
+          "profile_decode": profile, "compare_commits": compare_commits, "gpu": gpu}
 MARKED = re.compile(r"(<!-- table (\w+)/(\w+) -->\n).*?(<!-- /table -->)", re.S)
 
 
@@ -290,7 +231,7 @@ def render(dtype: str, name: str) -> str:
     doc = load(RESULTS / dtype, name)
     if doc is None:
         return "(no results)"
-    key = next((k for k in ("compare_commits", "bookkeeping_ab") if name.startswith(k)), name.removesuffix("_quick"))
+    key = "compare_commits" if name.startswith("compare_commits") else name.removesuffix("_quick")
     try:
         return RENDER[key](doc)
     except KeyError as e:  # written by an older version of the script
@@ -313,12 +254,11 @@ def main() -> None:
         return
     for name in RENDER:
         print(f"\n### {name}\n")
-        if name in ("compare_commits", "bookkeeping_ab"):
+        if name == "compare_commits":
             for path in sorted((RESULTS / a.dtype).glob(f"{name}_*.json")):
                 print(render(a.dtype, path.stem) + "\n")
             continue
-        quick = "_quick" if a.quick and name != "compile_probe" else ""
-        print(render(a.dtype, name + quick))
+        print(render(a.dtype, name + ("_quick" if a.quick else "")))
 
 
 if __name__ == "__main__":

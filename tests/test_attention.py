@@ -405,12 +405,16 @@ def test_benchmark_baseline_is_a_correct_attention():
             run_steps(backend(), block_size, torch.float32)
 
 
-def test_gqa_rows_benchmark_times_the_same_attention_both_ways():
-    """bench/gqa_rows.py times decode SDPA per head and with a KV head's query heads as rows; the
-    torch backend picks between them by dtype, so both must be the same attention."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from gqa_rows import forms
-
+def test_decode_sdpa_per_head_and_as_rows_are_the_same_attention():
+    """The torch backend's decode takes a KV head's query heads as the rows of one query in float32
+    and a single-row query per head (`enable_gqa`) otherwise, for speed alone (BENCHMARKS.md,
+    changelog): both forms must be the same attention, on K/V laid out as the gather leaves them."""
+    batch, context, kv_heads, group, head_dim = 3, 40, 2, 3, 16
     for dtype in (torch.float32, torch.bfloat16):
-        f = forms(batch=3, context=40, kv_heads=2, group=3, head_dim=16, dtype=dtype)
-        torch.testing.assert_close(f["rows"]().reshape(3, 6, 16), f["per head"]().squeeze(2))
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(batch, kv_heads * group, head_dim, generator=gen).to(dtype)
+        keys, values = (torch.randn(batch, context, kv_heads, head_dim, generator=gen).to(dtype).transpose(1, 2)
+                        for _ in range(2))
+        scale = head_dim ** -0.5
+        torch.testing.assert_close(attention.sdpa_query_rows(q, keys, values, None, scale),
+                                   attention.sdpa_per_head(q, keys, values, None, scale))

@@ -46,7 +46,8 @@ def test_benchmarks_md_tables_are_the_committed_results(tmp_path):
     tables.fill(copy)
     assert copy.read_text() == doc.read_text(), "run `python bench/tables.py --fill BENCHMARKS.md`"
     filled = [m.group(2) + "/" + m.group(3) for m in tables.MARKED.finditer(doc.read_text())]
-    assert len(filled) > 20
+    assert set(filled) >= {"bfloat16/summary", "bfloat16/throughput", "bfloat16/hf_compare", "bfloat16/overhead",
+                           "bfloat16/profile_decode", "gpu/gpu"}
     for name in filled:
         dtype, _, table = name.partition("/")
         text = tables.render(dtype, table)

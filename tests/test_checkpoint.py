@@ -164,14 +164,26 @@ def test_hf_layout_matches_rotate_half_rope(tmp_path, sd):
     torch.testing.assert_close(scores_hf, scores_m, atol=1e-6, rtol=1e-4)
 
 
-def test_benchmark_baselines_compute_the_same_rope_rms_norm_and_greedy_pick(sd):
-    """bench/baselines.py keeps RoPE, RMSNorm and the greedy pick as first written, for before/after
-    timing (bench/model_ops.py): that only means something if they compute what the package does."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from baselines import max_indices, rms_norm_by_hand, rope_real_halves
+def rope_real_halves(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """RoPE with real cos and sin over the even and odd channels, stacked back (the model's first version)."""
+    cos_sin = torch.view_as_real(freqs_cis)  # (T, D/2, 2): the cos and sin table it used
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos_sin[:, None, :, 0], cos_sin[:, None, :, 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
+
+def rms_norm_by_hand(norm, x: torch.Tensor) -> torch.Tensor:
+    """`model.RMSNorm.forward` as first written, op by op."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return xf.type_as(x) * norm.weight
+
+
+def test_rope_rms_norm_and_greedy_pick_equal_their_first_versions(sd):
+    """RoPE as one complex multiply, RMSNorm through `F.rms_norm` and the greedy pick through numpy
+    replaced straightforward versions for speed (BENCHMARKS.md, changelog): they must compute the
+    same, RMSNorm bit for bit, the pick the first maximum as `max(-1).indices` does."""
     from pagedllama.sampling import first_argmax
 
     gen = torch.Generator().manual_seed(3)
@@ -185,7 +197,7 @@ def test_benchmark_baselines_compute_the_same_rope_rms_norm_and_greedy_pick(sd):
         torch.testing.assert_close(norm(h), rms_norm_by_hand(norm, h), rtol=0, atol=0)
     logits = torch.randn(9, ARGS.vocab_size, generator=gen)
     logits[2, [4, 9]] = 50.0
-    assert torch.equal(first_argmax(logits), max_indices(logits))
+    assert torch.equal(first_argmax(logits), logits.max(-1).indices)
 
 
 def test_tied_embeddings(tmp_path):
