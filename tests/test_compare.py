@@ -133,13 +133,15 @@ def test_readme_states_the_derived_figures():
         f"python llama3-naive.py {h.naive_max_batch}        # {frag[0]:.0f}% of its KV memory is reserved but empty\n",
         f"python llama3-naive.py --find-max-batch            # largest batch: {h.naive_max_batch}\n",
         f"python llama3-paged.py --find-max-batch            # largest batch: {h.paged_max_batch}\n",
-        f"({h.naive_max_batch} vs {h.paged_max_batch} requests, {util[0]:.1f}% vs {util[1]:.1f}% KV utilization)",
-        f"`sharegpt-filtered.json` (shipped, {len(json.loads(derived.DATASET.read_text()))} conversations, "
+        f"`sharegpt-filtered.json` ({len(json.loads(derived.DATASET.read_text()))} conversations, "
         f"{len(derived.shipped_conversations())} usable)",
     ]
     for line in stated:
         assert line in readme, f"README.md should state: {line.strip()}"
-    assert f"which runs out of memory at {h.naive_max_batch + 1}\nrequests" in readme
+    testing = (derived.ROOT / "docs" / "testing.md").read_text()
+    line = f"({h.naive_max_batch} vs {h.paged_max_batch} requests, {util[0]:.1f}% vs {util[1]:.1f}% KV utilization)"
+    assert line in testing, f"docs/testing.md should state: {line}"
+    assert f"out of memory at {h.naive_max_batch + 1} requests" in readme
 
     # "the same budget, 64 requests running at once": the paged twin admits all 64 before any finishes
     slot, block = derived.kv_bytes_per_token(derived.DEMO, 4), 16
@@ -151,7 +153,7 @@ def test_readme_states_the_derived_figures():
 
 
 def test_readme_real_model_budget_arithmetic():
-    """The README's SmolLM2-135M run: its CPU default budget and both twins' pools follow from the
+    """docs/real-models.md's SmolLM2-135M run: its CPU default budget and both twins' pools follow from the
     model's shape (float32, 8192-token context) alone; the rest of that table is a measured run."""
     slot, context = derived.kv_bytes_per_token(derived.SMOLLM2_135M, 4), 8192
     budget = derived.cpu_default_budget(derived.SMOLLM2_135M, context)
@@ -159,10 +161,10 @@ def test_readme_real_model_budget_arithmetic():
     blocks = budget // (16 * slot)
     assert cpu_default_budget(slot, context).kv_bytes == budget  # the package's budget, on the same shape
     assert (naive_max_rows(budget, context, slot), paged_num_blocks(budget, 16, slot)) == (rows, blocks)
-    readme = (derived.ROOT / "README.md").read_text()
+    readme = (derived.ROOT / "docs" / "real-models.md").read_text()
     assert f"| same {rows} requests, default CPU budget {budget / derived.GIB:.2f} GB |" in readme
     assert (f"| pool | {rows} rows x {context} slots ({rows * context * slot / derived.GIB:.2f} GB) "
             f"| {blocks} blocks x 16 slots ({blocks * 16 * slot / derived.GIB:.2f} GB) |") in readme
     assert f"| reserved at peak | {rows * context * slot / derived.GIB:.2f} GB " \
            f"({100 * rows * context * slot / budget:.2f}% of budget) |" in readme
-    assert f"yes ({rows} is the naive twin's limit) | yes ({blocks} blocks left room" in readme
+    assert f"yes ({rows} is the naive twin's limit) | {rows} of {rows}; 0, 0; yes ({blocks} blocks left room" in readme
