@@ -138,6 +138,9 @@ def test_readme_states_the_derived_figures():
     ]
     for line in stated:
         assert line in readme, f"README.md should state: {line.strip()}"
+    lengths = derived.shipped_lengths(derived.DEMO_MAX_SEQ_LEN)
+    prompt_mean, answer_mean = (sum(x) / len(lengths) for x in zip(*lengths))
+    assert f"(prompts average {prompt_mean:.0f} demo-tokenizer tokens, answers {answer_mean:.0f}," in readme
     testing = (derived.ROOT / "docs" / "testing.md").read_text()
     line = f"({h.naive_max_batch} vs {h.paged_max_batch} requests, {util[0]:.1f}% vs {util[1]:.1f}% KV utilization)"
     assert line in testing, f"docs/testing.md should state: {line}"
