@@ -29,19 +29,19 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pagedllama.attention import TorchAttention  # noqa: E402
-from pagedllama.budget import MAX_PREFILL_TOKENS, build_cache, cpu_default_budget, naive_max_rows  # noqa: E402
-from pagedllama.capacity import find_max_batch  # noqa: E402
-from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
-from pagedllama.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs, ffn_hidden_dim  # noqa: E402
-from pagedllama.data import default_data_path, load_sharegpt  # noqa: E402
-from pagedllama.engine import Engine, Request  # noqa: E402
+from pagedllama.model.attention import TorchAttention  # noqa: E402
+from pagedllama.engine.budget import MAX_PREFILL_TOKENS, build_cache, cpu_default_budget, naive_max_rows  # noqa: E402
+from pagedllama.app.capacity import find_max_batch  # noqa: E402
+from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
+from pagedllama.model.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs, ffn_hidden_dim  # noqa: E402
+from pagedllama.io.data import default_data_path, load_sharegpt  # noqa: E402
+from pagedllama.engine.engine import Engine, Request  # noqa: E402
 from pagedllama.host_memory import keep_freed_memory  # noqa: E402
-from pagedllama.kv_cache import KVCache  # noqa: E402
-from pagedllama.model import Transformer  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
-from pagedllama.tokenizer import demo_tokenizer  # noqa: E402
-from pagedllama.workload import build_requests  # noqa: E402
+from pagedllama.engine.block_manager import KVCache  # noqa: E402
+from pagedllama.model.model import Transformer  # noqa: E402
+from pagedllama.engine.sampling import SamplingParams  # noqa: E402
+from pagedllama.io.tokenizer import demo_tokenizer  # noqa: E402
+from pagedllama.app.workload import build_requests  # noqa: E402
 
 
 # Intra-op threads. 1 by default: on a shared 2-core machine, two OpenMP threads stall at every
@@ -242,7 +242,7 @@ def default_backend(max_seq_len: int):
     BENCH_ATTENTION), one kernel for the naive rows of `max_seq_len` and the paged blocks alike."""
     if DEVICE.type == "cpu":
         return TorchAttention()
-    from pagedllama.attention import select_backend
+    from pagedllama.model.attention import select_backend
 
     name = os.environ.get("BENCH_ATTENTION", "auto")
     select_backend(name, DEVICE, DTYPE, max_seq_len, BLOCK_SIZE)  # the naive twin's rows allow it too

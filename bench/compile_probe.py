@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH_100M, log, save_json, bench_parser, parse, sharegpt_requests  # noqa: E402  (sets the path)
 from baselines import SplitKTorchAttention, plan_decode_chunks  # noqa: E402
 
-from pagedllama.attention import TorchAttention, plan_decode_groups  # noqa: E402
+from pagedllama.model.attention import TorchAttention, plan_decode_groups  # noqa: E402
 
 BLOCK = 16
 

@@ -54,14 +54,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pagedllama.attention import select_backend  # noqa: E402
-from pagedllama.kv_cache import KVCache, cdiv  # noqa: E402
-from pagedllama.budget import build_cache, naive_max_rows, reference_preallocations  # noqa: E402
-from pagedllama.capacity import find_max_batch  # noqa: E402
-from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
-from pagedllama.config import NAMED_SHAPES, ModelArgs  # noqa: E402
-from pagedllama.engine import Engine, Request  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
+from pagedllama.model.attention import select_backend  # noqa: E402
+from pagedllama.engine.block_manager import KVCache, cdiv  # noqa: E402
+from pagedllama.engine.budget import build_cache, naive_max_rows, reference_preallocations  # noqa: E402
+from pagedllama.app.capacity import find_max_batch  # noqa: E402
+from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
+from pagedllama.model.config import NAMED_SHAPES, ModelArgs  # noqa: E402
+from pagedllama.engine.engine import Engine, Request  # noqa: E402
+from pagedllama.engine.sampling import SamplingParams  # noqa: E402
 from overhead import BLOCK_SIZE, cache_for  # noqa: E402  (the bench's shared pieces: one cache-sizing rule)
 
 GIB = 1 << 30
@@ -204,7 +204,7 @@ def kernel_case(args: ModelArgs, batch: int, context: int, device: torch.device,
                 repeats: int) -> dict:
     """Decode attention over `context` keys per sequence: Triton through the block table vs SDPA on a
     contiguous (batch, kv_heads, context, head_dim) copy of the same K/V."""
-    from pagedllama.triton_attention import paged_attention
+    from pagedllama.model.triton_attention import paged_attention
 
     hkv, d = args.n_kv_heads, args.head_dim
     q, k_cache, v_cache, block_table, context_lens, query_start_loc = decode_case(args, batch, context, device, dtype)
@@ -234,7 +234,7 @@ def flash_cases(args: ModelArgs, batches, contexts, device: torch.device, dtype:
         from flash_attn.cute import __version__ as fa_version, flash_attn_varlen_func
     except Exception as e:  # not installed, or its compiler libraries missing: the reason is the result
         return {"available": False, "error": f"{type(e).__name__}: {e}"[:500]}
-    from pagedllama.triton_attention import paged_attention
+    from pagedllama.model.triton_attention import paged_attention
 
     rows = []
     for batch in batches:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import log, save_json, bench_parser, parse  # noqa: E402
 
-from pagedllama.attention import sdpa_per_head, sdpa_query_rows  # noqa: E402
+from pagedllama.model.attention import sdpa_per_head, sdpa_query_rows  # noqa: E402
 
 SHAPES = {"demo": (2, 2, 64), "100m": (4, 3, 64), "Llama 3 8B": (8, 4, 128)}  # KV heads, query heads per KV head, D
 CASES = ((6, 620), (32, 240), (97, 300))  # batch, context

@@ -37,7 +37,7 @@ from common import (DEVICE, DTYPE, MODELS, Clock, RandomSpec, budget_for_rows, d
                     load_model, log, make_cache, median, paired, random_requests, ratios, run_engine, save_json,
                     sharegpt_requests, bench_parser, parse, print_summary, state_dict, workload_stats)
 
-from pagedllama.checkpoint import save_hf  # noqa: E402
+from pagedllama.io.checkpoint import save_hf  # noqa: E402
 
 PAD_ID = 0  # any id: padded positions are masked out
 

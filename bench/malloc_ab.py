@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (budget_for_rows, load_model, log, make_cache, parse, bench_parser, print_summary,  # noqa: E402
                     ratio_summary, save_json, sharegpt_requests)
 
-from pagedllama.engine import Engine  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
+from pagedllama.engine.engine import Engine  # noqa: E402
+from pagedllama.engine.sampling import SamplingParams  # noqa: E402
 
 # Each side's environment. thp: glibc's defaults, but PyTorch asks the kernel for transparent huge
 # pages (2 MiB, one fault each) for its CPU blocks of 2 MiB and more.

@@ -26,14 +26,14 @@ from common import (DTYPE, MODELS, Request, budget_for_rows, load_model, log, ma
                     bench_parser, parse)
 from baselines import PerHeadGqaTorchAttention, max_indices, rms_norm_by_hand, rope_real_halves  # noqa: E402
 
-import pagedllama.model  # noqa: E402
-import pagedllama.sampling  # noqa: E402
-from pagedllama.attention import TorchAttention, plan_decode_groups  # noqa: E402
-from pagedllama.engine import Engine  # noqa: E402
-from pagedllama.model import RMSNorm  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
+import pagedllama.model.model  # noqa: E402
+import pagedllama.engine.sampling  # noqa: E402
+from pagedllama.model.attention import TorchAttention, plan_decode_groups  # noqa: E402
+from pagedllama.engine.engine import Engine  # noqa: E402
+from pagedllama.model.model import RMSNorm  # noqa: E402
+from pagedllama.engine.sampling import SamplingParams  # noqa: E402
 
-VERSIONS = {"package": (pagedllama.model.apply_rope, RMSNorm.forward, pagedllama.sampling.first_argmax,
+VERSIONS = {"package": (pagedllama.model.model.apply_rope, RMSNorm.forward, pagedllama.engine.sampling.first_argmax,
                         TorchAttention._decode_sdpa),
             "before": (rope_real_halves, rms_norm_by_hand, max_indices, PerHeadGqaTorchAttention._decode_sdpa)}
 ROUNDS = 9
@@ -42,7 +42,7 @@ ROUNDS = 9
 def use(version: str) -> None:
     """Attention.forward and `sample` look `apply_rope` and `first_argmax` up in their modules at
     each call; RMSNorm and the decode attention go through their classes."""
-    (pagedllama.model.apply_rope, RMSNorm.forward, pagedllama.sampling.first_argmax,
+    (pagedllama.model.model.apply_rope, RMSNorm.forward, pagedllama.engine.sampling.first_argmax,
      TorchAttention._decode_sdpa) = VERSIONS[version]
 
 

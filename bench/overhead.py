@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BLOCK_SIZE, CPU, DTYPE, MODELS, save_plot, describe_model, load_model, log, pyplot,  # noqa: E402
                     save_json, bench_parser, parse, print_summary)
 
-from pagedllama.attention import TorchAttention  # noqa: E402
-from pagedllama.budget import build_cache  # noqa: E402
-from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
-from pagedllama.config import DEMO_ARGS, ModelArgs  # noqa: E402
-from pagedllama.engine import Engine, Request  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
+from pagedllama.model.attention import TorchAttention  # noqa: E402
+from pagedllama.engine.budget import build_cache  # noqa: E402
+from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
+from pagedllama.model.config import DEMO_ARGS, ModelArgs  # noqa: E402
+from pagedllama.engine.engine import Engine, Request  # noqa: E402
+from pagedllama.engine.sampling import SamplingParams  # noqa: E402
 
 MAX_SEQ_LEN = 1024
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)

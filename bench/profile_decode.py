@@ -29,9 +29,9 @@ from common import (save_plot, Request, budget_for_rows, run_engine, describe_mo
                     make_cache, pyplot, random_requests, RandomSpec, save_json, bench_parser, parse, sharegpt_requests)
 from baselines import PaddedTorchAttention, PerHeadGqaTorchAttention, SplitKTorchAttention  # noqa: E402
 
-from pagedllama.attention import TorchAttention  # noqa: E402
-from pagedllama.engine import Engine  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
+from pagedllama.model.attention import TorchAttention  # noqa: E402
+from pagedllama.engine.engine import Engine  # noqa: E402
+from pagedllama.engine.sampling import SamplingParams  # noqa: E402
 
 WARM, PROFILED, TIMED, WHATIF_ROUNDS = 2, 4, 4, 4
 BACKENDS = {"package": TorchAttention, "before: a query row per head": PerHeadGqaTorchAttention,

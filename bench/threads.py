@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pagedllama.threads import idle_cores  # noqa: E402
+from pagedllama.app.threads import idle_cores  # noqa: E402
 
 ENV = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the default must choose
 

@@ -12,15 +12,15 @@ from hypothesis import Phase, settings
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_reference import reference_logits  # noqa: E402
-from pagedllama.attention import AttentionBackend, TorchAttention  # noqa: E402
-from pagedllama.checkpoint import build_model, meta_params, random_state_dict, save_hf, save_meta  # noqa: E402
-from pagedllama.config import ModelArgs, RopeScaling  # noqa: E402
-from pagedllama.engine import Engine, Request, RunResult  # noqa: E402
-from pagedllama.kv_cache import KVCache  # noqa: E402
-from pagedllama.model import Transformer  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
-from pagedllama.scheduler import Scheduler  # noqa: E402
-from pagedllama.sequence import Sequence, SequenceGroup  # noqa: E402
+from pagedllama.model.attention import AttentionBackend, TorchAttention  # noqa: E402
+from pagedllama.io.checkpoint import build_model, meta_params, random_state_dict, save_hf, save_meta  # noqa: E402
+from pagedllama.model.config import ModelArgs, RopeScaling  # noqa: E402
+from pagedllama.engine.engine import Engine, Request, RunResult  # noqa: E402
+from pagedllama.engine.block_manager import KVCache  # noqa: E402
+from pagedllama.model.model import Transformer  # noqa: E402
+from pagedllama.engine.sampling import SamplingParams  # noqa: E402
+from pagedllama.engine.scheduler import Scheduler  # noqa: E402
+from pagedllama.engine.sequence import Sequence, SequenceGroup  # noqa: E402
 
 # tools/mutation.py runs the tests once per mutant (`--hypothesis-profile mutation`): the same
 # examples every run, so scores repeat, and a failure is not shrunk (a failure is all it needs).

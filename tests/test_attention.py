@@ -11,13 +11,13 @@ import flash_attn_standin
 from conftest import CPU
 from hypothesis import given, strategies as st
 
-from pagedllama import attention
-from pagedllama.attention import (DECODE_MIN_FILL, FlashAttention, TorchAttention, Workspace, gather_kv,
+from pagedllama.model import attention
+from pagedllama.model.attention import (DECODE_MIN_FILL, FlashAttention, TorchAttention, Workspace, gather_kv,
                                   plan_decode_groups, select_backend)
-from pagedllama.config import ModelArgs
+from pagedllama.model.config import ModelArgs
 from pagedllama.errors import UsageError
-from pagedllama.kv_cache import KVCache
-from pagedllama.sequence import Sequence
+from pagedllama.engine.block_manager import KVCache
+from pagedllama.engine.sequence import Sequence
 
 ARGS = ModelArgs(dim=128, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=10, hidden_dim=32)  # GQA 4:1, D 16
 H, HKV, D = 8, 2, 16

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import TINY, make_cache, random_requests
-from pagedllama.beam_search import best_continuations
-from pagedllama.engine import Engine
-from pagedllama.sampling import SamplingParams
-from pagedllama.sharing import one_per_sequence
+from pagedllama.engine.beam_search import best_continuations
+from pagedllama.engine.engine import Engine
+from pagedllama.engine.sampling import SamplingParams
+from pagedllama.engine.sharing import one_per_sequence
 
 WIDTH, STEPS = 3, 6
 SLOT = TINY.kv_bytes_per_token(4)

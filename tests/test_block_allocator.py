@@ -6,10 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import CPU, TINY
-from pagedllama.attention import TorchAttention
-from pagedllama.block_allocator import BlockAllocator
-from pagedllama.kv_cache import KVCache
-from pagedllama.sequence import Sequence
+from pagedllama.model.attention import TorchAttention
+from pagedllama.engine.block_allocator import BlockAllocator
+from pagedllama.engine.block_manager import KVCache
+from pagedllama.engine.sequence import Sequence
 
 import torch
 

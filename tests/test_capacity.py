@@ -9,20 +9,20 @@ import pytest
 import torch
 
 from conftest import CPU, TINY, make_cache, random_requests, tokenizer_bytes
-from pagedllama import cli
-from pagedllama.attention import TorchAttention
-from pagedllama.budget import build_cache, reference_preallocations, simulated_budget
-from pagedllama.capacity import dry_run, find_max_batch
-from pagedllama.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, NAMED_SHAPES
-from pagedllama.data import default_data_path, load_sharegpt
-from pagedllama.loading import Loaded, installed_llama3_tokenizer
-from pagedllama.engine import Engine, Request
+from pagedllama.app import cli
+from pagedllama.model.attention import TorchAttention
+from pagedllama.engine.budget import build_cache, reference_preallocations, simulated_budget
+from pagedllama.app.capacity import dry_run, find_max_batch
+from pagedllama.model.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, NAMED_SHAPES
+from pagedllama.io.data import default_data_path, load_sharegpt
+from pagedllama.io.loading import Loaded, installed_llama3_tokenizer
+from pagedllama.engine.engine import Engine, Request
 from pagedllama.errors import OutOfKVMemory, UsageError
-from pagedllama.report import timeline_json
-from pagedllama.sampling import SamplingParams
-from pagedllama.scheduler import MAX_PREFILL_TOKENS
-from pagedllama.tokenizer import demo_tokenizer, load_tokenizer
-from pagedllama.workload import build_requests
+from pagedllama.app.report import timeline_json
+from pagedllama.engine.sampling import SamplingParams
+from pagedllama.engine.scheduler import MAX_PREFILL_TOKENS
+from pagedllama.io.tokenizer import demo_tokenizer, load_tokenizer
+from pagedllama.app.workload import build_requests
 
 F32 = torch.float32
 SLOT = TINY.kv_bytes_per_token(4)
@@ -121,7 +121,7 @@ def test_find_max_batch_boundary_with_real_runs(tiny_model, twin):
 
 def test_dry_run_agrees_with_a_real_demo_run():
     """Simulation = the real allocator and scheduler: same memory at every step as a real run."""
-    from pagedllama.checkpoint import build_model, random_state_dict
+    from pagedllama.io.checkpoint import build_model, random_state_dict
 
     model = build_model(DEMO_ARGS, random_state_dict(DEMO_ARGS, 0), CPU, F32, max_positions=512)
     requests = random_requests([(60, 40), (9, 70), (120, 15), (33, 55), (80, 30)], DEMO_ARGS.vocab_size)

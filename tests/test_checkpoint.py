@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pagedllama.checkpoint import (build_model, check_state_dict, detect_format, load_checkpoint,
+from pagedllama.io.checkpoint import (build_model, check_state_dict, detect_format, load_checkpoint,
                                    meta_params, random_state_dict, save_hf, save_meta)
-from pagedllama.config import NAMED_SHAPES, ModelArgs, RopeScaling, from_hf_config, load_config_file
+from pagedllama.model.config import NAMED_SHAPES, ModelArgs, RopeScaling, from_hf_config, load_config_file
 from pagedllama.errors import UserError
-from pagedllama.model import apply_rope, rope_freqs_cis, rope_frequencies
+from pagedllama.model.model import apply_rope, rope_freqs_cis, rope_frequencies
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=192)
 PARAMS = meta_params(ARGS, multiple_of=32, ffn_dim_multiplier=None)
@@ -172,7 +172,7 @@ def test_benchmark_baselines_compute_the_same_rope_rms_norm_and_greedy_pick(sd):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from baselines import max_indices, rms_norm_by_hand, rope_real_halves
 
-    from pagedllama.sampling import first_argmax
+    from pagedllama.engine.sampling import first_argmax
 
     gen = torch.Generator().manual_seed(3)
     freqs_cis = rope_freqs_cis(ARGS, 32, "cpu")[torch.randint(32, (9,), generator=gen)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import chats, write_byte_checkpoint
-from pagedllama import cli, compare
+from pagedllama.app import cli, compare
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -12,11 +12,11 @@ os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 pytest.importorskip("triton")
 
 from conftest import generate, make_cache, random_requests, reference_greedy  # noqa: E402
-from pagedllama.attention import TorchAttention, TritonAttention  # noqa: E402
-from pagedllama.cuda_graphs import DecodeGraphs, batch_buckets  # noqa: E402
-from pagedllama.engine import Engine  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
-from pagedllama.triton_attention import store_kv  # noqa: E402
+from pagedllama.model.attention import TorchAttention, TritonAttention  # noqa: E402
+from pagedllama.model.cuda_graphs import DecodeGraphs, batch_buckets  # noqa: E402
+from pagedllama.engine.engine import Engine  # noqa: E402
+from pagedllama.engine.sampling import SamplingParams  # noqa: E402
+from pagedllama.model.triton_attention import store_kv  # noqa: E402
 
 
 @pytest.mark.parametrize("max_batch,expected", [

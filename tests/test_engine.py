@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY, generate, make_cache, random_requests, reference_greedy
-from pagedllama.checkpoint import build_model, random_state_dict
-from pagedllama.engine import Engine, Request
-from pagedllama.sampling import SamplingParams
+from pagedllama.io.checkpoint import build_model, random_state_dict
+from pagedllama.engine.engine import Engine, Request
+from pagedllama.engine.sampling import SamplingParams
 
 # Prompts from 1 to 300 tokens, answers from 1 to 60: lengths that differ widely.
 LENGTHS = [(1, 40), (300, 5), (37, 60), (5, 1), (129, 33), (16, 16)]
@@ -100,7 +100,7 @@ def test_sampling_is_batch_invariant(tiny_model, requests):
 
 def test_first_argmax_picks_the_first_maximum_like_torch():
     """Greedy picks go through numpy on CPU (faster); they must be torch's argmax, ties included."""
-    from pagedllama.sampling import first_argmax
+    from pagedllama.engine.sampling import first_argmax
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 300, generator=gen)

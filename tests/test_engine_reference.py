@@ -16,10 +16,10 @@ import torch
 
 import flash_attn_standin
 from conftest import CPU, REFERENCE_SHAPES, lively_state_dict, make_cache, random_requests, run_against_reference
-from pagedllama.attention import FlashAttention
-from pagedllama.checkpoint import build_model
-from pagedllama.engine import Engine
-from pagedllama.sampling import SamplingParams
+from pagedllama.model.attention import FlashAttention
+from pagedllama.io.checkpoint import build_model
+from pagedllama.engine.engine import Engine
+from pagedllama.engine.sampling import SamplingParams
 
 # Prompts up to 70 tokens and answers up to 20: positions where Llama 3.1's RoPE scaling matters.
 LENGTHS = [(70, 12), (5, 20), (33, 8)]

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagedllama.checkpoint import load_checkpoint, meta_params, random_state_dict, save_hf, save_meta
-from pagedllama.config import ModelArgs
-from pagedllama.data import load_sharegpt
+from pagedllama.io.checkpoint import load_checkpoint, meta_params, random_state_dict, save_hf, save_meta
+from pagedllama.model.config import ModelArgs
+from pagedllama.io.data import load_sharegpt
 from pagedllama.errors import UserError
-from pagedllama.tokenizer import Tokenizer
+from pagedllama.io.tokenizer import Tokenizer
 
 FUZZ = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 HANG_S = 10

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import BYTE_ARGS, CPU, chats, tokenizer_bytes
-from pagedllama import cli
-from pagedllama.checkpoint import build_model, load_checkpoint, random_state_dict, save_hf
-from pagedllama.config import ModelArgs, RopeScaling
+from pagedllama.app import cli
+from pagedllama.io.checkpoint import build_model, load_checkpoint, random_state_dict, save_hf
+from pagedllama.model.config import ModelArgs, RopeScaling
 from pagedllama.errors import UserError
-from pagedllama.gguf_checkpoint import SUPPORTED_TYPES, file_name, gguf_tokenizer
-from pagedllama.model import rope_frequencies
-from pagedllama.tokenizer import Tokenizer, _bytes_to_unicode, _special_token_names
+from pagedllama.io.gguf_checkpoint import SUPPORTED_TYPES, file_name, gguf_tokenizer
+from pagedllama.model.model import rope_frequencies
+from pagedllama.io.tokenizer import Tokenizer, _bytes_to_unicode, _special_token_names
 
 Q = gguf.GGMLQuantizationType
 # Row lengths of 256: every type's block fits (the K-quants' blocks hold 256 values).

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import CPU, TINY, dry_step, make_cache, new_group
-from pagedllama import cli
-from pagedllama.engine import Engine, Request
-from pagedllama.kv_cache import KVCache
-from pagedllama.prefix_cache import ROOT
-from pagedllama.sampling import SamplingParams
-from pagedllama.scheduler import Scheduler
-from pagedllama.sequence import Sequence
+from pagedllama.app import cli
+from pagedllama.engine.engine import Engine, Request
+from pagedllama.engine.block_manager import KVCache
+from pagedllama.engine.prefix_cache import ROOT
+from pagedllama.engine.sampling import SamplingParams
+from pagedllama.engine.scheduler import Scheduler
+from pagedllama.engine.sequence import Sequence
 
 SLOT = TINY.kv_bytes_per_token(4)
 

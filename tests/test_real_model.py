@@ -15,16 +15,16 @@ import pytest
 import torch
 
 from conftest import CPU
-from pagedllama import cli
-from pagedllama.attention import select_backend
-from pagedllama.budget import build_cache
-from pagedllama.data import default_data_path, load_sharegpt
-from pagedllama.download import SMOLLM2_GGUF, SMOLLM2_REPO
-from pagedllama.engine import Engine, Request
-from pagedllama.loading import load
-from pagedllama.sampling import SamplingParams
-from pagedllama.sharing import one_per_sequence
-from pagedllama.tokenizer import Tokenizer
+from pagedllama.app import cli
+from pagedllama.model.attention import select_backend
+from pagedllama.engine.budget import build_cache
+from pagedllama.io.data import default_data_path, load_sharegpt
+from pagedllama.io.download import SMOLLM2_GGUF, SMOLLM2_REPO
+from pagedllama.engine.engine import Engine, Request
+from pagedllama.io.loading import load
+from pagedllama.engine.sampling import SamplingParams
+from pagedllama.engine.sharing import one_per_sequence
+from pagedllama.io.tokenizer import Tokenizer
 
 MAX_SEQ_LEN = 1024
 NEW_TOKENS = 8
@@ -186,7 +186,7 @@ def test_tokenizer_equals_smollm2s_own_tokenizer_json(ours, conversations, tmp_p
 def test_hf_folder_of_smollm2_reads_its_configs(ours, tmp_path):
     """What `download smollm2` fetches from the Hub: tokenizer.json with tokenizer_config.json (chat
     template, BOS/EOS) and generation_config.json beside it gives the GGUF's prompts and stop tokens."""
-    from pagedllama.loading import checkpoint_tokenizer
+    from pagedllama.io.loading import checkpoint_tokenizer
     for name in ("config.json", "model.safetensors"):  # what makes it a Hugging Face folder; not read here
         (tmp_path / name).touch()
     smollm2_tokenizer_json(ours.tokenizer, tmp_path / "tokenizer.json")

@@ -15,9 +15,9 @@ import torch
 
 from conftest import CPU, REFERENCE_SHAPES, TINY, hf_config, lively_state_dict
 from llama_reference import reference_logits, rope_frequency
-from pagedllama.checkpoint import build_model, load_checkpoint, save_hf
-from pagedllama.config import ModelArgs, RopeScaling
-from pagedllama.model import rope_frequencies
+from pagedllama.io.checkpoint import build_model, load_checkpoint, save_hf
+from pagedllama.model.config import ModelArgs, RopeScaling
+from pagedllama.model.model import rope_frequencies
 
 # Logits agree to this fraction of their largest magnitude. The package and transformers compute
 # in float32 (RoPE angles too), which leaves errors around 1e-6 of it; the smallest change the

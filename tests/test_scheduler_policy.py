@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import CPU, TINY, dry_step, new_group
-from pagedllama.kv_cache import KVCache
-from pagedllama.scheduler import MAX_PREFILL_TOKENS, Scheduler
-from pagedllama.sequence import Status
+from pagedllama.engine.block_manager import KVCache
+from pagedllama.engine.scheduler import MAX_PREFILL_TOKENS, Scheduler
+from pagedllama.engine.sequence import Status
 
 
 def bookkeeping_cache(num_blocks: int, block_size: int = 4, max_seq_len: int = 512) -> KVCache:

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from conftest import CPU, TINY
-from pagedllama.kv_cache import KVCache, cdiv
-from pagedllama.prefix_cache import ROOT
-from pagedllama.scheduler import Scheduler
-from pagedllama.sequence import Sequence, SequenceGroup, Status
-from pagedllama.swap import SwapSpace
+from pagedllama.engine.block_manager import KVCache, cdiv
+from pagedllama.engine.prefix_cache import ROOT
+from pagedllama.engine.scheduler import Scheduler
+from pagedllama.engine.sequence import Sequence, SequenceGroup, Status
+from pagedllama.engine.swap import SwapSpace
 
 MAX_PROMPT, MAX_NEW, MAX_WIDTH, ROWS = 10, 8, 3, 12
 SLOT = TINY.kv_bytes_per_token(4)

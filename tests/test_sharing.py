@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import CPU, TINY, generate, make_cache, random_requests
-from pagedllama import cli
-from pagedllama.engine import Engine, Request
-from pagedllama.kv_cache import KVCache
-from pagedllama.sampling import SamplingParams
-from pagedllama.sharing import SharingTracker, one_per_sequence
+from pagedllama.app import cli
+from pagedllama.engine.engine import Engine, Request
+from pagedllama.engine.block_manager import KVCache
+from pagedllama.engine.sampling import SamplingParams
+from pagedllama.engine.sharing import SharingTracker, one_per_sequence
 
 SLOT = TINY.kv_bytes_per_token(4)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=7)

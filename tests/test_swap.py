@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import CPU, TINY, dry_step, generate, make_cache, new_group, random_requests
-from pagedllama import cli
-from pagedllama.engine import Engine
-from pagedllama.kv_cache import KVCache
-from pagedllama.sampling import SamplingParams
-from pagedllama.scheduler import Scheduler
-from pagedllama.sequence import Status
-from pagedllama.swap import SwapSpace
+from pagedllama.app import cli
+from pagedllama.engine.engine import Engine
+from pagedllama.engine.block_manager import KVCache
+from pagedllama.engine.sampling import SamplingParams
+from pagedllama.engine.scheduler import Scheduler
+from pagedllama.engine.sequence import Status
+from pagedllama.engine.swap import SwapSpace
 
 SLOT = TINY.kv_bytes_per_token(4)
 # Requests that outgrow a 16-block pool of 4 slots while decoding: running ones are preempted.

@@ -11,12 +11,12 @@ pytest.importorskip("triton")
 
 from conftest import (CPU, REFERENCE_SHAPES, lively_state_dict, make_cache, random_requests,  # noqa: E402
                       run_against_reference)
-from pagedllama.checkpoint import build_model  # noqa: E402
-from pagedllama.engine import Engine  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
-from pagedllama import triton_attention  # noqa: E402
-from pagedllama.attention import TritonAttention  # noqa: E402
-from pagedllama.triton_attention import paged_attention  # noqa: E402
+from pagedllama.io.checkpoint import build_model  # noqa: E402
+from pagedllama.engine.engine import Engine  # noqa: E402
+from pagedllama.engine.sampling import SamplingParams  # noqa: E402
+from pagedllama.model import triton_attention  # noqa: E402
+from pagedllama.model.attention import TritonAttention  # noqa: E402
+from pagedllama.model.triton_attention import paged_attention  # noqa: E402
 
 GARBAGE = 10 ** 6  # block-table entries past a sequence's last block: never dereferenced
 

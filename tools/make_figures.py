@@ -15,9 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, Rectangle  # noqa: E402
 
-from pagedllama.config import ModelArgs  # noqa: E402
-from pagedllama.kv_cache import KVCache  # noqa: E402
-from pagedllama.sequence import Sequence  # noqa: E402
+from pagedllama.model.config import ModelArgs  # noqa: E402
+from pagedllama.engine.block_manager import KVCache  # noqa: E402
+from pagedllama.engine.sequence import Sequence  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "assets" / "paged_cache.png"
 BLOCK, POOL = 4, 10

@@ -22,9 +22,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import gguf_checkpoint
-from .config import ModelArgs, from_hf_config, from_meta_params
-from .errors import UserError
-from .model import Transformer
+from ..model.config import ModelArgs, from_hf_config, from_meta_params
+from ..errors import UserError
+from ..model.model import Transformer
 
 # Meta shards split these along dim 0 (output rows) or dim 1 (input columns); the rest are copies.
 _SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0, "wo": 1, "w2": 1}

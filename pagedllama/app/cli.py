@@ -19,25 +19,25 @@ from pathlib import Path
 import torch
 
 from .args import ArgumentParser, positive_int
-from .attention import BACKENDS, AttentionBackend, select_backend
-from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, Budget, build_cache, cpu_default_budget, cuda_default_budget,
+from ..model.attention import BACKENDS, AttentionBackend, select_backend
+from ..engine.budget import (DEFAULT_GPU_MEMORY_UTILIZATION, Budget, build_cache, cpu_default_budget, cuda_default_budget,
                      naive_max_rows, paged_num_blocks, simulated_budget, user_budget)
 from .capacity import dry_run, find_max_batch
-from .config import DEFAULT_MAX_SEQ_LEN, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
-from .data import default_data_path, load_sharegpt
-from .engine import PREEMPTION_MODES, Engine, Request
-from .errors import OutOfKVMemory, UsageError, UserError
-from .host_memory import keep_freed_memory
-from .kv_cache import KVCache
-from .loading import (DEMO, LLAMA3_VOCAB_SIZE, LLAMA_MODELS_INSTALL, Loaded, installed_llama3_tokenizer, load,
+from ..model.config import DEFAULT_MAX_SEQ_LEN, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
+from ..io.data import default_data_path, load_sharegpt
+from ..engine.engine import PREEMPTION_MODES, Engine, Request
+from ..errors import OutOfKVMemory, UsageError, UserError
+from ..host_memory import keep_freed_memory
+from ..engine.block_manager import KVCache
+from ..io.loading import (DEMO, LLAMA3_VOCAB_SIZE, LLAMA_MODELS_INSTALL, Loaded, installed_llama3_tokenizer, load,
                       resolve_device, resolve_dtype)
 from .report import GB, format_memory_report, human_bytes, timeline_json
-from .sampling import SamplingParams
-from .scheduler import MAX_PREFILL_TOKENS, SchedulerStats
-from .sequence import Sequence
-from .sharing import format_sharing, one_per_sequence
+from ..engine.sampling import SamplingParams
+from ..engine.scheduler import MAX_PREFILL_TOKENS, SchedulerStats
+from ..engine.sequence import Sequence
+from ..engine.sharing import format_sharing, one_per_sequence
 from .threads import choose_threads
-from .tokenizer import demo_tokenizer, load_tokenizer
+from ..io.tokenizer import demo_tokenizer, load_tokenizer
 from .workload import build_requests
 
 TWINS = {"naive": "naive (contiguous max_seq_len preallocation per request)",

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import build_cache
-from .config import ModelArgs
-from .engine import Engine, Request
-from .errors import OutOfKVMemory
+from ..engine.budget import build_cache
+from ..model.config import ModelArgs
+from ..engine.engine import Engine, Request
+from ..errors import OutOfKVMemory
 from .report import MemorySample
-from .sampling import SamplingParams
-from .scheduler import SchedulerStats
-from .sharing import one_per_sequence
+from ..engine.sampling import SamplingParams
+from ..engine.scheduler import SchedulerStats
+from ..engine.sharing import one_per_sequence
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .report import human_bytes
+from ..app.report import human_bytes
 
 if TYPE_CHECKING:
     from .engine import Request

@@ -27,9 +27,9 @@ from operator import attrgetter
 import numpy as np
 import torch
 
-from .attention import AttentionBackend, DecodeGroup, plan_decode_groups
+from ..model.attention import AttentionBackend, DecodeGroup, plan_decode_groups
 from .block_allocator import BlockAllocator
-from .config import ModelArgs
+from ..model.config import ModelArgs
 from .prefix_cache import PrefixCache
 from .sequence import Sequence
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import KVCache, StepMetadata
+from ..engine.block_manager import KVCache, StepMetadata
 from .model import Transformer
 
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import host_memory
-from .attention import AttentionBackend
-from .config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, ModelArgs
+from .. import host_memory
+from ..model.attention import AttentionBackend
+from ..model.config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, ModelArgs
 from .engine import Request
-from .errors import OutOfKVMemory, UsageError
-from .kv_cache import KVCache
-from .report import GB, human_bytes
+from ..errors import OutOfKVMemory, UsageError
+from .block_manager import KVCache
+from ..app.report import GB, human_bytes
 from .scheduler import MAX_PREFILL_TOKENS
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9

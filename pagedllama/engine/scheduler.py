@@ -19,7 +19,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
-from .kv_cache import KVCache
+from .block_manager import KVCache
 from .sequence import Sequence, SequenceGroup, Status
 from .swap import SwapSpace
 

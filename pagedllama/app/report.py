@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .kv_cache import KVCache
+    from ..engine.block_manager import KVCache
 
 GB = 1 << 30
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .block_allocator import BlockAllocator
-from .kv_cache import KVCache
+from .block_manager import KVCache
 from .sequence import Sequence
 
 

@@ -9,11 +9,11 @@ import torch
 from tqdm import tqdm
 
 from .beam_search import advance_beams
-from .cuda_graphs import DecodeGraphs
-from .errors import OutOfKVMemory
-from .kv_cache import KVCache
-from .model import Transformer
-from .report import GB, MemoryTracker
+from ..model.cuda_graphs import DecodeGraphs
+from ..errors import OutOfKVMemory
+from .block_manager import KVCache
+from ..model.model import Transformer
+from ..app.report import GB, MemoryTracker
 from .sampling import SamplingParams, sample, sample_key
 from .scheduler import MAX_PREFILL_TOKENS, Scheduler
 from .sequence import Sequence, SequenceGroup

@@ -18,7 +18,7 @@ from pathlib import Path
 import tiktoken
 
 from .chat_template import ChatTemplate
-from .errors import UserError
+from ..errors import UserError
 
 # Llama 3's pre-tokenizer.
 PAT_STR = (

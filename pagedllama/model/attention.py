@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
+from ..errors import UsageError
 
 if TYPE_CHECKING:
-    from .kv_cache import StepMetadata
+    from ..engine.block_manager import StepMetadata
 
 BACKENDS = ("auto", "flash-attn", "triton", "torch")
 FLASH_ATTN_PAGE_MULTIPLE = 256  # flash_api.cpp rejects other page sizes in every 2.x release

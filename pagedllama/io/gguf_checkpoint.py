@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from .chat_template import ChatTemplate
-from .config import ModelArgs
-from .errors import UserError
+from ..model.config import ModelArgs
+from ..errors import UserError
 from .tokenizer import GGUF_PRE_TOKENIZERS, Tokenizer
 
 Q = gguf.GGMLQuantizationType

@@ -17,7 +17,7 @@ from torch import nn
 from .config import ModelArgs, RopeScaling
 
 if TYPE_CHECKING:
-    from .kv_cache import KVCache, StepMetadata
+    from ..engine.block_manager import KVCache, StepMetadata
 
 
 class RMSNorm(nn.Module):
