@@ -28,8 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (budget_for_rows, load_model, log, make_cache, parse, bench_parser, print_summary,  # noqa: E402
                     ratio_summary, save_json, sharegpt_requests)
 
-from pagedllama.engine.engine import Engine  # noqa: E402
-from pagedllama.engine.sampling import SamplingParams  # noqa: E402
 
 # Each side's environment. thp: glibc's defaults, but PyTorch asks the kernel for transparent huge
 # pages (2 MiB, one fault each) for its CPU blocks of 2 MiB and more.
@@ -49,8 +47,7 @@ def measure(model_name: str, rounds: int = 3) -> dict:
     model = load_model(model_name)
     prefill, prefill_faults, decode, decode_faults = [], [], [], []
     for _ in range(rounds):
-        engine = Engine(model, make_cache("paged", model_name, reqs, budget_for_rows(model_name, len(reqs))),
-                        SamplingParams(), frozenset(), ignore_eos=True)
+        engine = make_cache("paged", model_name, reqs, budget_for_rows(model_name, len(reqs))).engine(model, reqs)
         engine.add(reqs)
         for i in range(1 + DECODE_STEPS):
             f0, t0 = faults(), time.process_time()

@@ -29,9 +29,7 @@ from baselines import PerHeadGqaTorchAttention, max_indices, rms_norm_by_hand, r
 import pagedllama.model.model  # noqa: E402
 import pagedllama.engine.sampling  # noqa: E402
 from pagedllama.model.attention import TorchAttention, plan_decode_groups  # noqa: E402
-from pagedllama.engine.engine import Engine  # noqa: E402
 from pagedllama.model.model import RMSNorm  # noqa: E402
-from pagedllama.engine.sampling import SamplingParams  # noqa: E402
 
 VERSIONS = {"package": (pagedllama.model.model.apply_rope, RMSNorm.forward, pagedllama.engine.sampling.first_argmax,
                         TorchAttention._decode_sdpa),
@@ -106,7 +104,7 @@ def step_ms(name: str, batch: int, prompt: int = 128) -> dict[str, float]:
     reqs = [Request(f"r{i}", [(7 * i + j) % 4000 + 1 for j in range(prompt + i % 16)], warm + 2 * ROUNDS + 1)
             for i in range(batch)]
     cache = make_cache("paged", name, reqs, budget_for_rows(name, batch))
-    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, max_prefill_tokens=1 << 20)
+    engine = cache.engine(model, reqs, max_prefill_tokens=1 << 20)
     times: dict[str, list[float]] = {v: [] for v in VERSIONS}
     decode_steps = [0]
     step = engine.step

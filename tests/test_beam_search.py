@@ -6,10 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import TINY, make_cache, random_requests
+from conftest import TINY, make_engine, random_requests
 from pagedllama.engine.beam_search import best_continuations
-from pagedllama.engine.engine import Engine
-from pagedllama.engine.sampling import SamplingParams
 from pagedllama.engine.sharing import one_per_sequence
 
 WIDTH, STEPS = 3, 6
@@ -43,8 +41,10 @@ def case(tiny_model):
     return requests, stop, expected
 
 
-def beam_search(model, cache, requests, stop, **options):
-    engine, streamed = Engine(model, cache, SamplingParams(), frozenset(stop), **options), []
+def beam_search(model, pool: tuple[int, int, int], requests, stop, **options):
+    """`pool`: (block size, blocks, block-table rows); stops at `stop` tokens."""
+    engine = make_engine(model, pool[0], pool[1], 32, pool[2], stop_ids=frozenset(stop), ignore_eos=False, **options)
+    streamed = []
     sequences = engine.run(requests, progress=False, on_finish=streamed.append).sequences
     assert sorted(s.seq_id for s in streamed) == sorted(s.seq_id for s in sequences), "only the final beams stream"
     return sequences, engine
@@ -60,8 +60,8 @@ def test_beam_search_equals_reference(tiny_model, case, twin):
     requests, stop, expected = case
     rows = len(one_per_sequence(requests))
     block_size, num_blocks = (4, 40) if twin == "paged" else (32, rows)
-    cache = make_cache(tiny_model, block_size, num_blocks, 32, rows)
-    sequences, engine = beam_search(tiny_model, cache, requests, stop)
+    sequences, engine = beam_search(tiny_model, (block_size, num_blocks, rows), requests, stop)
+    cache = engine.block_manager
     check(sequences, expected)
     assert cache.allocator.num_free == num_blocks and cache.num_cached_tokens == 0, "pruned beams gave blocks back"
     sharing = engine.sharing.summary(engine.memory.summary(0), 1, WIDTH)
@@ -71,9 +71,9 @@ def test_beam_search_equals_reference(tiny_model, case, twin):
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])
 def test_beam_search_under_preemption_equals_reference(tiny_model, case, preemption):
     requests, stop, expected = case
-    cache = make_cache(tiny_model, 2, 16, 32, len(one_per_sequence(requests)))
-    sequences, engine = beam_search(tiny_model, cache, requests, stop, preemption=preemption,
-                                    swap_space_bytes=100 * 2 * SLOT)
+    sequences, engine = beam_search(tiny_model, (2, 16, len(one_per_sequence(requests))), requests, stop,
+                                    preemption=preemption, swap_space_bytes=100 * 2 * SLOT)
+    cache = engine.block_manager
     check(sequences, expected)
     assert engine.scheduler.stats.preemptions > 0 and cache.allocator.num_free == 16
 

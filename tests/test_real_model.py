@@ -16,15 +16,14 @@ import torch
 
 from conftest import CPU
 from pagedllama.app import cli
-from pagedllama.model.attention import select_backend
-from pagedllama.engine.budget import build_cache
+from pagedllama.engine.config import EngineConfig
+from pagedllama.engine.engine import build_engine
+from pagedllama.engine.sequence import Request
 from pagedllama.io.data import default_data_path, load_sharegpt
 from pagedllama.io.download import SMOLLM2_GGUF, SMOLLM2_REPO
-from pagedllama.engine.engine import Engine, Request
 from pagedllama.io.loading import load
-from pagedllama.engine.sampling import SamplingParams
-from pagedllama.engine.sharing import one_per_sequence
 from pagedllama.io.tokenizer import Tokenizer
+from pagedllama.model.attention import select_backend
 
 MAX_SEQ_LEN = 1024
 NEW_TOKENS = 8
@@ -101,9 +100,8 @@ def test_greedy_tokens_equal_transformers(ours, batch, hf_greedy, twin):
     assert [len(r.prompt_ids) for r in batch] == sorted(len(r.prompt_ids) for r in batch)
     assert len(batch[0].prompt_ids) < 50 and len(batch[-1].prompt_ids) > 200
     backend = select_backend("torch", CPU, torch.float32, 16, MAX_SEQ_LEN)
-    cache = build_cache(twin, ours.args, one_per_sequence(batch), 2 ** 28, MAX_SEQ_LEN, backend, CPU, torch.float32,
-                        block_size=16)
-    engine = Engine(ours.model, cache, SamplingParams(), ours.tokenizer.stop_ids)
+    config = EngineConfig(twin, ours.args, MAX_SEQ_LEN, torch.float32, CPU, 16, stop_ids=ours.tokenizer.stop_ids)
+    engine = build_engine(config, 2 ** 28, batch, ours.model, backend)
     result = engine.run(batch, progress=False)
     assert [s.output_ids for s in result.sequences] == hf_greedy
     france = result.sequences[0]

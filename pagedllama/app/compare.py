@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -18,13 +18,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..engine.budget import cache_layout  # noqa: E402
+from ..engine.config import TWINS, EngineConfig  # noqa: E402
+from ..engine.engine import build_engine  # noqa: E402
+from ..engine.memory import MemorySample  # noqa: E402
+from ..errors import OutOfKVMemory, UsageError, UserError  # noqa: E402
 from ..model.attention import select_backend  # noqa: E402
-from ..engine.budget import build_cache  # noqa: E402
+from ..units import GB  # noqa: E402
 from .capacity import dry_run, find_max_batch  # noqa: E402
 from .cli import Setup, build_parser, generate, prepare, run_reporting_errors, scheduler_json  # noqa: E402
-from ..errors import OutOfKVMemory, UsageError, UserError  # noqa: E402
-from .report import GB, MemorySample, format_memory_report, timeline_json  # noqa: E402
-from ..engine.sharing import one_per_sequence  # noqa: E402
+from .report import format_memory_report, timeline_json  # noqa: E402
 
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 
@@ -53,22 +56,26 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_errors(lambda: compare(args), args.debug)
 
 
+def twin_config(setup: Setup, twin: str, **changes) -> EngineConfig:
+    """The EngineConfig prepare() built, for `twin` (and any other `changes`)."""
+    return replace(setup.config, twin=twin, **changes)
+
+
 def run_twin(twin: str, args: argparse.Namespace, setup: Setup) -> TwinRun:
     loaded, batch = setup.loaded, setup.batch
-    block_size = args.block_size if twin == "paged" else None
+    config = twin_config(setup, twin)
     try:
         if setup.planning or args.dry_run:
-            r = dry_run(twin, loaded.args, batch, setup.budget.kv_bytes, loaded.max_seq_len, setup.dtype, block_size)
+            r = dry_run(config, setup.budget.kv_bytes, batch)
             if r.error:
                 return TwinRun(twin, error=r.error)
             return TwinRun(twin, r.memory, scheduler_json(r.stats), r.timeline)
-        backend = setup.backend  # the one prepare() picked for both twins
-        cache = build_cache(twin, loaded.args, one_per_sequence(batch), setup.budget.kv_bytes, loaded.max_seq_len, backend,
-                            setup.device, setup.dtype, block_size=block_size, num_blocks=args.num_blocks)
+        # the backend prepare() picked for both twins
+        engine = build_engine(config, setup.budget.kv_bytes, batch, loaded.model, setup.backend)
     except OutOfKVMemory as e:
         return TwinRun(twin, error=str(e))
     print(f"running the {twin} twin...", file=sys.stderr)
-    result = generate(args, loaded, cache, batch, setup.budget.kv_bytes)
+    result = generate(args, loaded, engine, batch, setup.budget.kv_bytes)
     return TwinRun(twin, result["memory"], scheduler_json(result["stats"]), result["timeline"])
 
 
@@ -116,18 +123,19 @@ def compare(args: argparse.Namespace) -> int:
     if setup.backend and not args.dry_run:
         # `auto` gave the paged twin a kernel that the naive twin's blocks allow too; an explicit choice
         # must suit both as well.
-        select_backend(args.attention, setup.device, setup.dtype, setup.loaded.max_seq_len, args.block_size)
+        naive_block = cache_layout(twin_config(setup, "naive"), 0).block_size
+        select_backend(args.attention, setup.device, setup.dtype, naive_block, args.block_size)
         print(f"attention backend: {setup.backend.name} (both twins)")
-    runs = {twin: run_twin(twin, args, setup) for twin in ("naive", "paged")}
+    runs = {twin: run_twin(twin, args, setup) for twin in TWINS}
     print()
     print(side_by_side(runs["naive"], runs["paged"], f"TWIN, {setup.batch_size} requests"))
 
     loaded, budget = setup.loaded, setup.budget.kv_bytes
 
-    def limit(twin: str, block_size: int | None = None) -> tuple[int, bool]:
-        return find_max_batch(twin, loaded.args, setup.requests, budget, loaded.max_seq_len, setup.dtype, block_size)
+    def limit(twin: str) -> tuple[int, bool]:
+        return find_max_batch(twin_config(setup, twin), budget, setup.requests)
 
-    (k_naive, _), (k_paged, exhausted) = limit("naive"), limit("paged", args.block_size)
+    (k_naive, _), (k_paged, exhausted) = limit("naive"), limit("paged")
     ratio = k_paged / k_naive if k_naive else float("inf")
     more = " (every usable conversation fits: the true limit is higher)" if exhausted else ""
     print(f"\nlargest batch that fits in KV memory: naive {k_naive}, paged {k_paged}{more}; "
@@ -140,7 +148,7 @@ def compare(args: argparse.Namespace) -> int:
                      for t, r in runs.items()}}
     if not args.no_plots:
         model = args.simulate or ("demo model" if loaded.is_demo else args.model)
-        shown, batch = timeline_runs(runs, setup, k_naive, args.block_size)
+        shown, batch = timeline_runs(runs, setup, k_naive)
         timeline_png = plot_timelines(shown, budget, batch, model, args.plots_dir / "memory_timeline.png")
         sweep = block_size_sweep(setup)
         sweep_png = plot_sweep(sweep, k_naive, setup.batch_size, args.plots_dir / "block_size_sweep.png")
@@ -151,17 +159,15 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def timeline_runs(runs: dict[str, TwinRun], setup: Setup, k_naive: int,
-                  block_size: int) -> tuple[dict[str, TwinRun], int]:
+def timeline_runs(runs: dict[str, TwinRun], setup: Setup, k_naive: int) -> tuple[dict[str, TwinRun], int]:
     """Both twins' step-by-step memory and their batch; if naive could not run the batch, dry runs at
     the batch it can hold."""
     if all(r.timeline for r in runs.values()) or k_naive == 0:
         return runs, setup.batch_size
-    loaded, batch = setup.loaded, setup.requests[:k_naive]
+    batch = setup.requests[:k_naive]
     out = {}
-    for twin in ("naive", "paged"):
-        r = dry_run(twin, loaded.args, batch, setup.budget.kv_bytes, loaded.max_seq_len, setup.dtype,
-                    block_size if twin == "paged" else None)
+    for twin in TWINS:
+        r = dry_run(twin_config(setup, twin), setup.budget.kv_bytes, batch)
         out[twin] = TwinRun(twin, r.memory, scheduler_json(r.stats), r.timeline)
     print(f"(the memory timeline shows {k_naive} requests, the most the naive twin can hold)", file=sys.stderr)
     return out, k_naive
@@ -172,8 +178,9 @@ def block_size_sweep(setup: Setup) -> list[dict]:
     loaded, budget = setup.loaded, setup.budget.kv_bytes
     rows = []
     for bs in (b for b in BLOCK_SIZES if b <= loaded.max_seq_len):
-        r = dry_run("paged", loaded.args, setup.batch, budget, loaded.max_seq_len, setup.dtype, bs)
-        k, _ = find_max_batch("paged", loaded.args, setup.requests, budget, loaded.max_seq_len, setup.dtype, bs)
+        config = twin_config(setup, "paged", block_size=bs)
+        r = dry_run(config, budget, setup.batch)
+        k, _ = find_max_batch(config, budget, setup.requests)
         rows.append({"block_size": bs, "max_batch": k, "measured_at_batch": setup.batch_size,
                      "fragmented_fraction_of_budget": r.memory["fragmented_fraction_of_budget"] if r.memory else None,
                      "peak_utilization": r.memory["peak_utilization"] if r.memory else None})

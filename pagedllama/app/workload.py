@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..io.data import Conversation
-from ..engine.engine import Request
+from ..engine.sequence import Request
 from ..errors import UserError, UsageError
 from ..io.tokenizer import Tokenizer
 

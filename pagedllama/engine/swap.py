@@ -1,28 +1,23 @@
 """Swap preemption: a preempted request's K/V go to a pool of blocks in CPU memory, and back.
 
 The alternative to recomputing them with a later prefill. vLLM offers both and defaults to
-recompute, because copying many small blocks over PCIe is slow; here each swap is one
-gather and one scatter over all layers at once. With no KV storage (dry runs) only the
-bookkeeping happens.
+recompute, because copying many small blocks over PCIe is slow. This class keeps the CPU
+pool's bookkeeping; each swap is recorded in the block manager's `ops`, which the model
+runner applies as one gather and one scatter over all layers at once (a dry run has none).
 """
 from __future__ import annotations
 
-import torch
-
 from .block_allocator import BlockAllocator
-from .block_manager import KVCache
+from .block_manager import SWAP_IN, SWAP_OUT, BlockCopy, BlockManager
 from .sequence import Sequence
 
 
 class SwapSpace:
-    """A CPU pool of blocks shaped like the cache's, and which of them each swapped sequence holds."""
+    """A CPU pool of `num_blocks` blocks shaped like the cache's, and which of them each swapped sequence holds."""
 
-    def __init__(self, cache: KVCache, swap_bytes: int):
-        self.cache = cache
-        num_blocks = swap_bytes // (cache.block_size * cache.bytes_per_slot)
+    def __init__(self, block_manager: BlockManager, num_blocks: int):
+        self.block_manager = block_manager
         self.allocator = BlockAllocator(num_blocks)
-        self.kv = torch.empty((2, cache.kv.shape[1], num_blocks, *cache.kv.shape[3:]), dtype=cache.dtype,
-                              pin_memory=cache.device.type == "cuda" and cache.kv.numel() > 0)
         self.tables: dict[Sequence, list[int]] = {}
 
     def can_swap_out(self, seqs: list[Sequence]) -> bool:
@@ -31,28 +26,26 @@ class SwapSpace:
     def swap_out(self, seqs: list[Sequence]) -> None:
         """Copy `seqs`' blocks here (a block they share, once) and free them in the cache."""
         tables = self.allocator.mirror([s.block_table for s in seqs])
-        _copy(self.kv, tables, self.cache.kv, [s.block_table for s in seqs])
+        self.block_manager.ops.add(SWAP_OUT, _pairs([s.block_table for s in seqs], tables))
         for seq, table in zip(seqs, tables):
             self.tables[seq] = table
-            self.cache.release(seq)
+            self.block_manager.release(seq)
 
     def can_swap_in(self, seqs: list[Sequence], watermark_blocks: int) -> bool:
         blocks = len({b for s in seqs for b in self.tables[s]})
-        return self.cache.has_room(blocks, len(seqs), watermark_blocks)
+        return self.block_manager.has_room(blocks, len(seqs), watermark_blocks)
 
     def swap_in(self, seqs: list[Sequence]) -> None:
         """Copy `seqs`' blocks back into newly allocated cache blocks and free them here."""
+        manager = self.block_manager
         swapped = [self.tables.pop(s) for s in seqs]
-        tables = self.cache.allocator.mirror(swapped, self.cache.new_block)
-        self.cache.restore(seqs, tables)
-        _copy(self.cache.kv, tables, self.kv, swapped)
+        tables = manager.allocator.mirror(swapped, manager.new_block)
+        manager.restore(seqs, tables)
+        manager.ops.add(SWAP_IN, _pairs(swapped, tables))
         for block in (b for table in swapped for b in table):
             self.allocator.free(block)
 
 
-def _copy(dst: torch.Tensor, dst_tables: list[list[int]], src: torch.Tensor, src_tables: list[list[int]]) -> None:
-    """Copy blocks between pools, all layers of K and V at once, each distinct block once."""
-    pairs = {d: s for dt, st in zip(dst_tables, src_tables) for d, s in zip(dt, st)}
-    dst_ids = torch.tensor(list(pairs), dtype=torch.long, device=dst.device)
-    src_ids = torch.tensor(list(pairs.values()), dtype=torch.long, device=src.device)
-    dst[:, :, dst_ids] = src[:, :, src_ids].to(dst.device)
+def _pairs(src_tables: list[list[int]], dst_tables: list[list[int]]) -> list[BlockCopy]:
+    """(source, destination) of each distinct block of the tables, once."""
+    return [(s, d) for d, s in {d: s for st, dt in zip(src_tables, dst_tables) for s, d in zip(st, dt)}.items()]

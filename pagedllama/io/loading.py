@@ -15,7 +15,7 @@ from .checkpoint import (build_model, check_gguf_tensors, detect_format, gguf_pa
 from ..model.config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs
 from ..errors import UserError, UsageError
 from ..model.model import Transformer
-from ..app.report import human_bytes
+from ..units import human_bytes
 from .tokenizer import Tokenizer, demo_tokenizer, find_tokenizer, load_tokenizer
 
 DEMO = "demo"

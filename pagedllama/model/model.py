@@ -2,7 +2,7 @@
 
 Tokens of all sequences in a step are packed into one (T, dim) tensor, so prefill of
 prompts of different lengths is one pass with no padding, and decode is the case T = B.
-Attention reads and writes K/V only through the `KVCache` it is handed, which is the one
+Attention reads and writes K/V only through the `KVCache` it is handed, whose layout is the one
 thing the naive and paged twins do differently.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ from torch import nn
 from .config import ModelArgs, RopeScaling
 
 if TYPE_CHECKING:
-    from ..engine.block_manager import KVCache, StepMetadata
+    from .attention import StepMetadata
+    from .kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
