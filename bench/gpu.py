@@ -2,7 +2,7 @@
 
 1. copy: the two ceilings. A device-to-device copy of 2 GiB (bytes read plus bytes written, per
    second) and an 8192^3 bf16 matrix product (FLOP per second), both on random data.
-2. correct: greedy tokens on CUDA against the full-recompute reference (`forward_full`, no cache).
+2. correct: greedy tokens on CUDA against the full-recompute reference (tests/full_forward.py, no cache).
    A small model in float32: both twins, each backend (torch, triton; triton also from CUDA
    graphs), an ample pool and tight pools that preempt (recompute, swap); every token must equal
    the reference. Llama-3-8B-shaped weights in bfloat16: the same runs, compared with each other
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # tests/: full_forward
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -63,6 +63,7 @@ from pagedllama.engine.sequence import Request  # noqa: E402
 from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
 from pagedllama.model.attention import select_backend  # noqa: E402
 from pagedllama.model.config import NAMED_SHAPES, ModelArgs  # noqa: E402
+from full_forward import full_forward  # noqa: E402
 from overhead import BLOCK_SIZE, cache_for  # noqa: E402  (the bench's shared pieces: one cache-sizing rule)
 
 GIB = 1 << 30
@@ -121,12 +122,12 @@ def random_requests(lengths: tuple[tuple[int, int], ...], vocab: int, seed: int)
 
 
 def greedy_reference(model, reqs: list[Request], device: torch.device) -> list[list[int]]:
-    """Greedy tokens by full recomputation with no cache (`forward_full`): the ground truth."""
+    """Greedy tokens by full recomputation with no cache (`full_forward`): the ground truth."""
     out = []
     for r in reqs:
         ids = list(r.prompt_ids)
         for _ in range(r.max_new_tokens):
-            ids.append(int(model.forward_full(torch.tensor([ids], device=device))[0, -1].argmax()))
+            ids.append(int(full_forward(model, torch.tensor([ids], device=device))[0, -1].argmax()))
         out.append(ids[len(r.prompt_ids):])
     return out
 

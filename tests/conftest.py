@@ -11,12 +11,14 @@ from hypothesis import Phase, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from checkpoint_writers import meta_params, save_hf, save_meta  # noqa: E402
+from full_forward import full_forward  # noqa: E402
 from llama_reference import reference_logits  # noqa: E402
 from pagedllama.engine.config import CacheLayout, EngineConfig  # noqa: E402
 from pagedllama.engine.engine import Engine, RunResult  # noqa: E402
 from pagedllama.engine.scheduler import Scheduler  # noqa: E402
 from pagedllama.engine.sequence import Request, Sequence, SequenceGroup  # noqa: E402
-from pagedllama.io.checkpoint import build_model, meta_params, random_state_dict, save_hf, save_meta  # noqa: E402
+from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
 from pagedllama.model.attention import AttentionBackend, TorchAttention  # noqa: E402
 from pagedllama.model.config import ModelArgs, RopeScaling  # noqa: E402
 from pagedllama.model.model import Transformer  # noqa: E402
@@ -71,7 +73,7 @@ def reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]
     """Greedy decoding by full recomputation, no cache: the ground truth."""
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(model.forward_full(torch.tensor([ids]))[0, -1].argmax()))
+        ids.append(int(full_forward(model, torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
 
 

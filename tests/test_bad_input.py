@@ -26,13 +26,13 @@ from safetensors.torch import load_file, save_file
 
 import flash_attn_standin
 from conftest import chats, write_byte_checkpoint
-from pagedllama.app import cli
-from pagedllama.io import download
 from pagedllama import host_memory
-from pagedllama.model.attention import select_backend
-from pagedllama.io.checkpoint import detect_format, load_checkpoint
-from pagedllama.model.config import NAMED_SHAPES
+from pagedllama.app import cli
 from pagedllama.errors import UserError
+from pagedllama.io import download
+from pagedllama.io.checkpoint import detect_format, load_checkpoint
+from pagedllama.model.attention import select_backend
+from pagedllama.model.config import NAMED_SHAPES
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_head": 4,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY, make_engine, random_requests
+from full_forward import full_forward
 from pagedllama.engine.beam_search import best_continuations
 from pagedllama.engine.sharing import one_per_sequence
 
@@ -20,7 +21,7 @@ def reference_beam_search(model, prompt: list[int], stop: set[int]) -> list[tupl
     for _ in range(STEPS):
         candidates = []
         for score, out in live:
-            logprobs = model.forward_full(torch.tensor([prompt + out]))[0, -1].log_softmax(-1).tolist()
+            logprobs = full_forward(model, torch.tensor([prompt + out]))[0, -1].log_softmax(-1).tolist()
             candidates += [(score + lp, out + [t]) for t, lp in enumerate(logprobs)]
         best = sorted(candidates, key=lambda c: -c[0])[:WIDTH]
         done += [c for c in best if c[1][-1] in stop]

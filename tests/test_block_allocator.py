@@ -5,14 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CPU, TINY
-from pagedllama.model.attention import TorchAttention
 from pagedllama.engine.block_allocator import BlockAllocator
 from pagedllama.engine.block_manager import BlockManager
 from pagedllama.engine.config import CacheLayout
 from pagedllama.engine.sequence import Sequence
-
-import torch
 
 
 def check_invariants(cache: BlockManager, live: list[Sequence]) -> None:

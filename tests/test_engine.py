@@ -1,6 +1,6 @@
 """Both twins against the no-cache forward pass, token for token (greedy, float32).
 
-`Transformer.forward_full` shares RoPE, RMSNorm and the FFN with the cached path, so these tests
+`full_forward` (tests/full_forward.py) shares RoPE, RMSNorm and the FFN with the cached path, so these tests
 show that cached equals uncached over any workload and pool: a fast second opinion. That the model
 is Llama 3 is checked against the independent float64 reference (test_reference.py,
 test_engine_reference.py).

@@ -1,6 +1,6 @@
 """Both twins, through each attention backend that runs here, against the float64 reference.
 
-test_engine.py compares the engine with `Transformer.forward_full`, which shares RoPE, RMSNorm
+test_engine.py compares the engine with `full_forward`, which shares RoPE, RMSNorm
 and the FFN with the cached path: it shows that cached equals uncached, not that either is Llama.
 Here every token the engine picks is checked against llama_reference.py, which shares no code with
 the package (`run_against_reference`), at every shape of `REFERENCE_SHAPES` (RoPE scaling, tied

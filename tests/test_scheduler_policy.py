@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from conftest import CPU, TINY, dry_step, new_group
+from conftest import dry_step, new_group
 from pagedllama.engine.block_manager import BlockManager
-from pagedllama.engine.config import CacheLayout
-from pagedllama.engine.scheduler import MAX_PREFILL_TOKENS, Scheduler
+from pagedllama.engine.config import MAX_PREFILL_TOKENS, CacheLayout
+from pagedllama.engine.scheduler import Scheduler
 from pagedllama.engine.sequence import Status
 
 

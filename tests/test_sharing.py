@@ -5,7 +5,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from conftest import TINY, generate, make_engine, random_requests
 from pagedllama.app import cli

@@ -1,9 +1,9 @@
 """ShareGPT conversations to tokenized requests with their generation limits."""
 from __future__ import annotations
 
-from ..io.data import Conversation
 from ..engine.sequence import Request
 from ..errors import UserError, UsageError
+from ..io.data import Conversation
 from ..io.tokenizer import Tokenizer
 
 

@@ -23,8 +23,8 @@ import huggingface_hub
 from huggingface_hub import errors as hub_errors
 
 from ..app.args import ArgumentParser, positive_int
-from .data import parse_entry
 from ..errors import UserError
+from .data import parse_entry
 
 _HF_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
              "tokenizer_config.json", "generation_config.json"]
