@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..args import ArgumentParser, positive_int
 from ..engine.budget import (DEFAULT_GPU_MEMORY_UTILIZATION, Budget, cache_layout, cpu_default_budget,
                              cuda_default_budget, simulated_budget, user_budget)
 from ..engine.config import PAGED_BLOCK_SIZE, PREEMPTION_MODES, TWINS, EngineConfig
@@ -37,7 +38,6 @@ from ..model.attention import BACKENDS, AttentionBackend, select_backend
 from ..model.config import DEFAULT_MAX_SEQ_LEN, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
 from ..model.model_runner import warmup_peak_bytes
 from ..units import GB, human_bytes
-from .args import ArgumentParser, positive_int
 from .capacity import dry_run, find_max_batch
 from .report import format_memory_report, timeline_json
 from .threads import choose_threads

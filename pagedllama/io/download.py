@@ -22,7 +22,7 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub import errors as hub_errors
 
-from ..app.args import ArgumentParser, positive_int
+from ..args import ArgumentParser, positive_int
 from ..errors import UserError
 from .data import parse_entry
 
