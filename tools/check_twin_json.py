@@ -78,6 +78,13 @@ def run(twin: str, args: list[str]) -> dict:
             "json": doc, "output": stream}
 
 
+def dumps(runs: dict) -> str:
+    """One run per line: compact, and a diff still names the runs that changed."""
+    lines = [f"{json.dumps(name)}: {json.dumps(doc, ensure_ascii=False, separators=(',', ':'))}"
+             for name, doc in runs.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def first_difference(a, b, path: str = "") -> str | None:
     if type(a) is not type(b):
         return f"{path or '.'}: {a!r} != {b!r}"
@@ -114,7 +121,7 @@ def main() -> int:
         recorded = json.loads(BASELINE.read_text()) if a.only and BASELINE.exists() else {}
         recorded.update(results)  # --only re-records just those runs
         BASELINE.parent.mkdir(parents=True, exist_ok=True)
-        BASELINE.write_text(json.dumps(recorded, indent=1, ensure_ascii=False) + "\n")
+        BASELINE.write_text(dumps(recorded))
         print(f"recorded {len(results)} runs in {BASELINE.relative_to(ROOT)}")
         return 0
     baseline = json.loads(BASELINE.read_text())
