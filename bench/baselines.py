@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pagedllama.attention import TorchAttention, gather_kv, sdpa_per_head, write_kv
+from pagedllama.model.attention import TorchAttention, gather_kv, sdpa_per_head, write_kv
 
 CHUNK = 16
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,19 +29,19 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pagedllama.attention import TorchAttention  # noqa: E402
-from pagedllama.budget import MAX_PREFILL_TOKENS, build_cache, cpu_default_budget, naive_max_rows  # noqa: E402
-from pagedllama.capacity import find_max_batch  # noqa: E402
-from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
-from pagedllama.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs, ffn_hidden_dim  # noqa: E402
-from pagedllama.data import default_data_path, load_sharegpt  # noqa: E402
-from pagedllama.engine import Engine, Request  # noqa: E402
+from pagedllama.app.capacity import find_max_batch  # noqa: E402
+from pagedllama.app.workload import build_requests  # noqa: E402
+from pagedllama.engine.budget import cache_layout, cpu_default_budget  # noqa: E402
+from pagedllama.engine.config import CacheLayout, EngineConfig  # noqa: E402
+from pagedllama.engine.engine import Engine, build_engine  # noqa: E402
+from pagedllama.engine.sequence import Request  # noqa: E402
 from pagedllama.host_memory import keep_freed_memory  # noqa: E402
-from pagedllama.kv_cache import KVCache  # noqa: E402
-from pagedllama.model import Transformer  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
-from pagedllama.tokenizer import demo_tokenizer  # noqa: E402
-from pagedllama.workload import build_requests  # noqa: E402
+from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
+from pagedllama.io.data import default_data_path, load_sharegpt  # noqa: E402
+from pagedllama.io.tokenizer import demo_tokenizer  # noqa: E402
+from pagedllama.model.attention import TorchAttention  # noqa: E402
+from pagedllama.model.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs, ffn_hidden_dim  # noqa: E402
+from pagedllama.model.model import Transformer  # noqa: E402
 
 
 # Intra-op threads. 1 by default: on a shared 2-core machine, two OpenMP threads stall at every
@@ -242,26 +242,52 @@ def default_backend(max_seq_len: int):
     BENCH_ATTENTION), one kernel for the naive rows of `max_seq_len` and the paged blocks alike."""
     if DEVICE.type == "cpu":
         return TorchAttention()
-    from pagedllama.attention import select_backend
+    from pagedllama.model.attention import select_backend
 
     name = os.environ.get("BENCH_ATTENTION", "auto")
     select_backend(name, DEVICE, DTYPE, max_seq_len, BLOCK_SIZE)  # the naive twin's rows allow it too
     return select_backend(name, DEVICE, DTYPE, BLOCK_SIZE, max_seq_len)
 
 
+def bench_config(twin: str, model: str, max_seq_len: int = MAX_SEQ_LEN, dtype: torch.dtype = DTYPE,
+                 **options) -> EngineConfig:
+    """What the benchmarks run: greedy, EOS ignored, every request to its length (as the demo runs)."""
+    return EngineConfig(twin, MODELS[model], max_seq_len, dtype, DEVICE, BLOCK_SIZE, ignore_eos=True, **options)
+
+
+@dataclass
+class CachePlan:
+    """The KV cache a run gets, for `engine_steps` to build its engine with (through the CLI's own
+    `build_engine`, unless `layout` fixes the pool and its `rows`)."""
+
+    config: EngineConfig
+    budget: int
+    backend: object
+    layout: CacheLayout | None = None
+    rows: int = 0
+    sized_for: list[Request] = field(default_factory=list)  # the requests the cache is sized for, if not the run's
+
+    def engine(self, model: Transformer | None, reqs: list[Request], **options) -> Engine:
+        """The engine for `reqs`; `options`: EngineConfig fields to change."""
+        config = replace(self.config, **options)
+        if self.layout is not None:
+            return Engine(config, self.layout, self.rows, model, self.backend)
+        return build_engine(config, self.budget, self.sized_for or reqs, model, self.backend)
+
+
 def make_cache(twin: str, model: str, reqs: list[Request], budget: int, max_seq_len: int = MAX_SEQ_LEN,
-               storage: bool = True, backend=None, dtype: torch.dtype = DTYPE) -> KVCache:
+               storage: bool = True, backend=None, dtype: torch.dtype = DTYPE) -> CachePlan:
+    """The twin's cache for `reqs` within `budget`; `storage=False`: for a dry run (no backend)."""
     backend = backend or (default_backend(max_seq_len) if storage else None)
-    return build_cache(twin, MODELS[model], reqs, budget, max_seq_len, backend, DEVICE if storage else CPU, dtype,
-                       block_size=None if twin == "naive" else BLOCK_SIZE, storage=storage)
+    return CachePlan(bench_config(twin, model, max_seq_len, dtype), budget, backend)
 
 
-def naive_continuous_cache(model: str, rows: int, num_reqs: int, max_seq_len: int = MAX_SEQ_LEN) -> KVCache:
+def naive_continuous_cache(model: str, rows: int, num_reqs: int, max_seq_len: int = MAX_SEQ_LEN) -> CachePlan:
     """Naive preallocation (one max_seq_len row per running request) but with continuous batching:
     `rows` rows, admitting a waiting request whenever one finishes. Not a twin the CLI has; it
     separates the effect of the memory layout from that of batching."""
-    return KVCache(MODELS[model], rows, max_seq_len, max_seq_len, num_reqs, default_backend(max_seq_len), DEVICE,
-                   DTYPE)
+    return CachePlan(bench_config("naive", model, max_seq_len), 0, default_backend(max_seq_len),
+                     CacheLayout(max_seq_len, rows, preallocated=True), num_reqs)
 
 
 @dataclass
@@ -311,11 +337,10 @@ class Clock:
 StepRun = Generator[Callable[[], object], tuple[float, float], RunStats]
 
 
-def engine_steps(model: Transformer | None, cache: KVCache, reqs: list[Request]) -> StepRun:
+def engine_steps(model: Transformer | None, cache: CachePlan, reqs: list[Request]) -> StepRun:
     """Generate every request to its length (greedy, EOS ignored, as the demo runs), one step at a
     time; only the steps are timed."""
-    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True,
-                    max_prefill_tokens=MAX_PREFILL_TOKENS)
+    engine = cache.engine(model, reqs)
     groups = engine.add(reqs)
     cpu = wall = 0.0
     steps = 0
@@ -359,7 +384,7 @@ def lockstep(runs: dict[str, StepRun]) -> dict[str, RunStats]:
     return done
 
 
-def run_engine(model: Transformer | None, cache: KVCache, reqs: list[Request]) -> RunStats:
+def run_engine(model: Transformer | None, cache: CachePlan, reqs: list[Request]) -> RunStats:
     """One engine run by itself."""
     return lockstep({"run": engine_steps(model, cache, reqs)})["run"]
 
@@ -373,11 +398,11 @@ def combine(runs: list[RunStats]) -> RunStats:
 
 def paged_max_batch(model: str, reqs: list[Request], budget: int, max_seq_len: int = MAX_SEQ_LEN) -> tuple[int, bool]:
     """The dry run's answer: largest K whose first K requests fit the KV memory (none waits for blocks, none is preempted)."""
-    return find_max_batch("paged", MODELS[model], reqs, budget, max_seq_len, DTYPE, BLOCK_SIZE)
+    return find_max_batch(bench_config("paged", model, max_seq_len), budget, reqs)
 
 
 def naive_max_batch(model: str, budget: int, max_seq_len: int = MAX_SEQ_LEN) -> int:
-    return naive_max_rows(budget, max_seq_len, bytes_per_token(model))
+    return cache_layout(bench_config("naive", model, max_seq_len), budget).num_blocks
 
 
 # ---------------------------------------------------------------------------------------------

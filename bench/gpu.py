@@ -2,7 +2,7 @@
 
 1. copy: the two ceilings. A device-to-device copy of 2 GiB (bytes read plus bytes written, per
    second) and an 8192^3 bf16 matrix product (FLOP per second), both on random data.
-2. correct: greedy tokens on CUDA against the full-recompute reference (`forward_full`, no cache).
+2. correct: greedy tokens on CUDA against the full-recompute reference (tests/full_forward.py, no cache).
    A small model in float32: both twins, each backend (torch, triton; triton also from CUDA
    graphs), an ample pool and tight pools that preempt (recompute, swap); every token must equal
    the reference. Llama-3-8B-shaped weights in bfloat16: the same runs, compared with each other
@@ -49,19 +49,21 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # tests/: full_forward
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pagedllama.attention import select_backend  # noqa: E402
-from pagedllama.kv_cache import KVCache, cdiv  # noqa: E402
-from pagedllama.budget import build_cache, naive_max_rows, reference_preallocations  # noqa: E402
-from pagedllama.capacity import find_max_batch  # noqa: E402
-from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
-from pagedllama.config import NAMED_SHAPES, ModelArgs  # noqa: E402
-from pagedllama.engine import Engine, Request  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
+from pagedllama.app.capacity import find_max_batch  # noqa: E402
+from pagedllama.engine.block_manager import cdiv  # noqa: E402
+from pagedllama.engine.budget import cache_layout, reference_preallocations  # noqa: E402
+from pagedllama.engine.config import CacheLayout, EngineConfig  # noqa: E402
+from pagedllama.engine.engine import Engine, build_engine  # noqa: E402
+from pagedllama.engine.sequence import Request  # noqa: E402
+from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
+from pagedllama.model.attention import select_backend  # noqa: E402
+from pagedllama.model.config import NAMED_SHAPES, ModelArgs  # noqa: E402
+from full_forward import full_forward  # noqa: E402
 from overhead import BLOCK_SIZE, cache_for  # noqa: E402  (the bench's shared pieces: one cache-sizing rule)
 
 GIB = 1 << 30
@@ -120,12 +122,12 @@ def random_requests(lengths: tuple[tuple[int, int], ...], vocab: int, seed: int)
 
 
 def greedy_reference(model, reqs: list[Request], device: torch.device) -> list[list[int]]:
-    """Greedy tokens by full recomputation with no cache (`forward_full`): the ground truth."""
+    """Greedy tokens by full recomputation with no cache (`full_forward`): the ground truth."""
     out = []
     for r in reqs:
         ids = list(r.prompt_ids)
         for _ in range(r.max_new_tokens):
-            ids.append(int(model.forward_full(torch.tensor([ids], device=device))[0, -1].argmax()))
+            ids.append(int(full_forward(model, torch.tensor([ids], device=device))[0, -1].argmax()))
         out.append(ids[len(r.prompt_ids):])
     return out
 
@@ -154,9 +156,10 @@ def run_twin(model, args: ModelArgs, reqs: list[Request], twin: str, attention: 
         num_blocks = sum(need) + 1 if pool == "ample" else max(max(need), prompts)
         block_size = BLOCK_SIZE
     backend = select_backend(attention, device, dtype, block_size, BLOCK_SIZE if twin == "naive" else max_seq_len)
-    cache = KVCache(args, num_blocks, block_size, max_seq_len, len(reqs), backend, device, dtype)
-    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, preemption=preemption,
-                    swap_space_bytes=num_blocks * block_size * cache.bytes_per_slot, cuda_graphs=graphs)
+    config = EngineConfig(twin, args, max_seq_len, dtype, device, BLOCK_SIZE, ignore_eos=True, preemption=preemption,
+                          swap_space_bytes=num_blocks * block_size * args.kv_bytes_per_token(dtype.itemsize),
+                          cuda_graphs=graphs)
+    engine = Engine(config, CacheLayout(block_size, num_blocks), len(reqs), model, backend)
     result = engine.run(reqs, progress=False)
     return [s.output_ids for s in result.sequences], engine.scheduler.stats
 
@@ -204,7 +207,7 @@ def kernel_case(args: ModelArgs, batch: int, context: int, device: torch.device,
                 repeats: int) -> dict:
     """Decode attention over `context` keys per sequence: Triton through the block table vs SDPA on a
     contiguous (batch, kv_heads, context, head_dim) copy of the same K/V."""
-    from pagedllama.triton_attention import paged_attention
+    from pagedllama.model.triton_attention import paged_attention
 
     hkv, d = args.n_kv_heads, args.head_dim
     q, k_cache, v_cache, block_table, context_lens, query_start_loc = decode_case(args, batch, context, device, dtype)
@@ -234,7 +237,7 @@ def flash_cases(args: ModelArgs, batches, contexts, device: torch.device, dtype:
         from flash_attn.cute import __version__ as fa_version, flash_attn_varlen_func
     except Exception as e:  # not installed, or its compiler libraries missing: the reason is the result
         return {"available": False, "error": f"{type(e).__name__}: {e}"[:500]}
-    from pagedllama.triton_attention import paged_attention
+    from pagedllama.model.triton_attention import paged_attention
 
     rows = []
     for batch in batches:
@@ -280,10 +283,10 @@ def decode_steps(model, args: ModelArgs, twin: str, batch: int, prompt: int, ste
     max_seq_len = prompt + steps + 1
     blocks = (max_seq_len, BLOCK_SIZE) if twin == "naive" else (BLOCK_SIZE, max_seq_len)
     backend = select_backend(attention, device, dtype, *blocks)  # `auto`: one kernel for both twins
-    cache = cache_for(args, twin, reqs, True, dtype, max_seq_len, backend, device)  # room for the whole batch
+    cache = cache_for(args, twin, reqs, True, dtype, max_seq_len, backend, device, max_prefill_tokens=32768,
+                      cuda_graphs=graphs)  # room for the whole batch
     t0 = time.perf_counter()
-    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, max_prefill_tokens=32768,
-                    cuda_graphs=graphs)
+    engine = cache.engine(model, cache.sized_for)
     capture_s = time.perf_counter() - t0
     groups = engine.add(reqs)
     while engine.scheduler.waiting:  # prefill
@@ -296,18 +299,16 @@ def decode_steps(model, args: ModelArgs, twin: str, batch: int, prompt: int, ste
         engine.step()  # ends by copying the sampled tokens to the host: the GPU work is done
         times.append(time.perf_counter() - t0)
     context = prompt + 1 + steps // 2
-    return {"twin": twin, "batch": batch, "backend": cache.backend.name, "cuda_graphs": graphs,
+    return {"twin": twin, "batch": batch, "backend": backend.name, "cuda_graphs": graphs,
             "capture_s": capture_s if graphs else None, "step_ms": 1e3 * statistics.median(times),
             "step_ms_range": [1e3 * min(times), 1e3 * max(times)], "mean_context": context,
             "kv_bytes_read": batch * context * args.kv_bytes_per_token(dtype.itemsize),
             "tokens": [s.output_ids for grp in groups for s in grp.outputs()]}
 
 
-def generate(model, cache, reqs: list[Request], device: torch.device,
-             graphs: bool) -> tuple[list[list[int]], float]:
+def generate(engine: Engine, reqs: list[Request], device: torch.device) -> tuple[list[list[int]], float]:
     """Every request to its length (greedy, EOS ignored): the output tokens and the seconds it took
-    (CUDA graphs are captured before the clock starts)."""
-    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, cuda_graphs=graphs)
+    (CUDA graphs are captured before the clock starts, when the engine is built)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -325,22 +326,22 @@ def same_budget(model, args: ModelArgs, max_seq_len: int, num_requests: int, cap
     bpt = args.kv_bytes_per_token(dtype.itemsize)
     budget = int(reference_preallocations() * max_seq_len * bpt)
     reqs = sharegpt_requests(num_requests, max_seq_len, cap)
-    naive_batch = naive_max_rows(budget, max_seq_len, bpt)
-    paged_batch, _ = find_max_batch("paged", args, reqs, budget, max_seq_len, dtype, BLOCK_SIZE)
+    configs = {twin: EngineConfig(twin, args, max_seq_len, dtype, device, BLOCK_SIZE, ignore_eos=True,
+                                  cuda_graphs=graphs) for twin in ("naive", "paged")}
+    naive_batch = cache_layout(configs["naive"], budget).num_blocks
+    paged_batch, _ = find_max_batch(configs["paged"], budget, reqs)
     reqs = reqs[:paged_batch]
 
-    def cache(twin: str, batch: list[Request]):
+    def engine(twin: str, batch: list[Request]) -> Engine:
         blocks = (max_seq_len, BLOCK_SIZE) if twin == "naive" else (BLOCK_SIZE, max_seq_len)
-        return build_cache(twin, args, batch, budget, max_seq_len, select_backend(attention, device, dtype, *blocks),
-                           device, dtype, block_size=None if twin == "naive" else BLOCK_SIZE)
+        return build_engine(configs[twin], budget, batch, model, select_backend(attention, device, dtype, *blocks))
 
     for twin in ("paged", "naive"):  # warm-up: each twin's kernels compiled before the clock runs
-        generate(model, cache(twin, reqs[:2]), [Request(r.request_id, r.prompt_ids[:16], 2) for r in reqs[:2]], device,
-                 graphs)
-    paged_out, paged_s = generate(model, cache("paged", reqs), reqs, device, graphs)
+        generate(engine(twin, reqs[:2]), [Request(r.request_id, r.prompt_ids[:16], 2) for r in reqs[:2]], device)
+    paged_out, paged_s = generate(engine("paged", reqs), reqs, device)
     naive_out, naive_s = [], 0.0
     for i in range(0, len(reqs), naive_batch):
-        out, s = generate(model, cache("naive", reqs[i:i + naive_batch]), reqs[i:i + naive_batch], device, graphs)
+        out, s = generate(engine("naive", reqs[i:i + naive_batch]), reqs[i:i + naive_batch], device)
         naive_out += out
         naive_s += s
     tokens = sum(len(o) for o in paged_out)

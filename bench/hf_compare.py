@@ -1,6 +1,6 @@
 """pagedllama (paged twin) against Hugging Face transformers on the same weights and prompts.
 
-The random weights are written with `checkpoint.save_hf` and read back with
+The random weights are written with `save_hf` (tests/checkpoint_writers.py) and read back with
 `LlamaForCausalLM.from_pretrained` (SDPA attention; the benchmarks' dtype, see common.DTYPE).
 Greedy decoding, EOS ignored, each request generating exactly its own number of tokens. Three
 engines, interleaved and repeated:
@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "tests")]
 
 from common import (DEVICE, DTYPE, MODELS, Clock, RandomSpec, budget_for_rows, describe_model,  # noqa: E402
                     load_model, log, make_cache, median, paired, random_requests, ratios, run_engine, save_json,
                     sharegpt_requests, bench_parser, parse, print_summary, state_dict, workload_stats)
 
-from pagedllama.checkpoint import save_hf  # noqa: E402
+from checkpoint_writers import save_hf  # noqa: E402  (tests/: the package only reads checkpoints)
 
 PAD_ID = 0  # any id: padded positions are masked out
 

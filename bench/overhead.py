@@ -6,7 +6,7 @@ does not count.
 - Dry run (`Engine(model=None)`, no KV storage): scheduler + allocator + bookkeeping of one
   decode step (admission check, a free slot for every sequence, new blocks every block_size
   tokens, commit, memory sample, stop checks), for both twins, batch 1 to 512.
-- `cache.prepare_step` with storage (a tiny model): the per-step tensors (tokens, positions,
+- `ModelRunner.prepare` with storage (a tiny model): the per-step tensors (tokens, positions,
   slot mapping, block tables, lengths) the forward pass needs, built once per step.
 - Both against the measured full decode step (forward + sampling + the above) of the demo and
   the 100M preset at batch 256; and, measured inside those same steps (so the machine's drifts
@@ -30,15 +30,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (BLOCK_SIZE, CPU, DTYPE, MODELS, save_plot, describe_model, load_model, log, pyplot,  # noqa: E402
-                    save_json, bench_parser, parse, print_summary)
+from common import (BLOCK_SIZE, CPU, DTYPE, MODELS, CachePlan, save_plot, describe_model, load_model, log,  # noqa: E402
+                    pyplot, save_json, bench_parser, parse, print_summary)
 
-from pagedllama.attention import TorchAttention  # noqa: E402
-from pagedllama.budget import build_cache  # noqa: E402
-from pagedllama.checkpoint import build_model, random_state_dict  # noqa: E402
-from pagedllama.config import DEMO_ARGS, ModelArgs  # noqa: E402
-from pagedllama.engine import Engine, Request  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
+from pagedllama.engine.config import EngineConfig  # noqa: E402
+from pagedllama.engine.engine import Engine  # noqa: E402
+from pagedllama.engine.sequence import Request  # noqa: E402
+from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
+from pagedllama.model.attention import TorchAttention  # noqa: E402
+from pagedllama.model.config import DEMO_ARGS, ModelArgs  # noqa: E402
 
 MAX_SEQ_LEN = 1024
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=160)
@@ -62,9 +62,9 @@ def requests(batch: int, prompt: int, out: int, seed: int = 0) -> list[Request]:
 
 
 def cache_for(args: ModelArgs, twin: str, reqs: list[Request], storage: bool, dtype: torch.dtype = DTYPE,
-              max_seq_len: int = MAX_SEQ_LEN, backend=None, device: torch.device = CPU):
+              max_seq_len: int = MAX_SEQ_LEN, backend=None, device: torch.device = CPU, **options) -> CachePlan:
     """A cache that holds the whole batch: naive rows of `max_seq_len`, or exactly enough paged blocks
-    (`backend`: the torch one by default)."""
+    (`backend`: the torch one by default; `options`: more EngineConfig fields)."""
     bpt = args.kv_bytes_per_token(dtype.itemsize)
     if twin == "naive":
         # The scheduler keeps 1% of the blocks free (its watermark) while anything runs, and the
@@ -78,13 +78,14 @@ def cache_for(args: ModelArgs, twin: str, reqs: list[Request], storage: bool, dt
         budget = num_blocks * BLOCK_SIZE * bpt
     if storage and backend is None:
         backend = TorchAttention()
-    return build_cache(twin, args, reqs, budget, max_seq_len, backend, device, dtype,
-                       block_size=None if twin == "naive" else BLOCK_SIZE, num_blocks=num_blocks, storage=storage)
+    config = EngineConfig(twin, args, max_seq_len, dtype, device, BLOCK_SIZE, num_blocks=num_blocks, ignore_eos=True,
+                          **options)
+    return CachePlan(config, budget, backend, sized_for=reqs)
 
 
 def timed_run(engine: Engine, reqs: list[Request]) -> dict[str, list[float]]:
-    """Run `reqs` through `engine.run`, timing each decode step and, within it, `prepare_step`, the
-    forward pass and the sampling (`Engine._next_tokens`).
+    """Run `reqs` through `engine.run`, timing each decode step and, within it, `ModelRunner.prepare`,
+    the forward pass and the sampling (`Engine._next_tokens`).
 
     The engine's own methods are wrapped on the instance, so nothing in the package changes;
     prefill steps are told apart by the flag the scheduler returns.
@@ -94,8 +95,8 @@ def timed_run(engine: Engine, reqs: list[Request]) -> dict[str, list[float]]:
     prep: list[float] = []
     inner = {"forward": 0.0, "sample": 0.0}
     forward_sample: list[float] = []
-    schedule, step, prepare = engine.scheduler.schedule, engine.step, engine.cache.prepare_step
-    model, next_tokens = engine.model, engine._next_tokens
+    runner = engine.runner  # None in a dry run
+    schedule, step, next_tokens = engine.scheduler.schedule, engine.step, engine._next_tokens
 
     def timed(key, fn):
         def wrapper(*args):
@@ -119,17 +120,20 @@ def timed_run(engine: Engine, reqs: list[Request]) -> dict[str, list[float]]:
             forward_sample.append(inner["forward"] + inner["sample"])
         return out
 
-    def prepare_(seqs, is_prefill):
-        t0 = time.process_time()
-        out = prepare(seqs, is_prefill)
-        if not is_prefill:
-            prep.append(time.process_time() - t0)
-        return out
-
-    engine.scheduler.schedule, engine.step, engine.cache.prepare_step = schedule_, step_, prepare_
+    engine.scheduler.schedule, engine.step = schedule_, step_
     engine._next_tokens = timed("sample", next_tokens)
-    if model is not None:
-        engine.model = timed("forward", model)
+    if runner is not None:
+        prepare = runner.prepare
+
+        def prepare_(seqs, is_prefill, *args, **kwargs):
+            t0 = time.process_time()
+            out = prepare(seqs, is_prefill, *args, **kwargs)
+            if not is_prefill:
+                prep.append(time.process_time() - t0)
+            return out
+
+        runner.prepare = prepare_
+        runner.model = timed("forward", runner.model)
     engine.run(reqs, progress=False)
     stats = engine.scheduler.stats
     assert stats.peak_running == len(reqs) and stats.preemptions == 0, stats  # the whole batch ran at once
@@ -138,8 +142,8 @@ def timed_run(engine: Engine, reqs: list[Request]) -> dict[str, list[float]]:
     return {"step": steps, "prepare": prep, "rest": rest, "rest_share": [r / st for r, st in zip(rest, steps)]}
 
 
-def _engine(model, cache) -> Engine:
-    return Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, max_prefill_tokens=4096)
+def _engine(model, cache: CachePlan) -> Engine:
+    return cache.engine(model, cache.sized_for)
 
 
 def dry_step_us(twin: str, batch: int, out: int, repeats: int) -> float:
@@ -153,7 +157,7 @@ def dry_step_us(twin: str, batch: int, out: int, repeats: int) -> float:
 
 
 def prepare_step_us(args: ModelArgs, twin: str, batch: int, steps: int, repeats: int) -> tuple[float, float]:
-    """Median time of `cache.prepare_step` in decode steps, with KV storage, and of the whole step
+    """Median time of `ModelRunner.prepare` in decode steps, with KV storage, and of the whole step
     around it with a stub forward (scheduler + prepare_step + sampling + bookkeeping)."""
     prep, whole = [], []
     for rep in range(repeats):

@@ -3,7 +3,7 @@
 For each (twin, batch), one engine run over the first B ShareGPT prompts (their real, uneven
 lengths) and over B uniform random prompts of the same mean length, then, after 2 warm decode steps:
 - 4 decode steps under torch.profiler: top ops by self CPU time;
-- 4 decode steps timed by wrappers on the instance: whole step, `prepare_step`, and the
+- 4 decode steps timed by wrappers on the instance: whole step, `ModelRunner.prepare`, and the
   attention backend (`cache.attend`, all layers: K/V write, gather, SDPA);
 - before/after: decode steps (CPU time) rotating the cache's attention backend step by step between
   the package's torch backend and the ones it replaced (baselines.py; same run, same contexts).
@@ -29,9 +29,7 @@ from common import (save_plot, Request, budget_for_rows, run_engine, describe_mo
                     make_cache, pyplot, random_requests, RandomSpec, save_json, bench_parser, parse, sharegpt_requests)
 from baselines import PaddedTorchAttention, PerHeadGqaTorchAttention, SplitKTorchAttention  # noqa: E402
 
-from pagedllama.attention import TorchAttention  # noqa: E402
-from pagedllama.engine import Engine  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
+from pagedllama.model.attention import TorchAttention  # noqa: E402
 
 WARM, PROFILED, TIMED, WHATIF_ROUNDS = 2, 4, 4, 4
 BACKENDS = {"package": TorchAttention, "before: a query row per head": PerHeadGqaTorchAttention,
@@ -43,22 +41,23 @@ def profile_case(model_name: str, twin: str, reqs: list[Request], top: int = 12)
     decode_steps = WARM + PROFILED + TIMED + WHATIF_ROUNDS * len(BACKENDS)
     reqs = [Request(r.request_id, r.prompt_ids, decode_steps + 1) for r in reqs]
     cache = make_cache(twin, model_name, reqs, budget_for_rows(model_name, len(reqs)))
-    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, max_prefill_tokens=4096)
+    engine = cache.engine(model, reqs)
+    runner = engine.runner
     backends = {name: cls() for name, cls in BACKENDS.items()}
     state = {"decode": 0, "prefill": True, "attend": 0.0, "prepare": 0.0}
     timed = {"step": [], "prepare": [], "attend": []}
     whatif: dict[str, list[float]] = {name: [] for name in BACKENDS}
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-    schedule, step, prepare, attend = engine.scheduler.schedule, engine.step, cache.prepare_step, cache.attend
+    schedule, step, prepare, attend = engine.scheduler.schedule, engine.step, runner.prepare, runner.cache.attend
 
     def schedule_():
         batch, is_prefill = schedule()
         state["prefill"] = is_prefill
         return batch, is_prefill
 
-    def prepare_(seqs, is_prefill):
+    def prepare_(seqs, is_prefill, *a, **k):
         t0 = time.process_time()
-        out = prepare(seqs, is_prefill)
+        out = prepare(seqs, is_prefill, *a, **k)
         state["prepare"] += time.process_time() - t0
         return out
 
@@ -74,7 +73,7 @@ def profile_case(model_name: str, twin: str, reqs: list[Request], top: int = 12)
         backend = None
         if whatif_i >= 0:
             backend = list(BACKENDS)[whatif_i % len(BACKENDS)]
-            cache.backend = backends[backend]
+            runner.cache.backend = backends[backend]
         if i == WARM and not state["prefill"]:
             prof.start()
         state["attend"] = state["prepare"] = 0.0
@@ -94,7 +93,7 @@ def profile_case(model_name: str, twin: str, reqs: list[Request], top: int = 12)
             whatif[backend].append(dt)
         return out
 
-    engine.scheduler.schedule, engine.step, cache.prepare_step, cache.attend = schedule_, step_, prepare_, attend_
+    engine.scheduler.schedule, engine.step, runner.prepare, runner.cache.attend = schedule_, step_, prepare_, attend_
     engine.run(reqs, progress=False)
 
     events = prof.key_averages()

@@ -11,16 +11,17 @@ from hypothesis import Phase, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from checkpoint_writers import meta_params, save_hf, save_meta  # noqa: E402
+from full_forward import full_forward  # noqa: E402
 from llama_reference import reference_logits  # noqa: E402
-from pagedllama.attention import AttentionBackend, TorchAttention  # noqa: E402
-from pagedllama.checkpoint import build_model, meta_params, random_state_dict, save_hf, save_meta  # noqa: E402
-from pagedllama.config import ModelArgs, RopeScaling  # noqa: E402
-from pagedllama.engine import Engine, Request, RunResult  # noqa: E402
-from pagedllama.kv_cache import KVCache  # noqa: E402
-from pagedllama.model import Transformer  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
-from pagedllama.scheduler import Scheduler  # noqa: E402
-from pagedllama.sequence import Sequence, SequenceGroup  # noqa: E402
+from pagedllama.engine.config import CacheLayout, EngineConfig  # noqa: E402
+from pagedllama.engine.engine import Engine, RunResult  # noqa: E402
+from pagedllama.engine.scheduler import Scheduler  # noqa: E402
+from pagedllama.engine.sequence import Request, Sequence, SequenceGroup  # noqa: E402
+from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
+from pagedllama.model.attention import AttentionBackend, TorchAttention  # noqa: E402
+from pagedllama.model.config import ModelArgs, RopeScaling  # noqa: E402
+from pagedllama.model.model import Transformer  # noqa: E402
 
 # tools/mutation.py runs the tests once per mutant (`--hypothesis-profile mutation`): the same
 # examples every run, so scores repeat, and a failure is not shrunk (a failure is all it needs).
@@ -51,15 +52,19 @@ def tiny_model() -> Transformer:
     return build_model(TINY, random_state_dict(TINY, seed=1), CPU, torch.float32, max_positions=1024)
 
 
-def make_cache(model: Transformer, block_size: int, num_blocks: int, max_seq_len: int, max_num_seqs: int,
-               backend: AttentionBackend | None = None, dtype: torch.dtype = torch.float32) -> KVCache:
-    return KVCache(model.args, num_blocks, block_size, max_seq_len, max_num_seqs,
-                   backend or TorchAttention(), CPU, dtype)
+def make_engine(model: Transformer | None, block_size: int, num_blocks: int, max_seq_len: int, max_num_seqs: int,
+                backend: AttentionBackend | None = None, dtype: torch.dtype = torch.float32, **options) -> Engine:
+    """An engine over a pool of `num_blocks` blocks of `block_size` slots with `max_num_seqs` block-table
+    rows (the torch backend by default; no model: a dry run of TINY's shape), generating greedily to
+    each request's length unless `options` (EngineConfig's fields) say otherwise."""
+    config = EngineConfig("paged", model.args if model is not None else TINY, max_seq_len, dtype, CPU, block_size,
+                          **{"ignore_eos": True, **options})
+    if model is not None:
+        backend = backend or TorchAttention()
+    return Engine(config, CacheLayout(block_size, num_blocks), max_num_seqs, model, backend)
 
 
-def generate(model: Transformer, cache: KVCache, requests: list[Request],
-             sampling: SamplingParams = SamplingParams()) -> tuple[list[list[int]], Engine]:
-    engine = Engine(model, cache, sampling, frozenset(), ignore_eos=True)
+def generate(engine: Engine, requests: list[Request]) -> tuple[list[list[int]], Engine]:
     result = engine.run(requests, progress=False)
     return [s.output_ids for s in result.sequences], engine
 
@@ -68,7 +73,7 @@ def reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]
     """Greedy decoding by full recomputation, no cache: the ground truth."""
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(model.forward_full(torch.tensor([ids]))[0, -1].argmax()))
+        ids.append(int(full_forward(model, torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
 
 
@@ -126,7 +131,7 @@ def run_against_reference(engine: Engine, requests: list[Request], sd: dict[str,
 
     engine._next_tokens = record
     result = engine.run(requests, progress=False)
-    cfg = hf_config(engine.model.args, "transformers-4")
+    cfg = hf_config(engine.runner.model.args, "transformers-4")
     want = {s: reference_logits(sd, cfg, s.token_ids) for s in result.sequences}
     assert len(rows) == sum(s.num_output_tokens for s in result.sequences)  # one row per token picked
     for seq, index, logits in rows:  # logits at the token before `index` choose token `index`
@@ -179,7 +184,7 @@ def new_group(scheduler: Scheduler, num_tokens: int, max_new_tokens: int) -> Seq
 def dry_step(scheduler: Scheduler) -> tuple[list[Sequence], bool]:
     """What a dry-run engine step does: schedule, count as cached, append a token, retire."""
     batch, is_prefill = scheduler.schedule()
-    scheduler.cache.commit(batch, is_prefill)
+    scheduler.block_manager.commit(batch, is_prefill)
     for seq in batch:
         seq.token_ids.append(0)
         if seq.num_output_tokens == seq.max_new_tokens:

@@ -20,7 +20,7 @@ import tiktoken
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = ROOT / "sharegpt-filtered.json"
-DEMO_TOKENIZER_FILE = ROOT / "pagedllama" / "demo" / "tokenizer.model"
+DEMO_TOKENIZER_FILE = ROOT / "pagedllama" / "io" / "demo" / "tokenizer.model"
 GIB = 2**30
 
 # Llama 3's pre-tokenizer regex, as published with Meta's tokenizer.

@@ -1,6 +1,6 @@
 """Llama 3 written out again from its published formulas, in float64, sharing no code with the package.
 
-The tests' ground truth for the model's mathematics. `Transformer.forward_full` reuses the
+The tests' ground truth for the model's mathematics. `full_forward` (full_forward.py) reuses the
 model's own RMSNorm, RoPE and SwiGLU, so a mistake in one of those would be in it too; this module
 imports nothing from `pagedllama`. It reads a Hugging Face `config.json` (as a dict, in either the
 transformers 4 style, `rope_theta` and `rope_scaling`, or the transformers 5 style,

@@ -11,13 +11,15 @@ import flash_attn_standin
 from conftest import CPU
 from hypothesis import given, strategies as st
 
-from pagedllama import attention
-from pagedllama.attention import (DECODE_MIN_FILL, FlashAttention, TorchAttention, Workspace, gather_kv,
-                                  plan_decode_groups, select_backend)
-from pagedllama.config import ModelArgs
+from pagedllama.engine.block_manager import BlockManager
+from pagedllama.engine.config import CacheLayout, EngineConfig
+from pagedllama.engine.sequence import Sequence
 from pagedllama.errors import UsageError
-from pagedllama.kv_cache import KVCache
-from pagedllama.sequence import Sequence
+from pagedllama.model import attention
+from pagedllama.model.attention import (DECODE_MIN_FILL, FlashAttention, TorchAttention, Workspace, gather_kv,
+                                        plan_decode_groups, select_backend)
+from pagedllama.model.config import ModelArgs
+from pagedllama.model.model_runner import ModelRunner
 
 ARGS = ModelArgs(dim=128, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=10, hidden_dim=32)  # GQA 4:1, D 16
 H, HKV, D = 8, 2, 16
@@ -26,6 +28,14 @@ H, HKV, D = 8, 2, 16
 # significant bits) or 2^-11 (fp16, 11); the tolerance is four such units, absolute and relative.
 # The torch backend's half-precision SDPA stays within it too.
 HALF_TOLERANCE = {torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}
+
+
+def manager_and_runner(num_blocks: int, block_size: int, max_seq_len: int, rows: int, backend,
+                       dtype: torch.dtype) -> tuple[BlockManager, ModelRunner]:
+    """Block bookkeeping, and a model runner (no model: only its KV tensors and step preparation)."""
+    layout = CacheLayout(block_size, num_blocks)
+    config = EngineConfig("paged", ARGS, max_seq_len, dtype, CPU, block_size)
+    return BlockManager(layout, max_seq_len, rows), ModelRunner(config, None, layout, rows, backend)
 
 
 def dense_reference(q, keys, values, scale, dtype=torch.float64):
@@ -46,21 +56,23 @@ def run_steps(backend, block_size, dtype, lengths=(1, 37, 300), seed=0, referenc
     (default 1/sqrt(D))."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-(n + 6) // block_size) for n in lengths) + 4  # all steps fit, a few spare
-    cache = KVCache(ARGS, num_blocks, block_size, 512, len(lengths), backend, CPU, dtype)
+    manager, runner = manager_and_runner(num_blocks, block_size, 512, len(lengths), backend, dtype)
+    cache = runner.cache
     shuffled = torch.randperm(num_blocks, generator=g).tolist()
-    cache.allocator._free.clear()
-    cache.allocator._free.extend(shuffled)
+    manager.allocator._free.clear()
+    manager.allocator._free.extend(shuffled)
     seqs = [Sequence(i, str(i), [0] * n, n, 100) for i, n in enumerate(lengths)]
     full_k = [torch.empty(0, HKV, D, dtype=dtype) for _ in seqs]
     full_v = [torch.empty(0, HKV, D, dtype=dtype) for _ in seqs]
     for seq in seqs:
-        cache.allocate(seq)
+        manager.allocate(seq)
     for step in steps:
         if step != "prefill":
             for seq in seqs:
                 seq.token_ids += [0] * (1 if step == "decode" else 5)
-                cache.grow(seq, seq.num_tokens)
-        _, _, meta = cache.prepare_step(seqs, is_prefill=step != "decode")
+                manager.grow(seq, seq.num_tokens)
+        _, _, meta = runner.prepare(seqs, step != "decode", manager.block_tables)
+        manager.commit(seqs, step != "decode")
         t = int(meta.query_start_loc[-1])
         q = torch.randn(t, H, D, generator=g).to(dtype)
         k = torch.randn(t, HKV, D, generator=g).to(dtype)
@@ -195,11 +207,11 @@ def test_the_cache_hands_its_backend_the_scale_of_its_head_dim():
             seen.append(scale)
             return q
 
-    cache = KVCache(ARGS, 4, 16, 64, 1, Recording(), CPU, torch.float32)
+    manager, runner = manager_and_runner(4, 16, 64, 1, Recording(), torch.float32)
     seq = Sequence(0, "0", [0] * 3, 3, 4)
-    cache.allocate(seq)
-    _, _, meta = cache.prepare_step([seq], is_prefill=True)
-    cache.attend(0, torch.zeros(3, H, D), torch.zeros(3, HKV, D), torch.zeros(3, HKV, D), meta)
+    manager.allocate(seq)
+    _, _, meta = runner.prepare([seq], True, manager.block_tables)
+    runner.cache.attend(0, torch.zeros(3, H, D), torch.zeros(3, HKV, D), torch.zeros(3, HKV, D), meta)
     assert seen == [D ** -0.5]
 
 

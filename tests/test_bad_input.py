@@ -26,11 +26,13 @@ from safetensors.torch import load_file, save_file
 
 import flash_attn_standin
 from conftest import chats, write_byte_checkpoint
-from pagedllama import cli, download, host_memory
-from pagedllama.attention import select_backend
-from pagedllama.checkpoint import detect_format, load_checkpoint
-from pagedllama.config import NAMED_SHAPES
+from pagedllama import host_memory
+from pagedllama.app import cli
 from pagedllama.errors import UserError
+from pagedllama.io import download
+from pagedllama.io.checkpoint import detect_format, load_checkpoint
+from pagedllama.model.attention import select_backend
+from pagedllama.model.config import NAMED_SHAPES
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT2_CONFIG = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_head": 4,
@@ -199,7 +201,7 @@ CASES = [
          lambda e: ["2", *e.run_flags(e.ws.meta, "--tokenizer", str(write(e, "sp.model", SENTENCEPIECE)))], 1,
          ["not a Llama 3 tiktoken", "sentencepiece", "--tokenizer"]),
     Case("tokenizer-larger-than-model", "paged",
-         lambda e: ["2", *e.run_flags(e.ws.meta, "--tokenizer", str(ROOT / "pagedllama/demo/tokenizer.model"))], 1,
+         lambda e: ["2", *e.run_flags(e.ws.meta, "--tokenizer", str(ROOT / "pagedllama/io/demo/tokenizer.model"))], 1,
          ["4352 tokens", "only 512", "the model's own tokenizer"]),
     # data
     Case("data-missing", "paged", lambda e: ["2", *e.run_flags(e.ws.meta), "--data", str(e.tmp / "no.json")], 1,
@@ -338,7 +340,7 @@ def run_main(command: str, args) -> int:
         if command == "download":
             return download.main(args)
         if command == "compare":
-            from pagedllama import compare
+            from pagedllama.app import compare
             return compare.main(args)
         return cli.main(command, args)
     except SystemExit as e:
@@ -386,7 +388,7 @@ def test_unwritable_output_fails_before_the_run_and_spares_existing_files(ws, tm
 
 
 def test_a_checkpoint_run_says_what_it_loads_before_loading(ws, tmp_path, monkeypatch, capsys):
-    from pagedllama import loading
+    from pagedllama.io import loading
 
     printed_before = []
     load_weights = loading.load_weights
@@ -398,7 +400,7 @@ def test_a_checkpoint_run_says_what_it_loads_before_loading(ws, tmp_path, monkey
 
 def test_weights_checked_against_free_gpu_memory(monkeypatch):
     """On CUDA the weights are checked against the GPU's free memory (torch.cuda.mem_get_info)."""
-    from pagedllama.loading import check_weights_fit
+    from pagedllama.io.loading import check_weights_fit
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (12 * 2**30, 24 * 2**30))
     def bf16_bytes(shape: str) -> int:

@@ -6,11 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import TINY, make_cache, random_requests
-from pagedllama.beam_search import best_continuations
-from pagedllama.engine import Engine
-from pagedllama.sampling import SamplingParams
-from pagedllama.sharing import one_per_sequence
+from conftest import TINY, make_engine, random_requests
+from full_forward import full_forward
+from pagedllama.engine.beam_search import best_continuations
+from pagedllama.engine.sharing import one_per_sequence
 
 WIDTH, STEPS = 3, 6
 SLOT = TINY.kv_bytes_per_token(4)
@@ -22,7 +21,7 @@ def reference_beam_search(model, prompt: list[int], stop: set[int]) -> list[tupl
     for _ in range(STEPS):
         candidates = []
         for score, out in live:
-            logprobs = model.forward_full(torch.tensor([prompt + out]))[0, -1].log_softmax(-1).tolist()
+            logprobs = full_forward(model, torch.tensor([prompt + out]))[0, -1].log_softmax(-1).tolist()
             candidates += [(score + lp, out + [t]) for t, lp in enumerate(logprobs)]
         best = sorted(candidates, key=lambda c: -c[0])[:WIDTH]
         done += [c for c in best if c[1][-1] in stop]
@@ -43,8 +42,10 @@ def case(tiny_model):
     return requests, stop, expected
 
 
-def beam_search(model, cache, requests, stop, **options):
-    engine, streamed = Engine(model, cache, SamplingParams(), frozenset(stop), **options), []
+def beam_search(model, pool: tuple[int, int, int], requests, stop, **options):
+    """`pool`: (block size, blocks, block-table rows); stops at `stop` tokens."""
+    engine = make_engine(model, pool[0], pool[1], 32, pool[2], stop_ids=frozenset(stop), ignore_eos=False, **options)
+    streamed = []
     sequences = engine.run(requests, progress=False, on_finish=streamed.append).sequences
     assert sorted(s.seq_id for s in streamed) == sorted(s.seq_id for s in sequences), "only the final beams stream"
     return sequences, engine
@@ -60,8 +61,8 @@ def test_beam_search_equals_reference(tiny_model, case, twin):
     requests, stop, expected = case
     rows = len(one_per_sequence(requests))
     block_size, num_blocks = (4, 40) if twin == "paged" else (32, rows)
-    cache = make_cache(tiny_model, block_size, num_blocks, 32, rows)
-    sequences, engine = beam_search(tiny_model, cache, requests, stop)
+    sequences, engine = beam_search(tiny_model, (block_size, num_blocks, rows), requests, stop)
+    cache = engine.block_manager
     check(sequences, expected)
     assert cache.allocator.num_free == num_blocks and cache.num_cached_tokens == 0, "pruned beams gave blocks back"
     sharing = engine.sharing.summary(engine.memory.summary(0), 1, WIDTH)
@@ -71,9 +72,9 @@ def test_beam_search_equals_reference(tiny_model, case, twin):
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])
 def test_beam_search_under_preemption_equals_reference(tiny_model, case, preemption):
     requests, stop, expected = case
-    cache = make_cache(tiny_model, 2, 16, 32, len(one_per_sequence(requests)))
-    sequences, engine = beam_search(tiny_model, cache, requests, stop, preemption=preemption,
-                                    swap_space_bytes=100 * 2 * SLOT)
+    sequences, engine = beam_search(tiny_model, (2, 16, len(one_per_sequence(requests))), requests, stop,
+                                    preemption=preemption, swap_space_bytes=100 * 2 * SLOT)
+    cache = engine.block_manager
     check(sequences, expected)
     assert engine.scheduler.stats.preemptions > 0 and cache.allocator.num_free == 16
 

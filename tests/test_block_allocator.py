@@ -5,16 +5,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CPU, TINY
-from pagedllama.attention import TorchAttention
-from pagedllama.block_allocator import BlockAllocator
-from pagedllama.kv_cache import KVCache
-from pagedllama.sequence import Sequence
-
-import torch
+from pagedllama.engine.block_allocator import BlockAllocator
+from pagedllama.engine.block_manager import BlockManager
+from pagedllama.engine.config import CacheLayout
+from pagedllama.engine.sequence import Sequence
 
 
-def check_invariants(cache: KVCache, live: list[Sequence]) -> None:
+def check_invariants(cache: BlockManager, live: list[Sequence]) -> None:
     owned = [b for s in live for b in s.block_table]
     assert len(owned) == len(set(owned)), "a block is owned twice"
     assert cache.allocator.num_used == len(owned)
@@ -23,7 +20,7 @@ def check_invariants(cache: KVCache, live: list[Sequence]) -> None:
     for s in live:
         reserved = len(s.block_table) * cache.block_size
         assert 0 <= reserved - s.num_tokens < cache.block_size, "more than one partly filled block"
-        assert cache.host_block_tables[s.row, :len(s.block_table)].tolist() == s.block_table
+        assert cache.block_tables[s.row, :len(s.block_table)].tolist() == s.block_table
 
 
 ops = st.lists(st.tuples(st.sampled_from(["admit", "grow", "free"]), st.integers(0, 30), st.integers(1, 40)),
@@ -33,7 +30,7 @@ ops = st.lists(st.tuples(st.sampled_from(["admit", "grow", "free"]), st.integers
 @settings(max_examples=150, deadline=None)
 @given(block_size=st.sampled_from([1, 2, 16, 64]), num_blocks=st.integers(1, 80), ops=ops)
 def test_allocator_invariants(block_size, num_blocks, ops):
-    cache = KVCache(TINY, num_blocks, block_size, 1024, 8, TorchAttention(), CPU, torch.float32)
+    cache = BlockManager(CacheLayout(block_size, num_blocks), 1024, 8)
     live: list[Sequence] = []
     for i, (op, pick, n) in enumerate(ops):
         if op == "admit" and len(live) < 8:
@@ -79,7 +76,7 @@ def test_recomputed_samples_share_their_full_common_blocks_again():
     """Two samples of 9 tokens, admitted together after a preemption: the first 2 blocks of 4
     (never the block of the last token, whose logits the prefill is for) are held once. A request
     that needs every free block fits (no watermark unless asked)."""
-    cache = KVCache(TINY, 4, 4, 64, 4, None, CPU, torch.float32, storage=False)
+    cache = BlockManager(CacheLayout(4, 4), 64, 4)
     first, second = (Sequence(i, "r", list(range(9)), 9, 4) for i in range(2))
     assert cache.can_allocate(first, second) and not cache.can_allocate(first, second, watermark_blocks=1)
     cache.allocate(first)
@@ -88,9 +85,9 @@ def test_recomputed_samples_share_their_full_common_blocks_again():
     assert cache.allocator.num_free == 0
 
 
-def _state(cache: KVCache, seqs: list[Sequence]):
+def _state(cache: BlockManager, seqs: list[Sequence]):
     return ([list(s.block_table) for s in seqs], list(cache.allocator.ref_counts), cache.allocator.num_free,
-            cache.num_cached_tokens, cache.host_block_tables.copy().tolist())
+            cache.num_cached_tokens, cache.block_tables.copy().tolist())
 
 
 @settings(max_examples=100, deadline=None)
@@ -101,7 +98,7 @@ def test_grow_all_matches_growing_one_by_one(block_size, num_blocks, prompts, fo
     """The scheduler's one-pass decode growth does what checking the whole batch and then growing
     each sequence did, shared (forked) blocks included, and changes nothing when it refuses."""
     def build():
-        cache = KVCache(TINY, num_blocks, block_size, 1024, 16, TorchAttention(), CPU, torch.float32)
+        cache = BlockManager(CacheLayout(block_size, num_blocks), 1024, 16)
         seqs = []
         for i, n in enumerate(prompts):
             seq = Sequence(i, str(i), [0] * n, n, 10)

@@ -9,29 +9,35 @@ import pytest
 import torch
 
 import derived_capacity as derived
-from conftest import CPU, TINY, make_cache, random_requests, tokenizer_bytes
-from pagedllama import cli
-from pagedllama.attention import TorchAttention
-from pagedllama.budget import build_cache, reference_preallocations, simulated_budget
-from pagedllama.capacity import dry_run, find_max_batch
-from pagedllama.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, NAMED_SHAPES
-from pagedllama.data import default_data_path, load_sharegpt
-from pagedllama.loading import Loaded, installed_llama3_tokenizer
-from pagedllama.engine import Engine, Request
+from conftest import CPU, TINY, make_engine, random_requests, tokenizer_bytes
+from pagedllama.app import cli
+from pagedllama.app.capacity import dry_run, find_max_batch
+from pagedllama.app.report import timeline_json
+from pagedllama.app.workload import build_requests
+from pagedllama.engine.budget import reference_preallocations, simulated_budget
+from pagedllama.engine.config import MAX_PREFILL_TOKENS, EngineConfig
+from pagedllama.engine.engine import build_engine
+from pagedllama.engine.sequence import Request
 from pagedllama.errors import OutOfKVMemory, UsageError
-from pagedllama.report import timeline_json
-from pagedllama.sampling import SamplingParams
-from pagedllama.scheduler import MAX_PREFILL_TOKENS
-from pagedllama.tokenizer import demo_tokenizer, load_tokenizer
-from pagedllama.workload import build_requests
+from pagedllama.io.data import default_data_path, load_sharegpt
+from pagedllama.io.loading import Loaded, installed_llama3_tokenizer
+from pagedllama.io.tokenizer import demo_tokenizer, load_tokenizer
+from pagedllama.model.attention import TorchAttention
+from pagedllama.model.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, NAMED_SHAPES
+from pagedllama.model.model_runner import warmup_forward
 
 F32 = torch.float32
 SLOT = TINY.kv_bytes_per_token(4)
 
 
-def run_checking_every_step(model, cache, requests):
+def config(twin, args, max_seq_len, dtype=F32, block_size=16) -> EngineConfig:
+    """A twin's config as the command line builds it: greedy, every request to its length."""
+    return EngineConfig(twin, args, max_seq_len, dtype, CPU, block_size or 16, ignore_eos=True)
+
+
+def run_checking_every_step(engine, requests):
     """Each time the tracker records a step, recompute its figures from the block tables."""
-    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True)
+    cache = engine.block_manager
     record = engine.memory.record
     checked = []
 
@@ -62,8 +68,7 @@ def run_checking_every_step(model, cache, requests):
 def test_reserved_equals_holding_plus_fragmented_every_step(tiny_model, twin_block):
     requests = random_requests([(3, 20), (40, 2), (17, 9)], TINY.vocab_size)
     block = twin_block or 128
-    cache = make_cache(tiny_model, block, 3 if twin_block is None else 60, 128, 3)
-    run_checking_every_step(tiny_model, cache, requests)
+    run_checking_every_step(make_engine(tiny_model, block, 3 if twin_block is None else 60, 128, 3), requests)
 
 
 def test_hand_computed_small_case():
@@ -75,13 +80,13 @@ def test_hand_computed_small_case():
     Naive with rows of 16: 32 slots reserved up front, 7 held at the peak.
     """
     requests = [Request("a", [1] * 5, 4), Request("b", [2] * 2, 2)]
-    paged = dry_run("paged", TINY, requests, 1 << 30, 16, F32, block_size=4)
+    paged = dry_run(config("paged", TINY, 16, block_size=4), 1 << 30, requests)
     assert [(s.reserved_tokens, s.used_tokens) for s in paged.timeline] == [(12, 7), (12, 9), (8, 7), (8, 8)]
     assert paged.memory["peak_reserved_bytes"] == 12 * SLOT
     assert paged.memory["peak_used_bytes"] == 7 * SLOT
     assert paged.memory["peak_fragmented_bytes"] == 5 * SLOT
     assert paged.memory["fragmented_fraction_of_budget"] == 5 * SLOT / (1 << 30)  # at the peak, not the end (0)
-    naive = dry_run("naive", TINY, requests, 1 << 30, 16, F32)
+    naive = dry_run(config("naive", TINY, 16), 1 << 30, requests)
     assert [(s.reserved_tokens, s.used_tokens) for s in naive.timeline] == [(32, 7), (32, 9), (16, 7), (16, 8)]
     # the independent simulation that derives the headline figures agrees with this hand computation
     blocks = (1 << 30) // (4 * SLOT)
@@ -95,12 +100,12 @@ def test_hand_computed_small_case():
 def test_naive_out_of_memory_names_the_largest_batch():
     requests = [Request(str(i), [1] * 4, 4) for i in range(5)]
     with pytest.raises(OutOfKVMemory, match="largest batch that fits is 3"):
-        build_cache("naive", TINY, requests, 3 * 64 * SLOT + 5, 64, None, CPU, F32, storage=False)
+        build_engine(config("naive", TINY, 64), 3 * 64 * SLOT + 5, requests)
     with pytest.raises(OutOfKVMemory, match="too small for even one"):
-        build_cache("naive", TINY, requests, 10, 64, None, CPU, F32, storage=False)
+        build_engine(config("naive", TINY, 64), 10, requests)
     with pytest.raises(OutOfKVMemory, match="longest request"):
-        build_cache("paged", TINY, requests, 4 * SLOT, 64, None, CPU, F32, block_size=4, storage=False)
-    assert build_cache("paged", TINY, requests, 8 * SLOT, 64, None, CPU, F32, block_size=4, storage=False)  # just fits
+        build_engine(config("paged", TINY, 64, block_size=4), 4 * SLOT, requests)
+    assert build_engine(config("paged", TINY, 64, block_size=4), 8 * SLOT, requests)  # just fits
 
 
 @pytest.mark.parametrize("twin", ["naive", "paged"])
@@ -109,12 +114,12 @@ def test_find_max_batch_boundary_with_real_runs(tiny_model, twin):
     requests = random_requests([(30, 30), (5, 60), (50, 10), (20, 40), (8, 8), (40, 25), (12, 50)] * 2,
                                TINY.vocab_size)
     budget, max_len = 200 * SLOT, 96
-    k, exhausted = find_max_batch(twin, TINY, requests, budget, max_len, F32, block_size=8)
+    k, exhausted = find_max_batch(config(twin, TINY, max_len, block_size=8), budget, requests)
     assert not exhausted and 0 < k < len(requests)
 
     def real(n):
-        cache = build_cache(twin, TINY, requests[:n], budget, max_len, TorchAttention(), CPU, F32, block_size=8)
-        engine = Engine(tiny_model, cache, SamplingParams(), frozenset(), ignore_eos=True)
+        engine = build_engine(config(twin, TINY, max_len, block_size=8), budget, requests[:n], tiny_model,
+                              TorchAttention())
         engine.run(requests[:n], progress=False)
         return engine.scheduler.stats
 
@@ -128,17 +133,16 @@ def test_find_max_batch_boundary_with_real_runs(tiny_model, twin):
 
 def test_dry_run_agrees_with_a_real_demo_run():
     """Simulation = the real allocator and scheduler: same memory at every step as a real run."""
-    from pagedllama.checkpoint import build_model, random_state_dict
+    from pagedllama.io.checkpoint import build_model, random_state_dict
 
     model = build_model(DEMO_ARGS, random_state_dict(DEMO_ARGS, 0), CPU, F32, max_positions=512)
     requests = random_requests([(60, 40), (9, 70), (120, 15), (33, 55), (80, 30)], DEMO_ARGS.vocab_size)
     budget = 220 * DEMO_ARGS.kv_bytes_per_token(4)  # tight: forces waiting and preemption
     for twin, block in (("paged", 16), ("naive", None)):
         batch = requests if twin == "paged" else requests[:1]
-        cache = build_cache(twin, DEMO_ARGS, batch, budget, 200, TorchAttention(), CPU, F32, block_size=block)
-        engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True)
+        engine = build_engine(config(twin, DEMO_ARGS, 200, block_size=block), budget, batch, model, TorchAttention())
         engine.run(batch, progress=False)
-        sim = dry_run(twin, DEMO_ARGS, batch, budget, 200, F32, block)
+        sim = dry_run(config(twin, DEMO_ARGS, 200, block_size=block), budget, batch)
         assert sim.timeline == engine.memory.timeline
         assert sim.memory == engine.memory.summary(budget)
         assert sim.stats == engine.scheduler.stats
@@ -166,11 +170,11 @@ def test_a_batch_fits_when_memory_holds_it_not_when_every_request_overlaps():
     requests = sharegpt_shaped(k)
 
     def run(n):
-        return dry_run("paged", TINY, requests[:n], budget, 4096, F32, block)
+        return dry_run(config("paged", TINY, 4096, block_size=block), budget, requests[:n])
 
     pair = run(2).stats
     assert pair.peak_running == 1 and pair.fits_in_memory  # the old definition's "no"
-    assert find_max_batch("paged", TINY, requests, budget, 4096, F32, block) == (k, False)
+    assert find_max_batch(config("paged", TINY, 4096, block_size=block), budget, requests) == (k, False)
     fits, over = run(k), run(k + 1)
     assert fits.stats.fits_in_memory and fits.stats.waited_for_memory == 0
     assert fits.timeline[1].waiting > 0, "the prefill budget made requests wait a step (not for memory)"
@@ -182,7 +186,7 @@ def test_requests_queued_while_memory_is_short_are_counted():
     """A pool of 10 blocks of 16: a 100-token prompt takes 7; the next two (60 tokens, 4 blocks each)
     are queued while admission stops for memory, and are counted once each however long they wait."""
     requests = random_requests([(100, 30), (60, 2), (60, 2)], TINY.vocab_size)
-    run = dry_run("paged", TINY, requests, 10 * 16 * SLOT, 256, F32, 16)
+    run = dry_run(config("paged", TINY, 256), 10 * 16 * SLOT, requests)
     assert run.stats.waited_for_memory == 2 and run.stats.preemptions == 0 and not run.stats.fits_in_memory
     assert run.timeline[0].waiting == 2
 
@@ -191,7 +195,7 @@ def test_naive_rows_keep_no_watermark():
     """The watermark keeps room for growth; a request in a max_seq_len row never grows, so the naive
     twin admits as many requests as it has rows, even a hundred or more."""
     requests = random_requests([(4, 4)] * 120, TINY.vocab_size)
-    run = dry_run("naive", TINY, requests, 120 * 64 * SLOT, 64, F32)
+    run = dry_run(config("naive", TINY, 64), 120 * 64 * SLOT, requests)
     assert run.stats.fits_in_memory and run.stats.peak_running == 120
 
 
@@ -209,7 +213,7 @@ def test_dry_run_agrees_with_a_real_run_at_the_cli_setting(tmp_path, capsys):
     doc = json.loads(path.read_text())
     requests = build_requests(load_sharegpt(data)[0], demo_tokenizer(), 4, DEMO_MAX_SEQ_LEN, None, True)
     assert sum(len(r.prompt_ids) for r in requests) > MAX_PREFILL_TOKENS
-    sim = dry_run("paged", DEMO_ARGS, requests, doc["kv_budget_bytes"], DEMO_MAX_SEQ_LEN, F32, 16)
+    sim = dry_run(config("paged", DEMO_ARGS, DEMO_MAX_SEQ_LEN), doc["kv_budget_bytes"], requests)
     assert doc["timeline"] == timeline_json(sim.timeline, sim.memory["bytes_per_token"])
     assert doc["memory"] == sim.memory and doc["scheduler"] == cli.scheduler_json(sim.stats)
     assert doc["timeline"]["waiting"][0] > 0 and doc["scheduler"]["fits_in_memory"]
@@ -226,7 +230,7 @@ def test_budget_warm_up_runs_the_backend_and_block_size_that_will_run(tiny_model
             return super().forward(q, k, v, k_cache, v_cache, meta, scale)
 
     loaded = Loaded(tiny_model, None, TINY, False, 64, "tiny")
-    kv_bytes = cli.warmup_forward(loaded, Recording(), 16, CPU, F32)
+    kv_bytes = warmup_forward(config("paged", TINY, loaded.max_seq_len), loaded.model, Recording(), 16)
     assert seen == [(True, 63, 16)] * TINY.n_layers  # the largest prefill step the context allows
     assert kv_bytes == 4 * 16 * SLOT  # 64 slots: 63 prompt tokens and the one generated
 
@@ -304,7 +308,7 @@ def simulated_timeline(tokenizer, budget: int) -> dict:
     """The memory timeline of a dry run of the shipped data's first 4 requests, measured with `tokenizer`,
     as `--simulate llama3-8b` plans them."""
     requests = build_requests(load_sharegpt(default_data_path())[0], tokenizer, 4, 8192, None, True)
-    run = dry_run("paged", NAMED_SHAPES["llama3-8b"], requests, budget, 8192, torch.bfloat16, 16)
+    run = dry_run(config("paged", NAMED_SHAPES["llama3-8b"], 8192, torch.bfloat16), budget, requests)
     return timeline_json(run.timeline, run.memory["bytes_per_token"])
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pagedllama.checkpoint import (build_model, check_state_dict, detect_format, load_checkpoint,
-                                   meta_params, random_state_dict, save_hf, save_meta)
-from pagedllama.config import NAMED_SHAPES, ModelArgs, RopeScaling, from_hf_config, load_config_file
+from checkpoint_writers import meta_params, save_hf, save_meta
+from full_forward import full_forward
 from pagedllama.errors import UserError
-from pagedllama.model import apply_rope, rope_freqs_cis, rope_frequencies
+from pagedllama.io.checkpoint import build_model, check_state_dict, detect_format, load_checkpoint, random_state_dict
+from pagedllama.model.config import NAMED_SHAPES, ModelArgs, RopeScaling, from_hf_config, load_config_file
+from pagedllama.model.model import apply_rope, rope_freqs_cis, rope_frequencies
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=192)
 PARAMS = meta_params(ARGS, multiple_of=32, ffn_dim_multiplier=None)
@@ -33,7 +34,7 @@ def build(args: ModelArgs, state_dict: dict, dtype: torch.dtype = torch.float32)
 def greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     toks = prompt
     for _ in range(steps):
-        toks = torch.cat([toks, model.forward_full(toks)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        toks = torch.cat([toks, full_forward(model, toks)[:, -1].argmax(-1, keepdim=True)], dim=1)
     return toks[:, prompt.shape[1]:]
 
 
@@ -70,7 +71,7 @@ def test_round_trip_gives_same_weights_and_outputs(tmp_path, sd, fmt, shards):
     assert_same_state(loaded, sd)
 
     ref, got = build(ARGS, sd), build(args, loaded)
-    assert torch.equal(ref.forward_full(PROMPT), got.forward_full(PROMPT))
+    assert torch.equal(full_forward(ref, PROMPT), full_forward(got, PROMPT))
     assert torch.equal(greedy(ref, PROMPT, 8), greedy(got, PROMPT, 8))
 
 
@@ -135,8 +136,8 @@ def test_hf_q_k_permutation_is_undone(tmp_path, sd):
             stored = raw[f"model.layers.{i}.self_attn.{hf}.weight"]
             assert not torch.equal(stored, sd[f"layers.{i}.attention.{meta}.weight"])
             wrong[f"layers.{i}.attention.{meta}.weight"] = stored
-    ref = build(ARGS, sd).forward_full(PROMPT)
-    assert not torch.allclose(ref, build(ARGS, wrong).forward_full(PROMPT), atol=1e-4)
+    ref = full_forward(build(ARGS, sd), PROMPT)
+    assert not torch.allclose(ref, full_forward(build(ARGS, wrong), PROMPT), atol=1e-4)
 
 
 def test_hf_layout_matches_rotate_half_rope(tmp_path, sd):
@@ -184,7 +185,7 @@ def test_rope_rms_norm_and_greedy_pick_equal_their_first_versions(sd):
     """RoPE as one complex multiply, RMSNorm through `F.rms_norm` and the greedy pick through numpy
     replaced straightforward versions for speed (BENCHMARKS.md, changelog): they must compute the
     same, RMSNorm bit for bit, the pick the first maximum as `max(-1).indices` does."""
-    from pagedllama.sampling import first_argmax
+    from pagedllama.engine.sampling import first_argmax
 
     gen = torch.Generator().manual_seed(3)
     freqs_cis = rope_freqs_cis(ARGS, 32, "cpu")[torch.randint(32, (9,), generator=gen)]
@@ -449,7 +450,7 @@ def test_rope_read_in_both_config_forms_as_transformers_reads_it(tmp_path, form)
     assert args == SCALED
     tokens = torch.randint(0, ARGS.vocab_size, (1, 30), generator=torch.Generator().manual_seed(1))
     model = build_model(args, state, torch.device("cpu"), torch.float32, max_positions=64)
-    ours = model.forward_full(tokens)
+    ours = full_forward(model, tokens)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     with torch.no_grad():
         theirs = reference(tokens).logits
@@ -459,7 +460,7 @@ def test_rope_read_in_both_config_forms_as_transformers_reads_it(tmp_path, form)
     assert torch.equal(greedy(model, tokens, 8), their_tokens)
     default = build_model(replace(args, rope_theta=500000.0, rope_scaling=None), state, torch.device("cpu"),
                           torch.float32, max_positions=64)
-    assert not torch.allclose(default.forward_full(tokens), theirs, atol=1e-3)
+    assert not torch.allclose(full_forward(default, tokens), theirs, atol=1e-3)
 
 
 def test_transformers5_config_object_reads_back():

@@ -8,8 +8,10 @@ import pytest
 
 import derived_capacity as derived
 from conftest import chats, write_byte_checkpoint
-from pagedllama import cli, compare
-from pagedllama.budget import cpu_default_budget, naive_max_rows, paged_num_blocks
+from pagedllama.app import cli, compare
+from pagedllama.engine.budget import cache_layout, cpu_default_budget
+from pagedllama.engine.config import EngineConfig
+from pagedllama.model.config import ModelArgs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -163,7 +165,9 @@ def test_readme_real_model_budget_arithmetic():
     rows = derived.naive_max_batch(budget, slot, context)
     blocks = budget // (16 * slot)
     assert cpu_default_budget(slot, context).kv_bytes == budget  # the package's budget, on the same shape
-    assert (naive_max_rows(budget, context, slot), paged_num_blocks(budget, 16, slot)) == (rows, blocks)
+    shape = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536)
+    layouts = [cache_layout(EngineConfig(twin, shape, context), budget) for twin in ("naive", "paged")]
+    assert [layout.num_blocks for layout in layouts] == [rows, blocks]  # the package's pools, same budget
     readme = (derived.ROOT / "docs" / "real-models.md").read_text()
     assert f"| same {rows} requests, default CPU budget {budget / derived.GIB:.2f} GB |" in readme
     assert (f"| pool | {rows} rows x {context} slots ({rows * context * slot / derived.GIB:.2f} GB) "

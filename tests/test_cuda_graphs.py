@@ -11,12 +11,10 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 pytest.importorskip("triton")
 
-from conftest import generate, make_cache, random_requests, reference_greedy  # noqa: E402
-from pagedllama.attention import TorchAttention, TritonAttention  # noqa: E402
-from pagedllama.cuda_graphs import DecodeGraphs, batch_buckets  # noqa: E402
-from pagedllama.engine import Engine  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
-from pagedllama.triton_attention import store_kv  # noqa: E402
+from conftest import generate, make_engine, random_requests, reference_greedy  # noqa: E402
+from pagedllama.model.attention import TorchAttention, TritonAttention  # noqa: E402
+from pagedllama.model.cuda_graphs import DecodeGraphs, batch_buckets  # noqa: E402
+from pagedllama.model.triton_attention import store_kv  # noqa: E402
 
 
 @pytest.mark.parametrize("max_batch,expected", [
@@ -47,13 +45,12 @@ def test_static_buffer_decode_equals_reference(tiny_model, block_size, num_block
     request is preempted and recomputed. Block 64 = max_seq_len is the naive twin's layout."""
     requests = random_requests([(15, 6), (15, 5), (31, 4)], tiny_model.args.vocab_size, seed=3)
     expected = [reference_greedy(tiny_model, r.prompt_ids, r.max_new_tokens) for r in requests]
-    cache = make_cache(tiny_model, block_size, num_blocks, 64, len(requests), TritonAttention())
-    engine = Engine(tiny_model, cache, SamplingParams(), frozenset(), ignore_eos=True, cuda_graphs=True)
-    assert isinstance(engine.decode, DecodeGraphs) and engine.decode.buckets == [1, 2, 3]
+    engine = make_engine(tiny_model, block_size, num_blocks, 64, len(requests), TritonAttention(), cuda_graphs=True)
+    assert isinstance(engine.runner.graphs, DecodeGraphs) and engine.runner.graphs.buckets == [1, 2, 3]
     out = [s.output_ids for s in engine.run(requests, progress=False).sequences]
     assert out == expected
-    eager, _ = generate(tiny_model, make_cache(tiny_model, block_size, num_blocks, 64, len(requests),
-                                               TritonAttention()), requests)
+    eager, _ = generate(make_engine(tiny_model, block_size, num_blocks, 64, len(requests), TritonAttention()),
+                        requests)
     assert out == eager
     assert engine.scheduler.stats.preemptions > 0 if num_blocks == 4 else engine.scheduler.stats.preemptions == 0
 
@@ -61,25 +58,24 @@ def test_static_buffer_decode_equals_reference(tiny_model, block_size, num_block
 def test_padding_rows_leave_the_cache_alone(tiny_model):
     """A batch of 3 in the bucket of 4: the fourth row writes no K/V and attends to nothing."""
     requests = random_requests([(5, 3), (9, 3), (2, 3)], tiny_model.args.vocab_size, seed=4)
-    cache = make_cache(tiny_model, 16, 8, 64, 5, TritonAttention())
-    graphs = DecodeGraphs(tiny_model, cache, max_batch=5, capture=False)
+    engine = make_engine(tiny_model, 16, 8, 64, 5, TritonAttention(), cuda_graphs=True)
+    runner, graphs = engine.runner, engine.runner.graphs
     assert graphs.buckets == [1, 2, 4, 5]
-    engine = Engine(tiny_model, cache, SamplingParams(), frozenset(), ignore_eos=True)
     engine.add(requests)
     engine.step()  # prefill: 3 blocks in use
     batch, is_prefill = engine.scheduler.schedule()
     assert not is_prefill and len(batch) == 3
+    cache, buffers = runner.cache, runner.decode_buffers
     before = cache.kv.clone()
-    tokens, positions, meta = cache.prepare_step(batch, is_prefill)
-    logits = graphs(tokens, positions, cache, meta)
+    logits, _ = runner.run(batch, is_prefill, engine.block_manager.take_ops(), engine.block_manager.block_tables)
     assert logits.shape == (3, tiny_model.args.vocab_size)
-    written = {int(s) for s in meta.slot_mapping}
+    written = {int(s) for s in buffers.slot_mapping[:3]}
     changed = (cache.kv != before).view(2 * tiny_model.args.n_layers, 8 * 16, -1).any(-1).any(0)  # per slot
     changed_slots = {int(s) for s in changed.nonzero().flatten()}
     assert changed_slots == written
-    assert torch.equal(graphs.slot_mapping[3:4], torch.tensor([-1])) and graphs.context_lens[3] == 0
+    assert torch.equal(buffers.slot_mapping[3:4], torch.tensor([-1])) and buffers.context_lens[3] == 0
 
 
 def test_only_the_triton_backend_is_captured(tiny_model):
     with pytest.raises(ValueError, match="triton"):
-        DecodeGraphs(tiny_model, make_cache(tiny_model, 16, 4, 64, 2, TorchAttention()), 2, capture=False)
+        make_engine(tiny_model, 16, 4, 64, 2, TorchAttention(), cuda_graphs=True)

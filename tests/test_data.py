@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pagedllama.data import Conversation, default_data_path, load_sharegpt
+from pagedllama.app.workload import build_requests
 from pagedllama.errors import UserError
-from pagedllama.tokenizer import demo_tokenizer
-from pagedllama.workload import build_requests
+from pagedllama.io.data import Conversation, default_data_path, load_sharegpt
+from pagedllama.io.tokenizer import demo_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

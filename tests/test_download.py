@@ -6,7 +6,7 @@ import huggingface_hub
 import pytest
 from huggingface_hub import errors as hub_errors
 
-from pagedllama import download
+from pagedllama.io import download
 
 TOKEN = "hf_doNotLeakThisTokenAnywhere123"
 REPO = "meta-llama/Meta-Llama-3-8B-Instruct"

@@ -1,6 +1,6 @@
 """Both twins against the no-cache forward pass, token for token (greedy, float32).
 
-`Transformer.forward_full` shares RoPE, RMSNorm and the FFN with the cached path, so these tests
+`full_forward` (tests/full_forward.py) shares RoPE, RMSNorm and the FFN with the cached path, so these tests
 show that cached equals uncached over any workload and pool: a fast second opinion. That the model
 is Llama 3 is checked against the independent float64 reference (test_reference.py,
 test_engine_reference.py).
@@ -12,10 +12,12 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY, generate, make_cache, random_requests, reference_greedy
-from pagedllama.checkpoint import build_model, random_state_dict
-from pagedllama.engine import Engine, Request
-from pagedllama.sampling import SamplingParams
+from conftest import TINY, generate, make_engine, random_requests, reference_greedy
+from pagedllama.engine.sampling import SamplingParams
+from pagedllama.engine.sequence import Request
+from pagedllama.io.checkpoint import build_model, random_state_dict
+
+SLOT = TINY.kv_bytes_per_token(4)  # float32
 
 # Prompts from 1 to 300 tokens, answers from 1 to 60: lengths that differ widely.
 LENGTHS = [(1, 40), (300, 5), (37, 60), (5, 1), (129, 33), (16, 16)]
@@ -33,29 +35,28 @@ def expected(tiny_model, requests):
 
 
 def test_naive_equals_reference(tiny_model, requests, expected):
-    cache = make_cache(tiny_model, MAX_SEQ_LEN, len(requests), MAX_SEQ_LEN, len(requests))
-    assert cache.k[0].shape == (len(requests), MAX_SEQ_LEN, 2, 16)  # (batch, max_seq_len, kv_heads, head_dim)
-    out, _ = generate(tiny_model, cache, requests)
+    engine = make_engine(tiny_model, MAX_SEQ_LEN, len(requests), MAX_SEQ_LEN, len(requests))
+    assert engine.runner.cache.k[0].shape == (len(requests), MAX_SEQ_LEN, 2, 16)  # (batch, max_seq_len, kv_heads, head_dim)
+    out, _ = generate(engine, requests)
     assert out == expected
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 256])
 def test_paged_equals_reference(tiny_model, requests, expected, block_size):
     num_blocks = 2 * MAX_SEQ_LEN * len(requests) // block_size
-    out, engine = generate(tiny_model, make_cache(tiny_model, block_size, num_blocks, MAX_SEQ_LEN, len(requests)),
-                           requests)
+    out, engine = generate(make_engine(tiny_model, block_size, num_blocks, MAX_SEQ_LEN, len(requests)), requests)
     assert out == expected
     assert engine.scheduler.stats.fits_in_memory
-    assert engine.cache.allocator.num_free == num_blocks  # every block back in the pool
+    assert engine.block_manager.allocator.num_free == num_blocks  # every block back in the pool
 
 
 def test_scattered_blocks_equal_reference(tiny_model, requests, expected):
     """Physical blocks handed out in a shuffled order: tables point all over the pool."""
-    cache = make_cache(tiny_model, 8, 400, MAX_SEQ_LEN, len(requests))
+    engine = make_engine(tiny_model, 8, 400, MAX_SEQ_LEN, len(requests))
     order = torch.randperm(400, generator=torch.Generator().manual_seed(3)).tolist()
-    cache.allocator._free.clear()
-    cache.allocator._free.extend(order)
-    out, _ = generate(tiny_model, cache, requests)
+    engine.block_manager.allocator._free.clear()
+    engine.block_manager.allocator._free.extend(order)
+    out, _ = generate(engine, requests)
     assert out == expected
 
 
@@ -63,12 +64,12 @@ def test_twins_agree_in_bfloat16(requests):
     """In bfloat16 there is no exact reference, but the two layouts hold the same K/V and attention
     sees them in the same groups and shapes: the twins' tokens are identical, as in float32."""
     model = build_model(TINY, random_state_dict(TINY, seed=1), torch.device("cpu"), torch.bfloat16, 1024)
-    naive, _ = generate(model, make_cache(model, MAX_SEQ_LEN, len(requests), MAX_SEQ_LEN, len(requests),
-                                          dtype=torch.bfloat16), requests)
+    naive, _ = generate(make_engine(model, MAX_SEQ_LEN, len(requests), MAX_SEQ_LEN, len(requests),
+                                    dtype=torch.bfloat16), requests)
     for block_size in (1, 16):
-        cache = make_cache(model, block_size, 2 * MAX_SEQ_LEN * len(requests) // block_size, MAX_SEQ_LEN,
-                           len(requests), dtype=torch.bfloat16)
-        assert generate(model, cache, requests)[0] == naive
+        engine = make_engine(model, block_size, 2 * MAX_SEQ_LEN * len(requests) // block_size, MAX_SEQ_LEN,
+                             len(requests), dtype=torch.bfloat16)
+        assert generate(engine, requests)[0] == naive
 
 
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])
@@ -76,31 +77,30 @@ def test_twins_agree_in_bfloat16(requests):
 def test_heavy_preemption_equals_reference(tiny_model, requests, expected, block_size, num_blocks, preemption):
     """A pool only a little larger than the longest request (305 tokens): requests must take turns
     (with 77 blocks of 4, a running request is preempted, by recompute or swap)."""
-    cache = make_cache(tiny_model, block_size, num_blocks, MAX_SEQ_LEN, len(requests))
-    engine = Engine(tiny_model, cache, SamplingParams(), frozenset(), ignore_eos=True, preemption=preemption,
-                    swap_space_bytes=2 * num_blocks * block_size * cache.bytes_per_slot)
+    engine = make_engine(tiny_model, block_size, num_blocks, MAX_SEQ_LEN, len(requests), preemption=preemption,
+                         swap_space_bytes=2 * num_blocks * block_size * SLOT)
     out = [s.output_ids for s in engine.run(requests, progress=False).sequences]
     assert out == expected
     stats = engine.scheduler.stats
     assert stats.preemptions > 0 or not stats.fits_in_memory
     assert (stats.swaps > 0) == (preemption == "swap" and stats.preemptions > 0)
-    assert engine.cache.allocator.num_free == num_blocks
-    assert engine.cache.num_cached_tokens == 0
+    assert engine.block_manager.allocator.num_free == num_blocks
+    assert engine.block_manager.num_cached_tokens == 0
 
 
 def test_sampling_is_batch_invariant(tiny_model, requests):
     """With a seed, a request samples the same tokens alone as in a batch."""
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
-    batched, _ = generate(tiny_model, make_cache(tiny_model, 16, 200, MAX_SEQ_LEN, len(requests)), requests, params)
-    alone, _ = generate(tiny_model, make_cache(tiny_model, 16, 200, MAX_SEQ_LEN, 2), requests[2:3], params)
-    greedy, _ = generate(tiny_model, make_cache(tiny_model, 16, 200, MAX_SEQ_LEN, 2), requests[2:3])
+    batched, _ = generate(make_engine(tiny_model, 16, 200, MAX_SEQ_LEN, len(requests), sampling=params), requests)
+    alone, _ = generate(make_engine(tiny_model, 16, 200, MAX_SEQ_LEN, 2, sampling=params), requests[2:3])
+    greedy, _ = generate(make_engine(tiny_model, 16, 200, MAX_SEQ_LEN, 2), requests[2:3])
     assert alone[0] == batched[2]
     assert greedy[0] != batched[2]  # the sampled path really is not the greedy one
 
 
 def test_first_argmax_picks_the_first_maximum_like_torch():
     """Greedy picks go through numpy on CPU (faster); they must be torch's argmax, ties included."""
-    from pagedllama.sampling import first_argmax
+    from pagedllama.engine.sampling import first_argmax
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 300, generator=gen)
@@ -116,7 +116,7 @@ def test_first_argmax_picks_the_first_maximum_like_torch():
 
 def test_a_request_stops_at_the_context_length(tiny_model):
     """A request asking for more tokens than its context holds ends at `max_seq_len` tokens."""
-    engine = Engine(tiny_model, make_cache(tiny_model, 4, 16, 32, 1), SamplingParams(), frozenset(), ignore_eos=True)
+    engine = make_engine(tiny_model, 4, 16, 32, 1)
     seq, = engine.run(random_requests([(10, 100)], tiny_model.args.vocab_size), progress=False).sequences
     assert seq.finish_reason == "max_seq_len" and seq.num_tokens == 32
 
@@ -156,12 +156,12 @@ def test_any_workload_and_pool_equal_reference(tiny_model, twin, preemption, req
         fewest, need = max(blocks), sum(blocks)
         num_blocks = data.draw(st.one_of(st.integers(fewest, fewest + 3), st.integers(fewest, need + 2)),
                                label="num_blocks")  # often tight: preemption
-    cache = make_cache(tiny_model, block_size, num_blocks, max_seq_len, seqs)
     # a swap pool too small for a request falls back to recompute
     swap_blocks = data.draw(st.one_of(st.just(num_blocks), st.integers(0, num_blocks)), label="swap_blocks")
-    engine = Engine(tiny_model, cache, SamplingParams(), frozenset(), ignore_eos=True, preemption=preemption,
-                    swap_space_bytes=swap_blocks * block_size * cache.bytes_per_slot,
-                    prefix_caching=twin == "paged" and data.draw(st.booleans(), label="prefix_caching"))
+    engine = make_engine(tiny_model, block_size, num_blocks, max_seq_len, seqs, preemption=preemption,
+                         swap_space_bytes=swap_blocks * block_size * SLOT,
+                         prefix_caching=twin == "paged" and data.draw(st.booleans(), label="prefix_caching"))
+    cache = engine.block_manager
     outputs = [s.output_ids for s in engine.run(reqs, progress=False).sequences]
     expected = [reference_greedy(tiny_model, r.prompt_ids, r.max_new_tokens) for r in reqs for _ in range(r.n)]
     assert outputs == expected
@@ -187,15 +187,14 @@ def test_sampling_and_beams_do_not_depend_on_the_pool(tiny_model, preemption, re
     sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=data.draw(st.integers(0, 9), label="seed"))
 
     def run(num_blocks: int, **engine_args) -> list[list[int]]:
-        cache = make_cache(tiny_model, block_size, num_blocks, 128, seqs)
-        engine = Engine(tiny_model, cache, sampling, frozenset(), ignore_eos=True, **engine_args)
+        engine = make_engine(tiny_model, block_size, num_blocks, 128, seqs, sampling=sampling, **engine_args)
         out = [s.output_ids for s in engine.run(reqs, progress=False).sequences]
-        assert cache.allocator.num_free == num_blocks
+        assert engine.block_manager.allocator.num_free == num_blocks
         if engine_args:
             event(f"preempted: {engine.scheduler.stats.preemptions > 0}, swapped: {engine.scheduler.stats.swaps > 0}")
         return out
 
     tight = data.draw(st.integers(max(blocks), max(blocks) + 3), label="tight_blocks")
-    swap_bytes = tight * block_size * TINY.kv_bytes_per_token(4)  # float32; the default 4 GB is slow to set up
+    swap_bytes = tight * block_size * SLOT  # the default 4 GB is slow to set up
     assert run(sum(blocks) + 1) == run(tight, preemption=preemption, swap_space_bytes=swap_bytes,
                                        prefix_caching=data.draw(st.booleans()))

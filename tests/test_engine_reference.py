@@ -1,6 +1,6 @@
 """Both twins, through each attention backend that runs here, against the float64 reference.
 
-test_engine.py compares the engine with `Transformer.forward_full`, which shares RoPE, RMSNorm
+test_engine.py compares the engine with `full_forward`, which shares RoPE, RMSNorm
 and the FFN with the cached path: it shows that cached equals uncached, not that either is Llama.
 Here every token the engine picks is checked against llama_reference.py, which shares no code with
 the package (`run_against_reference`), at every shape of `REFERENCE_SHAPES` (RoPE scaling, tied
@@ -15,11 +15,10 @@ import pytest
 import torch
 
 import flash_attn_standin
-from conftest import CPU, REFERENCE_SHAPES, lively_state_dict, make_cache, random_requests, run_against_reference
-from pagedllama.attention import FlashAttention
-from pagedllama.checkpoint import build_model
-from pagedllama.engine import Engine
-from pagedllama.sampling import SamplingParams
+from conftest import CPU, REFERENCE_SHAPES, lively_state_dict, make_engine, random_requests, run_against_reference
+from pagedllama.engine.engine import Engine
+from pagedllama.io.checkpoint import build_model
+from pagedllama.model.attention import FlashAttention
 
 # Prompts up to 70 tokens and answers up to 20: positions where Llama 3.1's RoPE scaling matters.
 LENGTHS = [(70, 12), (5, 20), (33, 8)]
@@ -33,8 +32,7 @@ def engine_for(name: str, block_size: int, num_blocks: int, dtype: torch.dtype =
     if args.tie_word_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     model = build_model(args, sd, CPU, dtype, max_positions=MAX_SEQ_LEN)
-    cache = make_cache(model, block_size, num_blocks, MAX_SEQ_LEN, len(LENGTHS), backend, dtype)
-    return Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, **engine_args), sd
+    return make_engine(model, block_size, num_blocks, MAX_SEQ_LEN, len(LENGTHS), backend, dtype, **engine_args), sd
 
 
 def requests_for(name: str):
@@ -55,10 +53,10 @@ def test_paged_twin_equals_the_formulas(name):
     """Blocks of 16 handed out in a shuffled order, so block tables point all over the pool."""
     engine, sd = engine_for(name, 16, 24)
     order = torch.randperm(24, generator=torch.Generator().manual_seed(3)).tolist()
-    engine.cache.allocator._free.clear()
-    engine.cache.allocator._free.extend(order)
+    engine.block_manager.allocator._free.clear()
+    engine.block_manager.allocator._free.extend(order)
     run_against_reference(engine, requests_for(name), sd)
-    assert engine.scheduler.stats.fits_in_memory and engine.cache.allocator.num_free == 24
+    assert engine.scheduler.stats.fits_in_memory and engine.block_manager.allocator.num_free == 24
 
 
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])
@@ -69,7 +67,7 @@ def test_preempting_run_equals_the_formulas(preemption):
     run_against_reference(engine, requests_for("3.1-gqa8-hd64"), sd)
     stats = engine.scheduler.stats
     assert stats.preemptions > 0 and (stats.swaps > 0) == (preemption == "swap")
-    assert engine.cache.allocator.num_free == 12
+    assert engine.block_manager.allocator.num_free == 12
 
 
 # bfloat16 against float64 on the same (bf16-rounded) weights: every activation is rounded to 8

@@ -17,11 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagedllama.checkpoint import load_checkpoint, meta_params, random_state_dict, save_hf, save_meta
-from pagedllama.config import ModelArgs
-from pagedllama.data import load_sharegpt
+from checkpoint_writers import meta_params, save_hf, save_meta
 from pagedllama.errors import UserError
-from pagedllama.tokenizer import Tokenizer
+from pagedllama.io.checkpoint import load_checkpoint, random_state_dict
+from pagedllama.io.data import load_sharegpt
+from pagedllama.io.tokenizer import Tokenizer
+from pagedllama.model.config import ModelArgs
 
 FUZZ = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 HANG_S = 10

@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoint_writers import save_hf
 from conftest import BYTE_ARGS, CPU, chats, tokenizer_bytes
-from pagedllama import cli
-from pagedllama.checkpoint import build_model, load_checkpoint, random_state_dict, save_hf
-from pagedllama.config import ModelArgs, RopeScaling
+from full_forward import full_forward
+from pagedllama.app import cli
 from pagedllama.errors import UserError
-from pagedllama.gguf_checkpoint import SUPPORTED_TYPES, file_name, gguf_tokenizer
-from pagedllama.model import rope_frequencies
-from pagedllama.tokenizer import Tokenizer, _bytes_to_unicode, _special_token_names
+from pagedllama.io.checkpoint import build_model, load_checkpoint, random_state_dict
+from pagedllama.io.gguf_checkpoint import SUPPORTED_TYPES, file_name, gguf_tokenizer
+from pagedllama.io.tokenizer import Tokenizer, _bytes_to_unicode, _special_token_names
+from pagedllama.model.config import ModelArgs, RopeScaling
+from pagedllama.model.model import rope_frequencies
 
 Q = gguf.GGMLQuantizationType
 # Row lengths of 256: every type's block fits (the K-quants' blocks hold 256 values).
@@ -106,7 +108,7 @@ def transformers_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 def our_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
     args, sd = load_checkpoint(path)
-    return build_model(args, sd, CPU, torch.float32, max_positions=256).forward_full(tokens)
+    return full_forward(build_model(args, sd, CPU, torch.float32, max_positions=256), tokens)
 
 
 PROMPT = torch.tensor([[256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 10, 300, 5]])

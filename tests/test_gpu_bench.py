@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedllama.config import ModelArgs
+from pagedllama.model.config import ModelArgs
 
 
 GPU_BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedllama import cli
+from pagedllama.app import cli
 from pagedllama.host_memory import available_bytes
 
 # In a process of its own: the setting is process-wide and cannot be undone.

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedllama import cli
-from pagedllama.engine import Engine
+from pagedllama.app import cli
+from pagedllama.engine.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSWER_KEYS = {"id", "prompt_tokens", "output_tokens", "text"}

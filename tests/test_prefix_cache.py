@@ -6,14 +6,13 @@ import json
 import pytest
 import torch
 
-from conftest import CPU, TINY, dry_step, make_cache, new_group
-from pagedllama import cli
-from pagedllama.engine import Engine, Request
-from pagedllama.kv_cache import KVCache
-from pagedllama.prefix_cache import ROOT
-from pagedllama.sampling import SamplingParams
-from pagedllama.scheduler import Scheduler
-from pagedllama.sequence import Sequence
+from conftest import TINY, dry_step, make_engine, new_group
+from pagedllama.app import cli
+from pagedllama.engine.block_manager import BlockManager
+from pagedllama.engine.config import CacheLayout
+from pagedllama.engine.prefix_cache import ROOT
+from pagedllama.engine.scheduler import Scheduler
+from pagedllama.engine.sequence import Request, Sequence
 
 SLOT = TINY.kv_bytes_per_token(4)
 
@@ -22,8 +21,9 @@ def tokens(n: int, seed: int) -> list[int]:
     return torch.randint(0, TINY.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def run(model, cache, requests, **options):
-    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True, **options)
+def run(model, pool: tuple[int, int, int, int], requests, **options):
+    """`pool`: (block size, blocks, max_seq_len, block-table rows)."""
+    engine = make_engine(model, *pool, **options)
     return [s.output_ids for s in engine.run(requests, progress=False).sequences], engine
 
 
@@ -37,14 +37,14 @@ def test_hit_rate_equals_hand_count_and_outputs_do_not_change(tiny_model):
     s = tokens(8, 1)
     prompts = [s + tokens(3, 2), s + tokens(5, 3), s, s + tokens(3, 2)]
     requests = [Request(f"r{i}", p, 6) for i, p in enumerate(prompts)]
-    out, engine = run(tiny_model, make_cache(tiny_model, 4, 40, 64, 4), requests, prefix_caching=True)
-    assert engine.cache.prefix_cache.summary() == {"hit_rate": 20 / 43, "cached_tokens": 20, "prompt_tokens": 43}
-    assert out == run(tiny_model, make_cache(tiny_model, 4, 40, 64, 4), requests)[0]
+    out, engine = run(tiny_model, (4, 40, 64, 4), requests, prefix_caching=True)
+    assert engine.block_manager.prefix_cache.summary() == {"hit_rate": 20 / 43, "cached_tokens": 20, "prompt_tokens": 43}
+    assert out == run(tiny_model, (4, 40, 64, 4), requests)[0]
     assert engine.sharing.peak_table_blocks - engine.memory.peak_blocks == 5  # B 2, C 1, D 2 blocks shared
 
 
 def test_freed_blocks_stay_cached_and_are_evicted_least_recently_used_first():
-    cache = KVCache(TINY, 8, 4, 64, 4, None, CPU, torch.float32, storage=False)
+    cache = BlockManager(CacheLayout(4, 8), 64, 4)
     cache.enable_prefix_caching()
 
     def admit(prompt: list[int]) -> Sequence:
@@ -70,7 +70,7 @@ def test_freed_blocks_stay_cached_and_are_evicted_least_recently_used_first():
 def test_admission_counts_cached_blocks_in_use_as_already_there():
     """Blocks of 4, a pool of 4: A (12 tokens) holds 3. B shares A's first 8 tokens, whose 2 blocks
     are cached and in use: B needs only 1 more block, which is free, so B is admitted."""
-    cache = KVCache(TINY, 4, 4, 64, 4, None, CPU, torch.float32, storage=False)
+    cache = BlockManager(CacheLayout(4, 4), 64, 4)
     cache.enable_prefix_caching()
     a = Sequence(0, "a", tokens(12, 1), 12, 4)
     b = Sequence(1, "b", a.token_ids[:8] + tokens(4, 2), 12, 4)
@@ -83,7 +83,7 @@ def test_admission_counts_cached_blocks_in_use_as_already_there():
 def test_a_block_filled_by_a_decode_step_is_found_by_the_next_admission():
     """Blocks of 4: a 7-token prompt's decode step writes token 8, filling its second block. A
     request arriving right after, with those 8 tokens and one more, finds both blocks."""
-    cache = KVCache(TINY, 8, 4, 64, 2, None, CPU, torch.float32, storage=False)
+    cache = BlockManager(CacheLayout(4, 8), 64, 2)
     cache.enable_prefix_caching()
     scheduler = Scheduler(cache, watermark=0)
     first = new_group(scheduler, 7, 4).seqs[0]
@@ -98,7 +98,7 @@ def test_a_hash_collision_is_never_a_hit():
     """Python hashes an int modulo 2**61 - 1, so token t and t + 2**61 - 1 collide, as do keys made
     of them. A request whose first block collides with a cached one, and whose second block equals
     the cached second block, finds nothing: the tokens are compared, not only their hashes."""
-    cache = KVCache(TINY, 8, 4, 64, 4, None, CPU, torch.float32, storage=False)
+    cache = BlockManager(CacheLayout(4, 8), 64, 4)
     cache.enable_prefix_caching()
     cached = Sequence(0, "a", tokens(9, 1), 9, 1)
     cache.allocate(cached)
@@ -117,11 +117,11 @@ def test_prefix_caching_under_preemption_equals_unconstrained_run(tiny_model, pr
     prefix = tokens(13, 4)
     requests = [Request(f"r{i}", prefix + tokens(p, 10 + i), n)
                 for i, (p, n) in enumerate([(7, 30), (20, 25), (2, 30), (9, 20), (0, 15)])]
-    cache = make_cache(tiny_model, 4, 20, 128, len(requests))
-    out, engine = run(tiny_model, cache, requests, prefix_caching=True, preemption=preemption,
+    out, engine = run(tiny_model, (4, 20, 128, len(requests)), requests, prefix_caching=True, preemption=preemption,
                       swap_space_bytes=1000 * 4 * SLOT)
-    assert out == run(tiny_model, make_cache(tiny_model, 4, 200, 128, len(requests)), requests)[0]
-    assert engine.scheduler.stats.preemptions > 0 and engine.cache.prefix_cache.hit_rate > 0
+    cache = engine.block_manager
+    assert out == run(tiny_model, (4, 200, 128, len(requests)), requests)[0]
+    assert engine.scheduler.stats.preemptions > 0 and engine.block_manager.prefix_cache.hit_rate > 0
     assert cache.allocator.num_free == 20 and cache.num_cached_tokens == 0
 
 

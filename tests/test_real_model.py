@@ -15,16 +15,15 @@ import pytest
 import torch
 
 from conftest import CPU
-from pagedllama import cli
-from pagedllama.attention import select_backend
-from pagedllama.budget import build_cache
-from pagedllama.data import default_data_path, load_sharegpt
-from pagedllama.download import SMOLLM2_GGUF, SMOLLM2_REPO
-from pagedllama.engine import Engine, Request
-from pagedllama.loading import load
-from pagedllama.sampling import SamplingParams
-from pagedllama.sharing import one_per_sequence
-from pagedllama.tokenizer import Tokenizer
+from pagedllama.app import cli
+from pagedllama.engine.config import EngineConfig
+from pagedllama.engine.engine import build_engine
+from pagedllama.engine.sequence import Request
+from pagedllama.io.data import default_data_path, load_sharegpt
+from pagedllama.io.download import SMOLLM2_GGUF, SMOLLM2_REPO
+from pagedllama.io.loading import load
+from pagedllama.io.tokenizer import Tokenizer
+from pagedllama.model.attention import select_backend
 
 MAX_SEQ_LEN = 1024
 NEW_TOKENS = 8
@@ -101,9 +100,8 @@ def test_greedy_tokens_equal_transformers(ours, batch, hf_greedy, twin):
     assert [len(r.prompt_ids) for r in batch] == sorted(len(r.prompt_ids) for r in batch)
     assert len(batch[0].prompt_ids) < 50 and len(batch[-1].prompt_ids) > 200
     backend = select_backend("torch", CPU, torch.float32, 16, MAX_SEQ_LEN)
-    cache = build_cache(twin, ours.args, one_per_sequence(batch), 2 ** 28, MAX_SEQ_LEN, backend, CPU, torch.float32,
-                        block_size=16)
-    engine = Engine(ours.model, cache, SamplingParams(), ours.tokenizer.stop_ids)
+    config = EngineConfig(twin, ours.args, MAX_SEQ_LEN, torch.float32, CPU, 16, stop_ids=ours.tokenizer.stop_ids)
+    engine = build_engine(config, 2 ** 28, batch, ours.model, backend)
     result = engine.run(batch, progress=False)
     assert [s.output_ids for s in result.sequences] == hf_greedy
     france = result.sequences[0]
@@ -186,7 +184,7 @@ def test_tokenizer_equals_smollm2s_own_tokenizer_json(ours, conversations, tmp_p
 def test_hf_folder_of_smollm2_reads_its_configs(ours, tmp_path):
     """What `download smollm2` fetches from the Hub: tokenizer.json with tokenizer_config.json (chat
     template, BOS/EOS) and generation_config.json beside it gives the GGUF's prompts and stop tokens."""
-    from pagedllama.loading import checkpoint_tokenizer
+    from pagedllama.io.loading import checkpoint_tokenizer
     for name in ("config.json", "model.safetensors"):  # what makes it a Hugging Face folder; not read here
         (tmp_path / name).touch()
     smollm2_tokenizer_json(ours.tokenizer, tmp_path / "tokenizer.json")

@@ -13,11 +13,13 @@ from dataclasses import replace
 import pytest
 import torch
 
+from checkpoint_writers import save_hf
 from conftest import CPU, REFERENCE_SHAPES, TINY, hf_config, lively_state_dict
+from full_forward import full_forward
 from llama_reference import reference_logits, rope_frequency
-from pagedllama.checkpoint import build_model, load_checkpoint, save_hf
-from pagedllama.config import ModelArgs, RopeScaling
-from pagedllama.model import rope_frequencies
+from pagedllama.io.checkpoint import build_model, load_checkpoint
+from pagedllama.model.config import ModelArgs, RopeScaling
+from pagedllama.model.model import rope_frequencies
 
 # Logits agree to this fraction of their largest magnitude. The package and transformers compute
 # in float32 (RoPE angles too), which leaves errors around 1e-6 of it; the smallest change the
@@ -97,11 +99,11 @@ def quiet_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     (TINY, quiet_state_dict), *((args, lively_state_dict) for args in REFERENCE_SHAPES.values())],
     ids=["gqa-2-hd16", "mqa-tied-hd16", "gqa-2-hd16-quiet", *REFERENCE_SHAPES])
 def test_full_forward_equals_the_formulas(args, weights):
-    """`forward_full`, the quick ground truth of the hypothesis tests, is itself Llama 3."""
+    """`full_forward`, the quick ground truth of the hypothesis tests, is itself Llama 3."""
     sd = weights(args, seed=5)
     model = build_model(args, sd, CPU, torch.float32, max_positions=128)
     batch = torch.tensor([tokens(args, 80, seed=6), tokens(args, 80, seed=7)])
-    got = model.forward_full(batch)
+    got = full_forward(model, batch)
     cfg = hf_config(args, "transformers-4")
     for b in range(2):
         assert_logits_close(got[b], reference_logits(sd, cfg, batch[b].tolist()))
@@ -132,4 +134,4 @@ def test_loaded_checkpoint_equals_the_formulas(tmp_path, name, style):
     loaded_args, loaded = load_checkpoint(tmp_path)
     model = build_model(loaded_args, loaded, CPU, torch.float32, max_positions=128)
     ids = tokens(args, 96, seed=14)
-    assert_logits_close(model.forward_full(torch.tensor([ids]))[0], reference_logits(sd, cfg, ids))
+    assert_logits_close(full_forward(model, torch.tensor([ids]))[0], reference_logits(sd, cfg, ids))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 from conftest import chats, write_byte_checkpoint
-from pagedllama import cli
-from pagedllama.report import GB, format_memory_report
+from pagedllama.app import cli
+from pagedllama.app.report import GB, format_memory_report
 
 SLOT = 4096  # bytes of K/V per token in these hand-made reports
 

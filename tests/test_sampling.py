@@ -8,8 +8,8 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pagedllama import sampling
-from pagedllama.sampling import SamplingParams, sample
+from pagedllama.engine import sampling
+from pagedllama.engine.sampling import SamplingParams, sample
 
 PROBS = [0.5, 0.3, 0.2]
 DRAWS = 20_000

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from conftest import CPU, TINY, dry_step, new_group
-from pagedllama.kv_cache import KVCache
-from pagedllama.scheduler import MAX_PREFILL_TOKENS, Scheduler
-from pagedllama.sequence import Status
+from conftest import dry_step, new_group
+from pagedllama.engine.block_manager import BlockManager
+from pagedllama.engine.config import MAX_PREFILL_TOKENS, CacheLayout
+from pagedllama.engine.scheduler import Scheduler
+from pagedllama.engine.sequence import Status
 
 
-def bookkeeping_cache(num_blocks: int, block_size: int = 4, max_seq_len: int = 512) -> KVCache:
-    return KVCache(TINY, num_blocks, block_size, max_seq_len, 4, None, CPU, torch.float32, storage=False)
+def bookkeeping_cache(num_blocks: int, block_size: int = 4, max_seq_len: int = 512) -> BlockManager:
+    return BlockManager(CacheLayout(block_size, num_blocks), max_seq_len, 4)
 
 
 def test_watermark_holds_back_admissions_but_never_a_request_running_alone():
@@ -25,7 +25,7 @@ def test_watermark_holds_back_admissions_but_never_a_request_running_alone():
     batch, is_prefill = dry_step(scheduler)
     assert not is_prefill and first.finished and whole_pool.seqs[0].status is Status.WAITING
     batch, is_prefill = dry_step(scheduler)
-    assert is_prefill and batch == whole_pool.finished and scheduler.cache.allocator.num_free == 100
+    assert is_prefill and batch == whole_pool.finished and scheduler.block_manager.allocator.num_free == 100
 
 
 def test_a_prompt_longer_than_the_prefill_budget_is_admitted_alone():
@@ -73,7 +73,7 @@ def test_a_prefill_step_takes_requests_while_their_tokens_fit_the_budget():
 
 def test_the_default_prefill_budget_is_max_prefill_tokens():
     half = MAX_PREFILL_TOKENS // 2
-    cache = KVCache(TINY, 8, half, 2 * half, 4, None, CPU, torch.float32, storage=False)
+    cache = BlockManager(CacheLayout(half, 8), 2 * half, 4)
     scheduler = Scheduler(cache, watermark=0)
     a, b, c = new_group(scheduler, half, 2), new_group(scheduler, half, 2), new_group(scheduler, 1, 2)
     assert dry_step(scheduler) == (a.seqs + b.seqs, True)
@@ -112,4 +112,4 @@ def test_finished_pruned_and_preempted_sequences_say_so():
     beam = beams.seqs[0]
     scheduler.prune(beam)
     assert (beam.status, beam.finish_reason, beams.finished) == (Status.FINISHED, "pruned", [])
-    assert scheduler.done and scheduler.cache.allocator.num_free == 16
+    assert scheduler.done and scheduler.block_manager.allocator.num_free == 16

@@ -16,14 +16,15 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from conftest import CPU, TINY
-from pagedllama.kv_cache import KVCache, cdiv
-from pagedllama.prefix_cache import ROOT
-from pagedllama.scheduler import Scheduler
-from pagedllama.sequence import Sequence, SequenceGroup, Status
-from pagedllama.swap import SwapSpace
+from pagedllama.engine.block_manager import BlockManager, cdiv
+from pagedllama.engine.config import CacheLayout
+from pagedllama.engine.prefix_cache import ROOT
+from pagedllama.engine.scheduler import Scheduler
+from pagedllama.engine.sequence import Sequence, SequenceGroup, Status
+from pagedllama.engine.swap import SwapSpace
+from pagedllama.model.kv_cache import KVCache
 
 MAX_PROMPT, MAX_NEW, MAX_WIDTH, ROWS = 10, 8, 3, 12
-SLOT = TINY.kv_bytes_per_token(4)
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -32,10 +33,12 @@ class SchedulerMachine(RuleBasedStateMachine):
     def setup(self, block_size, extra_blocks, swap_blocks, prefix_caching, storage):
         # A request alone always fits, even with its samples as full copies: no MemoryError.
         num_blocks = MAX_WIDTH * cdiv(MAX_PROMPT + MAX_NEW, block_size) + extra_blocks
-        self.cache = KVCache(TINY, num_blocks, block_size, 64, ROWS, None, CPU, torch.float32, storage=storage)
+        self.cache = BlockManager(CacheLayout(block_size, num_blocks), 64, ROWS)
+        # the KV tensors a model runner would hold, the copies and swaps applied to them as it does
+        self.kv = KVCache(TINY, self.cache.layout, None, CPU, torch.float32, swap_blocks or 0) if storage else None
         if prefix_caching:
             self.cache.enable_prefix_caching()
-        swap = None if swap_blocks is None else SwapSpace(self.cache, swap_blocks * block_size * SLOT)
+        swap = None if swap_blocks is None else SwapSpace(self.cache, swap_blocks)
         self.scheduler = Scheduler(self.cache, watermark=0, swap=swap)
         self.groups: list[SequenceGroup] = []
 
@@ -54,6 +57,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     def step(self, tokens):
         """Each sequence gets its own next token, so forked ones diverge."""
         batch, is_prefill = self.scheduler.schedule()
+        ops = self.cache.take_ops()
+        if self.kv:
+            self.kv.apply(ops)
         starts = [s.num_cached_tokens if is_prefill else s.num_tokens - 1 for s in batch]
         self.cache.commit(batch, is_prefill)
         for seq, start, token in zip(batch, starts, tokens):
@@ -96,9 +102,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         return seq.block_table[pos // self.cache.block_size], pos % self.cache.block_size
 
     def _write(self, seq: Sequence, start: int) -> None:
-        if self.cache.k:
+        if self.kv:
             for pos in range(start, seq.num_cached_tokens):
-                self.cache.k[0][self._slot(seq, pos)] = seq.token_ids[pos] + 1
+                self.kv.k[0][self._slot(seq, pos)] = seq.token_ids[pos] + 1
 
     # ---- invariants ------------------------------------------------------------------------
     @invariant()
@@ -140,7 +146,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for s in self.scheduler.running:
             assert 0 <= len(s.block_table) * bs - s.num_cached_tokens < bs
             assert s.num_cached_tokens == s.num_tokens - 1
-            assert self.cache.host_block_tables[s.row, :len(s.block_table)].tolist() == s.block_table
+            assert self.cache.block_tables[s.row, :len(s.block_table)].tolist() == s.block_table
             for i, b in enumerate(s.block_table):
                 assert fill.setdefault(b, min(bs, s.num_cached_tokens - i * bs)) == min(bs, s.num_cached_tokens - i * bs)
         assert self.cache.num_cached_tokens == sum(fill.values())
@@ -151,8 +157,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         prefix_cache = self.cache.prefix_cache
         for s in self.scheduler.running:
-            if self.cache.k:
-                written = [int(self.cache.k[0][self._slot(s, p)][0, 0]) for p in range(s.num_cached_tokens)]
+            if self.kv:
+                written = [int(self.kv.k[0][self._slot(s, p)][0, 0]) for p in range(s.num_cached_tokens)]
                 assert written == [t + 1 for t in s.token_ids[:s.num_cached_tokens]]
             if prefix_cache:  # each cached block is keyed by its own tokens after the sequence's own prefix
                 bs = self.cache.block_size

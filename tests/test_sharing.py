@@ -5,21 +5,20 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
-from conftest import CPU, TINY, generate, make_cache, random_requests
-from pagedllama import cli
-from pagedllama.engine import Engine, Request
-from pagedllama.kv_cache import KVCache
-from pagedllama.sampling import SamplingParams
-from pagedllama.sharing import SharingTracker, one_per_sequence
+from conftest import TINY, generate, make_engine, random_requests
+from pagedllama.app import cli
+from pagedllama.engine.sampling import SamplingParams
+from pagedllama.engine.sequence import Request
+from pagedllama.engine.sharing import SharingTracker, one_per_sequence
 
 SLOT = TINY.kv_bytes_per_token(4)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
 
 
-def run(model, cache, requests, sampling=SamplingParams(), **options):
-    engine = Engine(model, cache, sampling, frozenset(), ignore_eos=True, **options)
+def run(model, pool: tuple[int, int, int, int], requests, sampling=SamplingParams(), **options):
+    """`pool`: (block size, blocks, max_seq_len, block-table rows)."""
+    engine = make_engine(model, *pool, sampling=sampling, **options)
     return [s.output_ids for s in engine.run(requests, progress=False).sequences], engine
 
 
@@ -27,9 +26,9 @@ def run(model, cache, requests, sampling=SamplingParams(), **options):
 def test_each_sample_equals_that_sample_run_alone(tiny_model, twin):
     requests = [replace(r, n=3) for r in random_requests([(9, 12), (14, 10)], TINY.vocab_size, seed=2)]
     block_size, num_blocks = (4, 60) if twin == "paged" else (64, 6)
-    cache = make_cache(tiny_model, block_size, num_blocks, 64, len(one_per_sequence(requests)))
-    together, engine = run(tiny_model, cache, requests, SAMPLED)
-    alone = [run(tiny_model, make_cache(tiny_model, 4, 60, 64, 1), [replace(r, n=1, sample_index=j)], SAMPLED)[0][0]
+    together, engine = run(tiny_model, (block_size, num_blocks, 64, len(one_per_sequence(requests))), requests, SAMPLED)
+    cache = engine.block_manager
+    alone = [run(tiny_model, (4, 60, 64, 1), [replace(r, n=1, sample_index=j)], SAMPLED)[0][0]
              for r in requests for j in range(3)]
     assert together == alone
     assert len({tuple(o) for o in together[:3]}) == 3, "a request's samples differ"
@@ -41,10 +40,10 @@ def test_greedy_samples_under_preemption_equal_unconstrained_run(tiny_model, pre
     """Samples are preempted together; recomputed, they share their common prefix again."""
     requests = [replace(r, n=2) for r in random_requests([(20, 30), (30, 25), (10, 30), (5, 20)], TINY.vocab_size,
                                                           seed=5)]
-    cache = make_cache(tiny_model, 4, 30, 128, 8)
-    out, engine = run(tiny_model, cache, requests, preemption=preemption, swap_space_bytes=1000 * 4 * SLOT)
+    out, engine = run(tiny_model, (4, 30, 128, 8), requests, preemption=preemption, swap_space_bytes=1000 * 4 * SLOT)
+    cache = engine.block_manager
     alone = [replace(r, n=1) for r in requests]
-    expected = generate(tiny_model, make_cache(tiny_model, 4, 200, 128, len(requests)), alone)[0]
+    expected = generate(make_engine(tiny_model, 4, 200, 128, len(requests)), alone)[0]
     assert out == [e for e in expected for _ in range(2)]
     assert engine.scheduler.stats.preemptions > 0
     assert cache.allocator.num_free == 30 and cache.num_cached_tokens == 0
@@ -61,8 +60,8 @@ def test_memory_saved_by_sharing_hand_count(twin):
     and each row holds all 11 tokens (33 slots).
     """
     block_size = 4 if twin == "paged" else 64
-    cache = KVCache(TINY, 20 if twin == "paged" else 3, block_size, 64, 3, None, CPU, torch.float32, storage=False)
-    engine = Engine(None, cache, SamplingParams(), frozenset(), ignore_eos=True)
+    engine = make_engine(None, block_size, 20 if twin == "paged" else 3, 64, 3)
+    cache = engine.block_manager
     engine.run([Request("r", list(range(10)), 2, n=3)], progress=False)
     memory = engine.memory.summary(0)
     sharing = engine.sharing.summary(memory, 3, 1)
@@ -75,8 +74,7 @@ def test_memory_saved_by_sharing_hand_count(twin):
 
 def test_samples_still_fork_when_a_one_sample_request_is_added_later():
     """`Engine.add` twice: the second call's single-sample request must not turn off forking."""
-    cache = KVCache(TINY, 40, 4, 64, 4, None, CPU, torch.float32, storage=False)
-    engine = Engine(None, cache, SamplingParams(), frozenset(), ignore_eos=True)
+    engine = make_engine(None, 4, 40, 64, 4)
     sampled, single = engine.add([Request("r0", list(range(6)), 3, n=3)])[0], engine.add([Request("r1", [1], 3)])[0]
     while not engine.scheduler.done:
         engine.step()

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from pagedllama import cli, threads
+from pagedllama.app import cli, threads
 
 
 class FakeStat:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedllama.errors import UserError
-from pagedllama.tokenizer import (
+from pagedllama.io.tokenizer import (
     DEMO_TOKENIZER,
     PAT_STR,
     Tokenizer,

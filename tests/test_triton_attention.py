@@ -9,14 +9,12 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 pytest.importorskip("triton")
 
-from conftest import (CPU, REFERENCE_SHAPES, lively_state_dict, make_cache, random_requests,  # noqa: E402
+from conftest import (CPU, REFERENCE_SHAPES, lively_state_dict, make_engine, random_requests,  # noqa: E402
                       run_against_reference)
-from pagedllama.checkpoint import build_model  # noqa: E402
-from pagedllama.engine import Engine  # noqa: E402
-from pagedllama.sampling import SamplingParams  # noqa: E402
-from pagedllama import triton_attention  # noqa: E402
-from pagedllama.attention import TritonAttention  # noqa: E402
-from pagedllama.triton_attention import paged_attention  # noqa: E402
+from pagedllama.io.checkpoint import build_model  # noqa: E402
+from pagedllama.model import triton_attention  # noqa: E402
+from pagedllama.model.attention import TritonAttention  # noqa: E402
+from pagedllama.model.triton_attention import paged_attention  # noqa: E402
 
 GARBAGE = 10 ** 6  # block-table entries past a sequence's last block: never dereferenced
 
@@ -136,7 +134,6 @@ def test_engine_through_the_kernel_equals_the_formulas():
     sd = lively_state_dict(args, seed=23)
     model = build_model(args, sd, CPU, torch.float32, max_positions=64)
     requests = random_requests([(1, 6), (37, 4), (20, 5)], args.vocab_size)
-    cache = make_cache(model, 16, 4, 64, len(requests), TritonAttention())  # 64 slots: requests take turns
-    engine = Engine(model, cache, SamplingParams(), frozenset(), ignore_eos=True)
+    engine = make_engine(model, 16, 4, 64, len(requests), TritonAttention())  # 64 slots: requests take turns
     run_against_reference(engine, requests, sd)
     assert not engine.scheduler.stats.fits_in_memory

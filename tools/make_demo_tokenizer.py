@@ -20,7 +20,7 @@ import regex
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: use its pagedllama
-from pagedllama.tokenizer import DEMO_TOKENIZER, PAT_STR  # noqa: E402
+from pagedllama.io.tokenizer import DEMO_TOKENIZER, PAT_STR  # noqa: E402
 
 DATA = ROOT / "sharegpt-filtered.json"
 NUM_BASE_RANKS = 4096

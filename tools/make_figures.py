@@ -1,6 +1,6 @@
 """Draw assets/paged_cache.png: block tables mapping each request's logical blocks to physical ones.
 
-The picture is taken from a real KVCache (bookkeeping only): three requests grow a token at a
+The picture is taken from a real BlockManager: three requests grow a token at a
 time, so their blocks interleave in the pool; one finishes and a new request reuses its blocks.
 Run: python tools/make_figures.py
 """
@@ -12,21 +12,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, Rectangle  # noqa: E402
 
-from pagedllama.config import ModelArgs  # noqa: E402
-from pagedllama.kv_cache import KVCache  # noqa: E402
-from pagedllama.sequence import Sequence  # noqa: E402
+from pagedllama.engine.block_manager import BlockManager  # noqa: E402
+from pagedllama.engine.config import CacheLayout  # noqa: E402
+from pagedllama.engine.sequence import Sequence  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "assets" / "paged_cache.png"
 BLOCK, POOL = 4, 10
 COLORS = {"A": "#4C72B0", "B": "#C44E52", "C": "#55A868", "D": "#8172B2"}
 
 
-def build_state() -> tuple[KVCache, list[Sequence]]:
-    args = ModelArgs(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, vocab_size=8, hidden_dim=8)
-    cache = KVCache(args, POOL, BLOCK, 64, 4, None, torch.device("cpu"), torch.float32, storage=False)
+def build_state() -> tuple[BlockManager, list[Sequence]]:
+    cache = BlockManager(CacheLayout(BLOCK, POOL), 64, 4)
     seqs = {name: Sequence(i, name, [0] * n, n, 99) for i, (name, n) in enumerate([("A", 6), ("B", 3), ("C", 5)])}
     for seq in seqs.values():
         cache.allocate(seq)
@@ -44,7 +42,7 @@ def build_state() -> tuple[KVCache, list[Sequence]]:
     return cache, list(seqs.values())
 
 
-def draw(cache: KVCache, seqs: list[Sequence], path: Path) -> None:
+def draw(cache: BlockManager, seqs: list[Sequence], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 5.2))
     owner = {b: s for s in seqs for b in s.block_table}
     pool_y, w = 0.0, 0.9

@@ -34,15 +34,15 @@ MUTMUT_VERSION = "3.8.1"
 # paths are in test_engine_reference.py and the per-module tests), as is anything about the CLI,
 # checkpoints or benchmarks beyond what the module is used for there.
 TESTS = {
-    "model": ["tests/test_reference.py", "tests/test_engine_reference.py", "tests/test_checkpoint.py"],
-    "attention": ["tests/test_attention.py", "tests/test_engine_reference.py", "tests/test_triton_attention.py"],
-    "block_allocator": ["tests/test_block_allocator.py", "tests/test_swap.py", "tests/test_sharing.py",
+    "model/model": ["tests/test_reference.py", "tests/test_engine_reference.py", "tests/test_checkpoint.py"],
+    "model/attention": ["tests/test_attention.py", "tests/test_engine_reference.py", "tests/test_triton_attention.py"],
+    "engine/block_allocator": ["tests/test_block_allocator.py", "tests/test_swap.py", "tests/test_sharing.py",
                         "tests/test_prefix_cache.py", "tests/test_scheduler_state_machine.py"],
-    "kv_cache": ["tests/test_block_allocator.py", "tests/test_attention.py", "tests/test_engine_reference.py",
+    "engine/block_manager": ["tests/test_block_allocator.py", "tests/test_attention.py", "tests/test_engine_reference.py",
                  "tests/test_sharing.py", "tests/test_prefix_cache.py", "tests/test_swap.py",
                  "tests/test_beam_search.py", "tests/test_scheduler_policy.py",
                  "tests/test_scheduler_state_machine.py"],
-    "scheduler": ["tests/test_scheduler_policy.py", "tests/test_scheduler_state_machine.py", "tests/test_swap.py",
+    "engine/scheduler": ["tests/test_scheduler_policy.py", "tests/test_scheduler_state_machine.py", "tests/test_swap.py",
                   "tests/test_sharing.py", "tests/test_prefix_cache.py", "tests/test_beam_search.py",
                   "tests/test_engine_reference.py"],
 }

@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from . import host_memory
-from .attention import AttentionBackend
-from .config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, ModelArgs
-from .engine import Request
-from .errors import OutOfKVMemory, UsageError
-from .kv_cache import KVCache
-from .report import GB, human_bytes
-from .scheduler import MAX_PREFILL_TOKENS
+from .. import host_memory
+from ..errors import OutOfKVMemory, UsageError
+from ..model.config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, ModelArgs
+from ..units import GB, human_bytes
+from .config import MAX_PREFILL_TOKENS, CacheLayout, EngineConfig
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
@@ -123,55 +118,50 @@ def check_utilization(utilization: float) -> None:
         raise UsageError(f"--gpu-memory-utilization {utilization} must be in (0, 1], e.g. 0.9")
 
 
-def naive_max_rows(budget_bytes: int, max_seq_len: int, bytes_per_token: int) -> int:
-    """Requests the naive twin can hold: whole max_seq_len rows."""
-    return budget_bytes // (max_seq_len * bytes_per_token)
+def cache_layout(config: EngineConfig, budget_bytes: int, num_seqs: int | None = None,
+                 longest: int = 0) -> CacheLayout:
+    """The KV pool a twin cuts from the budget: the one place the twins differ, and the only one
+    where the words naive and paged decide anything.
 
-
-def paged_num_blocks(budget_bytes: int, block_size: int, bytes_per_token: int) -> int:
-    return budget_bytes // (block_size * bytes_per_token)
-
-
-def build_cache(twin: str, args: ModelArgs, requests: list[Request], budget_bytes: int, max_seq_len: int,
-                backend: AttentionBackend | None, device: torch.device, dtype: torch.dtype,
-                block_size: int | None = None, num_blocks: int | None = None, storage: bool = True) -> KVCache:
-    """The KV cache a twin builds for `requests` within the budget: the only difference between the twins.
-
-    naive: one block of max_seq_len slots per request, all reserved now; a batch that does not
-    fit is an error that names the largest batch that does. paged: as many `block_size` blocks
-    as the budget holds, handed out as requests grow.
+    naive: blocks of max_seq_len slots, one per sequence, all reserved at admission; for a batch of
+    `num_seqs` sequences exactly that many, and a batch that does not fit is an error that names
+    the largest batch that does. paged: `block_size` blocks, as many as the budget holds (or
+    `config.num_blocks`), handed out as sequences grow; the pool must hold the `longest` request.
+    Without `num_seqs`: the whole pool the budget buys, unchecked (a budget of 0 still gives the
+    block size, which choosing the attention backend needs before the budget is known).
     """
-    bytes_per_token = args.kv_bytes_per_token(dtype.itemsize)
-    if twin == "naive":
-        rows = naive_max_rows(budget_bytes, max_seq_len, bytes_per_token)
-        row_bytes = max_seq_len * bytes_per_token
+    bytes_per_token = config.bytes_per_slot
+    if config.twin == "naive":
+        row_bytes = config.max_seq_len * bytes_per_token
+        rows = budget_bytes // row_bytes
+        if num_seqs is None:
+            return CacheLayout(config.max_seq_len, rows, preallocated=True)
         if rows == 0:
             raise OutOfKVMemory(f"the KV budget {human_bytes(budget_bytes)} is too small for even one "
-                                f"{max_seq_len}-token preallocation ({human_bytes(row_bytes)}); raise "
+                                f"{config.max_seq_len}-token preallocation ({human_bytes(row_bytes)}); raise "
                                 "--kv-cache-gb or lower --max-seq-len")
-        if len(requests) > rows:
-            raise OutOfKVMemory(f"out of KV memory: {len(requests)} requests x {max_seq_len} preallocated slots need "
-                                f"{human_bytes(len(requests) * row_bytes)} but the budget is "
+        if num_seqs > rows:
+            raise OutOfKVMemory(f"out of KV memory: {num_seqs} requests x {config.max_seq_len} preallocated slots "
+                                f"need {human_bytes(num_seqs * row_bytes)} but the budget is "
                                 f"{human_bytes(budget_bytes)}; the largest batch that fits is {rows} "
                                 "(or run llama3-paged.py)")
-        num_blocks, block_size = len(requests), max_seq_len
-    else:
-        assert block_size is not None
-        num_blocks = num_blocks or paged_num_blocks(budget_bytes, block_size, bytes_per_token)
-        longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-        if num_blocks * block_size < longest:
-            raise OutOfKVMemory(f"the KV pool ({num_blocks} blocks x {block_size} slots = "
-                                f"{human_bytes(num_blocks * block_size * bytes_per_token)}) cannot hold even the "
-                                f"longest request ({longest} tokens); raise --kv-cache-gb or --num-blocks")
-    pool_bytes = num_blocks * block_size * bytes_per_token
-    available = host_memory.available_bytes() if storage and device.type == "cpu" else None
-    activations = activation_allowance(args, dtype.itemsize)
+        return CacheLayout(config.max_seq_len, num_seqs, preallocated=True)
+    block_size = config.block_size
+    num_blocks = config.num_blocks or budget_bytes // (block_size * bytes_per_token)
+    if num_seqs is not None and num_blocks * block_size < longest:
+        raise OutOfKVMemory(f"the KV pool ({num_blocks} blocks x {block_size} slots = "
+                            f"{human_bytes(num_blocks * block_size * bytes_per_token)}) cannot hold even the "
+                            f"longest request ({longest} tokens); raise --kv-cache-gb or --num-blocks")
+    return CacheLayout(block_size, num_blocks)
+
+
+def check_host_memory(config: EngineConfig, layout: CacheLayout) -> None:
+    """On CPU, fail with a clear message before allocating a pool that, with a prefill step's
+    activations, the machine cannot hold (see `host_memory.available_bytes`)."""
+    available = host_memory.available_bytes() if config.device.type == "cpu" else None
+    pool_bytes = layout.capacity_tokens * config.bytes_per_slot
+    activations = activation_allowance(config.model_args, config.dtype.itemsize)
     if available is not None and pool_bytes + activations > available:
         raise OutOfKVMemory(f"the {human_bytes(pool_bytes)} KV cache and {human_bytes(activations)} of prefill "
                             f"activations do not fit in the {human_bytes(available)} of memory this machine has "
                             "available; lower --kv-cache-gb, --num-blocks or the batch size")
-    try:
-        return KVCache(args, num_blocks, block_size, max_seq_len, len(requests), backend, device, dtype, storage)
-    except torch.cuda.OutOfMemoryError:
-        raise OutOfKVMemory(f"CUDA could not allocate the {human_bytes(pool_bytes)} KV cache; lower --kv-cache-gb, "
-                            "the batch size or --gpu-memory-utilization") from None

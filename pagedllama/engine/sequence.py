@@ -1,8 +1,31 @@
-"""One generation request as the engine tracks it: its tokens and where its K/V live."""
+"""A generation request, and the sequences the engine runs for it: their tokens and where their K/V live."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
+
+
+@dataclass(frozen=True)
+class Request:
+    """A tokenized prompt, how far to generate it, and how many sequences to run for it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    n: int = 1  # parallel samples, sharing the prompt's blocks
+    beam_width: int = 1  # above 1: beam search with that many beams instead of sampling
+    # Sample j draws from random stream sample_index + j, so a request with n=1 and
+    # sample_index=j reproduces sample j of a request with n > j on its own.
+    sample_index: int = 0
+
+    def __post_init__(self):
+        if min(self.n, self.beam_width) < 1 or min(self.n, self.beam_width) > 1:
+            raise ValueError(f"request {self.request_id}: n ({self.n}) and beam_width ({self.beam_width}) must be "
+                             "at least 1, and not both above 1")
+
+    @property
+    def width(self) -> int:
+        return max(self.n, self.beam_width)
 
 
 class Status(Enum):
@@ -23,7 +46,7 @@ class Sequence:
     max_new_tokens: int
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
-    row: int = -1  # this sequence's row in the cache's host block-table array (-1: none)
+    row: int = -1  # this sequence's row in the block manager's block-table array (-1: none)
     num_cached_tokens: int = 0  # tokens whose K/V are already in the cache
     finish_reason: str | None = None
     num_preemptions: int = 0
@@ -45,7 +68,7 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     def fork(self, seq_id: int, sample_key: int) -> Sequence:
-        """A copy that goes on by itself from here; `KVCache.fork` gives it the same blocks."""
+        """A copy that goes on by itself from here; `BlockManager.fork` gives it the same blocks."""
         return replace(self, seq_id=seq_id, sample_key=sample_key, token_ids=list(self.token_ids),
                        prefix_ids=list(self.prefix_ids), block_table=[], row=-1, num_cached_tokens=0)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import tiktoken
 
+from ..errors import UserError
 from .chat_template import ChatTemplate
-from .errors import UserError
 
 # Llama 3's pre-tokenizer.
 PAT_STR = (

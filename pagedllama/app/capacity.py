@@ -1,24 +1,21 @@
 """Capacity planning: the real scheduler and allocator over real request lengths, no forward pass.
 
-A dry run (`Engine(model=None)`) admits, grows, preempts and frees exactly as a real run
+A dry run (an `Engine` with no model: the scheduler and block manager alone) admits, grows, preempts and frees exactly as a real run
 does, so it finds in seconds what a GPU run would take minutes to show: how much memory
 each twin reserves step by step, and the largest batch that fits its KV memory: no request
 ever waited for blocks and none was preempted (`SchedulerStats.fits_in_memory`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import torch
-
-from .budget import build_cache
-from .config import ModelArgs
-from .engine import Engine, Request
-from .errors import OutOfKVMemory
-from .report import MemorySample
-from .sampling import SamplingParams
-from .scheduler import SchedulerStats
-from .sharing import one_per_sequence
+from ..engine.config import EngineConfig
+from ..engine.engine import build_engine
+from ..engine.memory import MemorySample
+from ..engine.sampling import SamplingParams
+from ..engine.scheduler import SchedulerStats
+from ..engine.sequence import Request
+from ..errors import OutOfKVMemory
 
 
 @dataclass
@@ -37,28 +34,28 @@ class DryRun:
         return self.error is None and self.stats is not None and self.stats.fits_in_memory
 
 
-def dry_run(twin: str, args: ModelArgs, requests: list[Request], budget_bytes: int, max_seq_len: int,
-            dtype: torch.dtype, block_size: int | None = None) -> DryRun:
+def dry_run(config: EngineConfig, budget_bytes: int, requests: list[Request]) -> DryRun:
+    """`requests` through the scheduler and block manager of `config`'s twin: greedy placeholder
+    tokens to each request's length, recomputing what is preempted, no prefix caching."""
+    config = replace(config, sampling=SamplingParams(), stop_ids=frozenset(), ignore_eos=True, preemption="recompute",
+                     prefix_caching=False, cuda_graphs=False)
     try:
-        cache = build_cache(twin, args, one_per_sequence(requests), budget_bytes, max_seq_len, None,
-                            torch.device("cpu"), dtype, block_size=block_size, storage=False)
-        engine = Engine(None, cache, SamplingParams(), frozenset(), ignore_eos=True)
+        engine = build_engine(config, budget_bytes, requests)
         engine.run(requests, progress=False)
     except OutOfKVMemory as e:
-        return DryRun(twin, len(requests), error=str(e))
-    return DryRun(twin, len(requests), engine.memory.summary(budget_bytes), engine.scheduler.stats,
+        return DryRun(config.twin, len(requests), error=str(e))
+    return DryRun(config.twin, len(requests), engine.memory.summary(budget_bytes), engine.scheduler.stats,
                   engine.memory.timeline)
 
 
-def find_max_batch(twin: str, args: ModelArgs, requests: list[Request], budget_bytes: int, max_seq_len: int,
-                   dtype: torch.dtype, block_size: int | None = None) -> tuple[int, bool]:
+def find_max_batch(config: EngineConfig, budget_bytes: int, requests: list[Request]) -> tuple[int, bool]:
     """Largest K such that the first K requests fit the KV memory (none waits for blocks, none is preempted).
 
     Returns (K, exhausted): `exhausted` means even all the requests given fit, so the true
     limit is at least K. Binary search: one more request never needs less memory.
     """
     def fits(k: int) -> bool:
-        return k == 0 or dry_run(twin, args, requests[:k], budget_bytes, max_seq_len, dtype, block_size).fits_in_memory
+        return k == 0 or dry_run(config, budget_bytes, requests[:k]).fits_in_memory
 
     if fits(len(requests)):
         return len(requests), True

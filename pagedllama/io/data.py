@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 _HUMAN = {"human", "user"}
 _GPT = {"gpt", "chatgpt", "assistant", "bard"}
@@ -26,7 +26,7 @@ class Conversation:
 
 def default_data_path() -> Path:
     """The sample shipped at the repo top level."""
-    return Path(__file__).resolve().parent.parent / "sharegpt-filtered.json"
+    return Path(__file__).resolve().parents[2] / "sharegpt-filtered.json"
 
 
 def load_sharegpt(path: str | Path) -> tuple[list[Conversation], int]:

@@ -19,13 +19,10 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
-from .kv_cache import KVCache
+from .block_manager import BlockManager
+from .config import MAX_PREFILL_TOKENS
 from .sequence import Sequence, SequenceGroup, Status
 from .swap import SwapSpace
-
-# Prompt tokens one prefill step may take: bounds the step's activation memory (budget.py
-# plans for it). Dry runs and real runs both use it, so they schedule the same steps.
-MAX_PREFILL_TOKENS = 4096
 
 
 @dataclass
@@ -48,15 +45,15 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, cache: KVCache, max_prefill_tokens: int = MAX_PREFILL_TOKENS, watermark: float = 0.01,
-                 swap: SwapSpace | None = None):
+    def __init__(self, block_manager: BlockManager, max_prefill_tokens: int = MAX_PREFILL_TOKENS,
+                 watermark: float = 0.01, swap: SwapSpace | None = None):
         """`swap`: where preempted requests go; None preempts by recompute."""
-        self.cache = cache
+        self.block_manager = block_manager
         self.max_prefill_tokens = max_prefill_tokens
         # The watermark keeps room for running sequences to grow into new blocks; a sequence whose
         # one block holds max_seq_len slots (the naive twin) never does.
-        grows = cache.block_size < cache.max_seq_len
-        self.watermark_blocks = int(watermark * cache.num_blocks) if grows else 0
+        grows = block_manager.block_size < block_manager.max_seq_len
+        self.watermark_blocks = int(watermark * block_manager.num_blocks) if grows else 0
         self.swap = swap
         self.waiting: deque[SequenceGroup] = deque()
         self.running_groups: list[SequenceGroup] = []  # in admission order
@@ -90,7 +87,7 @@ class Scheduler:
         if not self.running_groups:
             group = (self.swapped or self.waiting)[0]
             raise MemoryError(f"request {group.request_id} needs {sum(s.num_tokens for s in group.seqs)} KV slots "
-                              f"but the whole pool holds {self.cache.capacity_tokens}")
+                              f"but the whole pool holds {self.block_manager.capacity_tokens}")
         return self._reserve_decode_slots(), False
 
     def _watermark(self) -> int:
@@ -111,7 +108,7 @@ class Scheduler:
             group_tokens = sum(s.num_tokens for s in group.seqs)
             if tokens and tokens + group_tokens > self.max_prefill_tokens:
                 break
-            if not self.cache.can_allocate(*group.seqs, watermark_blocks=self._watermark()):
+            if not self.block_manager.can_allocate(*group.seqs, watermark_blocks=self._watermark()):
                 self.memory_stalls += 1
                 break
             self.waiting.popleft()
@@ -119,7 +116,7 @@ class Scheduler:
                 group.waited_for_memory = True  # it was queued when admission stopped for memory
                 self.stats.waited_for_memory += 1
             for i, seq in enumerate(group.seqs):
-                self.cache.allocate(seq, tuple(group.seqs[:i]))
+                self.block_manager.allocate(seq, tuple(group.seqs[:i]))
             self._run(group)
             admitted += group.seqs
             tokens += group_tokens
@@ -133,23 +130,23 @@ class Scheduler:
     def _reserve_decode_slots(self) -> list[Sequence]:
         """Make sure every running sequence has a slot for its next token, preempting if needed."""
         running = self.running
-        if self.cache.grow_all(running):  # the common step: room for everyone, no preemption
+        if self.block_manager.grow_all(running):  # the common step: room for everyone, no preemption
             return running
         scheduled = []
         for group in list(self.running_groups):
             if group.seqs[0].status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            while self.cache.blocks_to_grow(group.seqs) > self.cache.allocator.num_free:
+            while self.block_manager.blocks_to_grow(group.seqs) > self.block_manager.allocator.num_free:
                 victim = self.running_groups[-1]
                 if victim is group and len(self.running_groups) == 1:
                     raise MemoryError(f"request {group.request_id}'s {len(group.seqs)} sequences outgrow the whole "
-                                      f"pool of {self.cache.capacity_tokens} KV slots")
+                                      f"pool of {self.block_manager.capacity_tokens} KV slots")
                 self.preempt(victim)
                 if victim is group:
                     break
             if group.seqs[0].status is Status.RUNNING:
                 for seq in group.seqs:
-                    self.cache.grow(seq, seq.num_tokens)
+                    self.block_manager.grow(seq, seq.num_tokens)
                 scheduled += group.seqs
         return scheduled
 
@@ -169,7 +166,7 @@ class Scheduler:
         if self.swap is not None:
             self.stats.swap_fallbacks += 1
         for seq in group.seqs:
-            self.cache.free(seq)
+            self.block_manager.free(seq)
             seq.status = Status.WAITING
         group.stalls_seen = self.memory_stalls
         self.waiting.appendleft(group)
@@ -177,7 +174,7 @@ class Scheduler:
     def fork(self, parent: Sequence, sample_key: int) -> Sequence:
         """A new running sequence of `parent`'s request, sharing all its blocks."""
         child = parent.fork(next(self.seq_ids), sample_key)
-        self.cache.fork(parent, child)
+        self.block_manager.fork(parent, child)
         parent.group.seqs.append(child)
         return child
 
@@ -195,6 +192,6 @@ class Scheduler:
         seq.status = Status.FINISHED
         group = seq.group
         group.seqs.remove(seq)
-        self.cache.free(seq)
+        self.block_manager.free(seq)
         if not group.seqs:
             self.running_groups.remove(group)

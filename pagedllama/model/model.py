@@ -2,7 +2,7 @@
 
 Tokens of all sequences in a step are packed into one (T, dim) tensor, so prefill of
 prompts of different lengths is one pass with no padding, and decode is the case T = B.
-Attention reads and writes K/V only through the `KVCache` it is handed, which is the one
+Attention reads and writes K/V only through the `KVCache` it is handed, whose layout is the one
 thing the naive and paged twins do differently.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ from torch import nn
 from .config import ModelArgs, RopeScaling
 
 if TYPE_CHECKING:
-    from .kv_cache import KVCache, StepMetadata
+    from .attention import StepMetadata
+    from .kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -134,31 +135,3 @@ class Transformer(nn.Module):
             h = layer(h, freqs_cis, cache, meta)
         h = self.norm(h[meta.logits_indices])
         return self.output(h).float()
-
-    @torch.inference_mode()
-    def forward_full(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Reference forward with no cache: (B, S) tokens -> (B, S, vocab) float32 logits.
-
-        Recomputes everything from scratch with a plain causal mask; the tests use it as the
-        ground truth both twins must match.
-        """
-        B, S = tokens.shape
-        x = self.tok_embeddings(tokens)
-        freqs_cis = self.rope[:S]
-        for layer in self.layers:
-            a = layer.attention
-            h = layer.attention_norm(x)
-            q = a.wq(h).unflatten(-1, (a.n_heads, a.head_dim))
-            k = a.wk(h).unflatten(-1, (a.n_kv_heads, a.head_dim))
-            v = a.wv(h).unflatten(-1, (a.n_kv_heads, a.head_dim))
-            q = torch.stack([apply_rope(q[b], freqs_cis) for b in range(B)])
-            k = torch.stack([apply_rope(k[b], freqs_cis) for b in range(B)])
-            rep = a.n_heads // a.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-            scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(a.head_dim)
-            mask = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril()
-            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-            out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).type_as(x)
-            x = x + a.wo(out.flatten(-2))
-            x = x + layer.feed_forward(layer.ffn_norm(x))
-        return self.output(self.norm(x)).float()

@@ -20,21 +20,36 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .kv_cache import StepMetadata
+from ..errors import UsageError
 
 BACKENDS = ("auto", "flash-attn", "triton", "torch")
 FLASH_ATTN_PAGE_MULTIPLE = 256  # flash_api.cpp rejects other page sizes in every 2.x release
 # The torch backend's decode pads each group of sequences to its longest context; a group takes
 # in the next (shorter) sequence while its K/V stay at least this fraction real context.
 DECODE_MIN_FILL = 0.9
+
+
+@dataclass
+class StepMetadata:
+    """What attention needs to know about one forward step, built once and shared by all layers."""
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # (T,) int64: flat cache slot where each new token's K/V go
+    block_tables: torch.Tensor  # (B, max_blocks_per_seq) int32: physical blocks of each sequence
+    context_lens: torch.Tensor  # (B,) int32: keys per sequence, this step's tokens included
+    cache_seqlens: torch.Tensor  # (B,) int32: keys already cached before this step
+    context_start_loc: torch.Tensor  # (B+1,) int32: cumulative context_lens (flash-attn varlen)
+    query_start_loc: torch.Tensor  # (B+1,) int32: sequence b owns query rows [start[b], start[b+1])
+    logits_indices: torch.Tensor  # (B,) int64: the last query row of each sequence
+    max_query_len: int
+    max_context_len: int
+    query_lens: list[int]  # host copies, for loops over sequences
+    cached_lens: list[int]  # keys already in the cache before this step
 
 
 class AttentionBackend(Protocol):
@@ -155,13 +170,21 @@ class TorchAttention:
 
     def __init__(self):
         self.workspace = Workspace()
+        self._planned: tuple[StepMetadata, list[DecodeGroup]] | None = None  # the step's decode plan
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if meta.is_prefill:
             return self._prefill(q, k, v, k_cache, v_cache, meta, scale)
-        return self._decode(q, k_cache, v_cache, meta.decode_groups, scale)
+        return self._decode(q, k_cache, v_cache, self._decode_plan(meta), scale)
+
+    def _decode_plan(self, meta: StepMetadata) -> list[DecodeGroup]:
+        """The step's decode groups: planned by the first layer that asks, reused by the rest."""
+        if self._planned is None or self._planned[0] is not meta:
+            lens = [c + q for c, q in zip(meta.cached_lens, meta.query_lens)]
+            self._planned = meta, plan_decode_groups(lens, meta.block_tables)
+        return self._planned[1]
 
     def _decode(self, q, k_cache, v_cache, groups: list[DecodeGroup], scale: float) -> torch.Tensor:
         """One query per sequence, attended group by group (see `plan_decode_groups`)."""

@@ -13,7 +13,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class _GenerationBlock(jinja2.ext.Extension):

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import torch
 
-from . import gguf_checkpoint, host_memory
+from . import gguf_checkpoint
+
+from .. import host_memory
+from ..errors import UserError, UsageError
+from ..model.config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs
+from ..model.model import Transformer
+from ..units import human_bytes
 from .checkpoint import (build_model, check_gguf_tensors, detect_format, gguf_path, load_weights, random_state_dict,
                          read_config, read_json)
-from .config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs
-from .errors import UserError, UsageError
-from .model import Transformer
-from .report import human_bytes
 from .tokenizer import Tokenizer, demo_tokenizer, find_tokenizer, load_tokenizer
 
 DEMO = "demo"

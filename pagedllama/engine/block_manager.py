@@ -1,35 +1,32 @@
-"""The KV cache: per-layer K/V storage in blocks, block tables, and the attention that reads them.
+"""Block bookkeeping: which physical KV block each sequence holds, in plain Python, no tensors.
 
-Both twins use this one class and differ only in two numbers:
+Both twins use this one class and differ only in their `CacheLayout`:
 
 - naive: `block_size = max_seq_len`. Every request gets one block, i.e. a contiguous row of
-  `max_seq_len` slots, reserved in full when it is admitted. Each layer's K is then exactly
-  (batch, max_seq_len, kv_heads, head_dim), as FasterTransformer-era systems allocate it.
+  `max_seq_len` slots, reserved in full when it is admitted, as FasterTransformer-era systems
+  allocate it.
 - paged: a small `block_size` (16 by default). A request takes one block at a time as it
   grows, so at most `block_size - 1` of its slots are ever empty.
 
-Bookkeeping is split the way vLLM and nano-vllm split it: Python lists (`Sequence.block_table`)
-decide which physical block a request owns; a host array (`host_block_tables`, one row per
-running request) mirrors them, updated one entry per new block with no tensor op, and each step
-copies its requests' rows to the device once, as the kernels' `block_tables`. The step's slot
-mapping is computed from the same rows on the host, once per step, never per layer.
+Python lists (`Sequence.block_table`) decide which physical block a request owns; a host array
+(`block_tables`, one row per running sequence) mirrors them, updated one entry per new block, from
+which the model runner copies each step's rows to the device (as vLLM and nano-vllm split it).
 
 Blocks carry reference counts, so tables can share them: the samples or beams of one
 request hold their common blocks once, and with prefix caching so do requests whose
-prompts begin alike. A shared block is copied before it is written (copy on write).
+prompts begin alike. A shared block is copied before it is written (copy on write). The
+manager only decides that: each copy, like each swap, is recorded in `ops` for the model
+runner to apply to the KV tensors before the step's forward pass. A dry run (capacity
+planning) is the scheduler and this class, nothing else.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
-from operator import attrgetter
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from .attention import AttentionBackend, DecodeGroup, plan_decode_groups
 from .block_allocator import BlockAllocator
-from .config import ModelArgs
+from .config import CacheLayout
 from .prefix_cache import PrefixCache
 from .sequence import Sequence
 
@@ -38,56 +35,45 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+BlockCopy = tuple[int, int]  # (source block, destination block)
+COPY, SWAP_OUT, SWAP_IN = "copy", "swap out", "swap in"  # within the pool, to the CPU pool, and back
+
+
 @dataclass
-class StepMetadata:
-    """What attention needs to know about one forward step, built once and shared by all layers."""
+class BlockOps:
+    """What scheduling decided to do to the KV tensors, for the model runner to apply before the
+    step's forward pass: runs of block copies of one kind each, in the order they were decided
+    (a block freed by a swap out may be the destination of a copy decided after it)."""
 
-    is_prefill: bool
-    slot_mapping: torch.Tensor  # (T,) int64: flat cache slot where each new token's K/V go
-    block_tables: torch.Tensor  # (B, max_blocks) int32: physical blocks of each sequence
-    context_lens: torch.Tensor  # (B,) int32: keys per sequence, this step's tokens included
-    cache_seqlens: torch.Tensor  # (B,) int32: keys already cached before this step
-    context_start_loc: torch.Tensor  # (B+1,) int32: cumulative context_lens (flash-attn varlen)
-    query_start_loc: torch.Tensor  # (B+1,) int32: sequence b owns query rows [start[b], start[b+1])
-    logits_indices: torch.Tensor  # (B,) int64: the last query row of each sequence
-    max_query_len: int
-    max_context_len: int
-    query_lens: list[int]  # host copies, for loops over sequences
-    cached_lens: list[int]  # keys already in the cache before this step
+    runs: list[tuple[str, list[BlockCopy]]] = field(default_factory=list)
 
-    @cached_property
-    def decode_groups(self) -> list[DecodeGroup]:
-        """The torch backend's decode plan: made by the first layer that asks, reused by the rest."""
-        return plan_decode_groups([c + q for c, q in zip(self.cached_lens, self.query_lens)], self.block_tables)
+    def add(self, kind: str, pairs: list[BlockCopy]) -> None:
+        if self.runs and self.runs[-1][0] == kind:
+            self.runs[-1][1].extend(pairs)
+        else:
+            self.runs.append((kind, list(pairs)))
+
+    def __bool__(self) -> bool:
+        return bool(self.runs)
 
 
-class KVCache:
-    """K/V storage for all layers, the allocator of its blocks, and the block tables."""
+class BlockManager:
+    """The allocator of the pool's blocks, the block tables, the prefix cache, and copy-on-write decisions."""
 
-    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, max_seq_len: int,
-                 max_num_seqs: int, backend: AttentionBackend | None, device: torch.device,
-                 dtype: torch.dtype, storage: bool = True):
-        """`storage=False` keeps only the bookkeeping: simulations plan for GPUs that are not here."""
-        self.block_size = block_size
+    def __init__(self, layout: CacheLayout, max_seq_len: int, max_num_seqs: int):
+        """`max_num_seqs`: the block-table rows, one per sequence that may hold blocks at once."""
+        self.layout = layout
+        self.block_size = layout.block_size
         self.max_seq_len = max_seq_len
         self.max_num_seqs = max_num_seqs
-        self.backend = backend
-        self.device = device
-        self.dtype = dtype
-        self.scale = args.head_dim ** -0.5
-        self.bytes_per_slot = args.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size())
-        layers = args.n_layers if storage else 0
-        # One tensor, so that copying a block (copy on write, swapping) is one op over all layers.
-        self.kv = torch.zeros((2, layers, num_blocks, block_size, args.n_kv_heads, args.head_dim),
-                              device=device, dtype=dtype)
-        self.k, self.v = list(self.kv[0]), list(self.kv[1])
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockAllocator(layout.num_blocks)
         self.prefix_cache: PrefixCache | None = None
-        self.max_blocks_per_seq = cdiv(max_seq_len, block_size)
-        self.host_block_tables = np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
+        self.max_blocks_per_seq = cdiv(max_seq_len, layout.block_size)
+        self.block_tables = np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.num_cached_tokens = 0  # slots holding a token, each shared block counted once
         self.num_copies = 0  # blocks copied on write
+        self.ops = BlockOps()  # decided since the runner last took them (`take_ops`)
 
     def enable_prefix_caching(self) -> None:
         self.prefix_cache = PrefixCache(self.block_size)
@@ -234,10 +220,10 @@ class KVCache:
 
     def _copy_on_write(self, seq: Sequence, i: int) -> None:
         old, new = seq.block_table[i], self.new_block()
-        self.kv[:, :, new] = self.kv[:, :, old]
+        self.ops.add(COPY, [(old, new)])
         self.allocator.free(old)
         seq.block_table[i] = new
-        self.host_block_tables[seq.row, i] = new
+        self.block_tables[seq.row, i] = new
         self.num_cached_tokens += self._fill(seq, i)
         self.num_copies += 1
 
@@ -250,7 +236,7 @@ class KVCache:
 
     def _sync_row(self, seq: Sequence, start: int) -> None:
         """Mirror `seq.block_table[start:]` into its row of the host table."""
-        self.host_block_tables[seq.row, start:len(seq.block_table)] = seq.block_table[start:]
+        self.block_tables[seq.row, start:len(seq.block_table)] = seq.block_table[start:]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` holds all of `parent`'s blocks too; a shared block is copied when first written."""
@@ -259,7 +245,7 @@ class KVCache:
         for block in child.block_table:
             self.allocator.share(block)
         child.num_cached_tokens = parent.num_cached_tokens
-        self.host_block_tables[child.row] = self.host_block_tables[parent.row]
+        self.block_tables[child.row] = self.block_tables[parent.row]
 
     def restore(self, seqs: list[Sequence], tables: list[list[int]]) -> None:
         """Rows and new blocks for sequences coming back from swap space, which still count
@@ -291,61 +277,6 @@ class KVCache:
         seq.num_cached_tokens = 0
         seq.prefix_ids.clear()  # recomputed blocks are new blocks: keyed afresh
 
-    # ---- per-step tensors ---------------------------------------------------------------
-    def prepare_step(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, torch.Tensor, StepMetadata]:
-        """Input tokens, positions and attention metadata for one step over `seqs`.
-
-        Prefill feeds every token not yet cached; decode feeds each sequence's last token.
-        Everything is computed on the host with numpy (on arrays this small an op costs a
-        microsecond, a tensor op several) and copied to the device in three arrays.
-        """
-        b, bs = len(seqs), self.block_size
-        token_ids = [s.token_ids for s in seqs]
-        context_lens = np.fromiter(map(len, token_ids), np.int64, b)
-        if is_prefill:
-            cached = np.fromiter((s.num_cached_tokens for s in seqs), np.int64, b)
-            tokens = [t for ids, c in zip(token_ids, cached.tolist()) for t in ids[c:]]
-        else:
-            cached = context_lens - 1
-            tokens = [ids[-1] for ids in token_ids]
-        query_lens = context_lens - cached
-        query_start_loc = np.zeros(b + 1, np.int64)
-        np.cumsum(query_lens, out=query_start_loc[1:])
-        context_start_loc = np.zeros(b + 1, np.int64)
-        np.cumsum(context_lens, out=context_start_loc[1:])
-        if is_prefill:  # each sequence's positions run from its cached length up
-            token_seq = np.repeat(np.arange(b), query_lens)
-            positions = np.arange(len(tokens)) - (query_start_loc[:-1] - cached)[token_seq]
-        else:
-            token_seq, positions = np.arange(b), cached
-        max_context_len = int(context_lens.max())
-        rows = np.fromiter(map(attrgetter("row"), seqs), np.intp, b)
-        block_tables = self.host_block_tables[rows, :cdiv(max_context_len, bs)]
-        slot_mapping = block_tables[token_seq, positions // bs].astype(np.int64) * bs + positions % bs  # int32 may overflow
-        int64s = torch.from_numpy(np.concatenate([tokens, positions, slot_mapping, query_start_loc[1:] - 1]))
-        int32s = torch.from_numpy(np.concatenate([context_lens, cached, context_start_loc, query_start_loc])
-                                  .astype(np.int32))
-        dev, t = self.device, len(tokens)
-        tokens_t, positions_t, slot_mapping_t, logits_indices = int64s.to(dev, non_blocking=True).split([t, t, t, b])
-        context_lens_t, cached_t, context_start_t, query_start_t = \
-            int32s.to(dev, non_blocking=True).split([b, b, b + 1, b + 1])
-        meta = StepMetadata(
-            is_prefill=is_prefill,
-            slot_mapping=slot_mapping_t,
-            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
-            context_lens=context_lens_t,
-            cache_seqlens=cached_t,
-            context_start_loc=context_start_t,
-            query_start_loc=query_start_t,
-            logits_indices=logits_indices,
-            max_query_len=int(query_lens.max()),
-            max_context_len=max_context_len,
-            query_lens=query_lens.tolist(),
-            cached_lens=cached.tolist(),
-        )
-        self.commit(seqs, is_prefill)
-        return tokens_t, positions_t, meta
-
     def commit(self, seqs: list[Sequence], is_prefill: bool) -> None:
         """Count the step's tokens as cached: prefill caches every token, decode the last one."""
         if is_prefill:
@@ -357,7 +288,7 @@ class KVCache:
             for s in seqs:
                 s.num_cached_tokens += 1
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               meta: StepMetadata) -> torch.Tensor:
-        """Store this step's K/V for `layer` and attend over each sequence's whole context."""
-        return self.backend.forward(q, k, v, self.k[layer], self.v[layer], meta, self.scale)
+    def take_ops(self) -> BlockOps:
+        """The copies and swaps decided since the last call, for the runner to apply; starts a new list."""
+        ops, self.ops = self.ops, BlockOps()
+        return ops

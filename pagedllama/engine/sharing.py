@@ -7,12 +7,9 @@ copies would reserve on the same schedule; the report sets its peak against the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from .report import human_bytes
-
-if TYPE_CHECKING:
-    from .engine import Request
+from ..units import human_bytes
+from .sequence import Request
 
 
 def one_per_sequence(requests: list[Request]) -> list[Request]:

@@ -1,8 +1,9 @@
 """The command line both twins share: `llama3-naive.py` and `llama3-paged.py` call `main`.
 
-The twins differ in one thing, the KV cache they build (`build_cache`): the naive twin
+The twins differ in one thing, how their KV pool is cut (`budget.cache_layout`): the naive twin
 reserves one `max_seq_len` row per request up front, the paged twin a pool of small blocks
-handed out on demand. Everything else, from the model to the report, is this file.
+handed out on demand. This file turns the flags into one `EngineConfig` (`prepare`), runs the
+engine or the dry run, and prints the report.
 """
 from __future__ import annotations
 
@@ -18,36 +19,38 @@ from pathlib import Path
 
 import torch
 
-from .args import ArgumentParser, positive_int
-from .attention import BACKENDS, AttentionBackend, select_backend
-from .budget import (DEFAULT_GPU_MEMORY_UTILIZATION, Budget, build_cache, cpu_default_budget, cuda_default_budget,
-                     naive_max_rows, paged_num_blocks, simulated_budget, user_budget)
+from ..args import ArgumentParser, positive_int
+from ..engine.budget import (DEFAULT_GPU_MEMORY_UTILIZATION, Budget, cache_layout, cpu_default_budget,
+                             cuda_default_budget, simulated_budget, user_budget)
+from ..engine.config import PAGED_BLOCK_SIZE, PREEMPTION_MODES, TWINS, EngineConfig
+from ..engine.engine import Engine, build_engine
+from ..engine.sampling import SamplingParams
+from ..engine.scheduler import SchedulerStats
+from ..engine.sequence import Request, Sequence
+from ..engine.sharing import format_sharing
+from ..errors import OutOfKVMemory, UsageError, UserError
+from ..host_memory import keep_freed_memory
+from ..io.data import default_data_path, load_sharegpt
+from ..io.loading import (DEMO, LLAMA3_VOCAB_SIZE, LLAMA_MODELS_INSTALL, Loaded, installed_llama3_tokenizer, load,
+                          resolve_device, resolve_dtype)
+from ..io.tokenizer import demo_tokenizer, load_tokenizer
+from ..model.attention import BACKENDS, AttentionBackend, select_backend
+from ..model.config import DEFAULT_MAX_SEQ_LEN, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
+from ..model.model_runner import warmup_peak_bytes
+from ..units import GB, human_bytes
 from .capacity import dry_run, find_max_batch
-from .config import DEFAULT_MAX_SEQ_LEN, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
-from .data import default_data_path, load_sharegpt
-from .engine import PREEMPTION_MODES, Engine, Request
-from .errors import OutOfKVMemory, UsageError, UserError
-from .host_memory import keep_freed_memory
-from .kv_cache import KVCache
-from .loading import (DEMO, LLAMA3_VOCAB_SIZE, LLAMA_MODELS_INSTALL, Loaded, installed_llama3_tokenizer, load,
-                      resolve_device, resolve_dtype)
-from .report import GB, format_memory_report, human_bytes, timeline_json
-from .sampling import SamplingParams
-from .scheduler import MAX_PREFILL_TOKENS, SchedulerStats
-from .sequence import Sequence
-from .sharing import format_sharing, one_per_sequence
+from .report import format_memory_report, timeline_json
 from .threads import choose_threads
-from .tokenizer import demo_tokenizer, load_tokenizer
 from .workload import build_requests
 
-TWINS = {"naive": "naive (contiguous max_seq_len preallocation per request)",
-         "paged": "paged (blocks allocated on demand)"}
-PAGED_BLOCK_SIZE = 16  # the paged twin's default --block-size
+DESCRIPTIONS = {"naive": "naive (contiguous max_seq_len preallocation per request)",
+                "paged": "paged (blocks allocated on demand)"}
+
 
 
 def build_parser(twin: str) -> argparse.ArgumentParser:
     p = ArgumentParser(prog=f"llama3-{twin}.py",
-                       description=f"Batched Llama 3 generation over ShareGPT prompts with a {TWINS[twin]} "
+                       description=f"Batched Llama 3 generation over ShareGPT prompts with a {DESCRIPTIONS[twin]} "
                                    "KV cache, ending with a memory report.")
     p.add_argument("batch_size", type=positive_int, metavar="BATCH_SIZE", nargs="?",
                    help="number of ShareGPT prompts to run at once (optional with --find-max-batch)")
@@ -86,6 +89,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
         g.add_argument("--block-size", type=positive_int, default=PAGED_BLOCK_SIZE,
                        help=f"KV slots per block (default {PAGED_BLOCK_SIZE})")
         g.add_argument("--num-blocks", type=positive_int, help="pool size in blocks (default: the KV budget)")
+    else:  # read for the other twin's sake (`--attention auto` suits both), and to keep one EngineConfig
+        p.set_defaults(block_size=PAGED_BLOCK_SIZE, num_blocks=None, enable_prefix_caching=False)
     g = p.add_argument_group("sharing and preemption")
     g.add_argument("--n", type=positive_int, default=1, help="parallel samples per request; they share the "
                    "prompt's KV blocks (default 1)")
@@ -157,8 +162,7 @@ class Setup:
     """Everything a run needs, resolved from the command line once."""
 
     loaded: Loaded
-    device: torch.device
-    dtype: torch.dtype
+    config: EngineConfig  # this twin's
     budget: Budget
     backend: AttentionBackend | None  # None for dry runs
     requests: list[Request]  # the batch, then the rest of the dataset when searching
@@ -169,6 +173,14 @@ class Setup:
     @property
     def batch(self) -> list[Request]:
         return self.requests[:self.batch_size]
+
+    @property
+    def device(self) -> torch.device:
+        return self.config.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.config.dtype
 
 
 def check_writable(flag: str, path: Path) -> None:
@@ -208,8 +220,7 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
         raise UsageError("--n and --beam-width exclude each other")
     if args.swap_space_gb < 0:
         raise UsageError(f"--swap-space-gb {args.swap_space_gb} must be at least 0")
-    if planning and (args.n > 1 or args.beam_width > 1 or args.preemption == "swap"
-                     or getattr(args, "enable_prefix_caching", False)):
+    if planning and (args.n > 1 or args.beam_width > 1 or args.preemption == "swap" or args.enable_prefix_caching):
         raise UsageError("--n, --beam-width, --preemption swap and --enable-prefix-caching apply to generation, "
                          "not to --simulate or --find-max-batch")
     device = resolve_device("cpu" if args.simulate else args.device)
@@ -219,12 +230,13 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
     if device.type == "cpu":
         keep_freed_memory()  # prefill activations reused, not faulted in again each step (host_memory.py)
     dtype = resolve_dtype("bfloat16" if args.simulate and args.dtype == "auto" else args.dtype, device)
-    block_size = getattr(args, "block_size", None)
     data_path = args.data or default_data_path()
     conversations, skipped = load_sharegpt(data_path)
     loaded = shape_only(args) if args.simulate else load(args.model, args.tokenizer, device, dtype, args.max_seq_len)
-    if block_size is not None and block_size > loaded.max_seq_len:
-        raise UsageError(f"--block-size {block_size} is larger than --max-seq-len {loaded.max_seq_len}; "
+    config = engine_config(twin, args, loaded, device, dtype)
+    block = cache_layout(config, 0).block_size  # a budget of 0: only the block size is wanted
+    if block > loaded.max_seq_len:
+        raise UsageError(f"--block-size {block} is larger than --max-seq-len {loaded.max_seq_len}; "
                          f"use a --block-size of at most {loaded.max_seq_len} or raise --max-seq-len")
     whole_dataset = whole_dataset or args.find_max_batch
     count = max(len(conversations) if whole_dataset else 0, args.batch_size or 0)
@@ -233,34 +245,40 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
                               reference_lengths=loaded.is_demo or whole_dataset or planning,
                               system_prompt=args.system_prompt)
     requests = [replace(r, n=args.n, beam_width=args.beam_width) for r in requests]
-    block, twin_block = twin_block_sizes(twin, args, loaded.max_seq_len)
-    backend = None if planning else select_backend(args.attention, device, dtype, block, twin_block)
-    budget = resolve_budget(args, loaded, device, dtype, backend, block)
+    other = replace(config, twin=next(t for t in TWINS if t != twin))
+    backend = None if planning else select_backend(args.attention, device, dtype, block,
+                                                   cache_layout(other, 0).block_size)
+    if args.cuda_graphs and backend and backend.name != "triton":
+        raise UsageError(f"--cuda-graphs captures the triton backend, not {backend.name}; add --attention triton")
+    budget = resolve_budget(args, loaded, config, backend, block)
     # Dry runs compute nothing: no need to watch the cores for them.
     threads = f"; threads: {choose_threads(args.threads)}" if not planning or args.threads else ""
     header = (f"{args.batch_size or 0} requests from {data_path} ({len(conversations)} usable conversations, "
               f"{skipped} skipped: no usable human turn)\n"
               f"model: {loaded.description}; {device.type}, {str(dtype).removeprefix('torch.')}{threads}\n"
               f"KV budget: {human_bytes(budget.kv_bytes)} ({budget.explanation})")
-    return Setup(loaded, device, dtype, budget, backend, requests, args.batch_size or 0, planning, header)
+    return Setup(loaded, config, budget, backend, requests, args.batch_size or 0, planning, header)
 
 
-def twin_block_sizes(twin: str, args: argparse.Namespace, max_seq_len: int) -> tuple[int, int]:
-    """This twin's block size and the other twin's: `--attention auto` picks a kernel both can use."""
-    paged = getattr(args, "block_size", PAGED_BLOCK_SIZE)
-    return (paged, max_seq_len) if twin == "paged" else (max_seq_len, paged)
+def engine_config(twin: str, args: argparse.Namespace, loaded: Loaded, device: torch.device,
+                  dtype: torch.dtype) -> EngineConfig:
+    """The one EngineConfig a run is built from, out of the flags and the loaded model."""
+    return EngineConfig(twin, loaded.args, loaded.max_seq_len, dtype, device, block_size=args.block_size,
+                        num_blocks=args.num_blocks, preemption=args.preemption,
+                        swap_space_bytes=int(args.swap_space_gb * GB), prefix_caching=args.enable_prefix_caching,
+                        cuda_graphs=args.cuda_graphs, sampling=SamplingParams(args.temperature, args.top_p, args.seed),
+                        stop_ids=loaded.tokenizer.stop_ids, ignore_eos=args.ignore_eos or loaded.is_demo)
 
 
 def run(twin: str, args: argparse.Namespace) -> int:
     setup = prepare(twin, args)
-    loaded, dtype, budget, backend = setup.loaded, setup.dtype, setup.budget, setup.backend
-    block_size = getattr(args, "block_size", None)
+    loaded, config, budget, backend = setup.loaded, setup.config, setup.budget, setup.backend
+    dtype = config.dtype
     mode = "dry run, no forward pass" if setup.planning else "generation"
     print(f"llama3-{twin}.py ({mode}): {setup.header}")
-    print(f"KV cache: {TWINS[twin]}" + (f"; attention backend: {backend.name}" if backend else "")
+    print(f"KV cache: {DESCRIPTIONS[twin]}" + (f"; attention backend: {backend.name}" if backend else "")
           + ("; decode steps replay CUDA graphs" if args.cuda_graphs and backend else ""))
-    print(capacity_line(twin, budget.kv_bytes, loaded.max_seq_len, loaded.args.kv_bytes_per_token(dtype.itemsize),
-                        block_size, getattr(args, "num_blocks", None)))
+    print(capacity_line(config, budget.kv_bytes))
     doc: dict = {"twin": twin, "model": args.simulate or args.model, "planning": setup.planning,
                  "device": setup.device.type, "dtype": str(dtype).removeprefix("torch."),
                  "attention": backend.name if backend else None, "threads": torch.get_num_threads(),
@@ -268,23 +286,21 @@ def run(twin: str, args: argparse.Namespace) -> int:
                  "kv_budget_bytes": budget.kv_bytes}
     status = 0
     if setup.batch and setup.planning:
-        run_ = dry_run(twin, loaded.args, setup.batch, budget.kv_bytes, loaded.max_seq_len, dtype, block_size)
+        run_ = dry_run(config, budget.kv_bytes, setup.batch)
         if run_.error:
             raise OutOfKVMemory(run_.error)
         print()
-        print(format_memory_report(run_.memory, f"KV memory report (dry run): {TWINS[twin]}, "
+        print(format_memory_report(run_.memory, f"KV memory report (dry run): {DESCRIPTIONS[twin]}, "
                                                 f"{setup.batch_size} requests"))
         print(scheduler_line(run_.stats))
         doc.update(batch_size=setup.batch_size, memory=run_.memory, scheduler=scheduler_json(run_.stats),
                    timeline=timeline_json(run_.timeline, run_.memory["bytes_per_token"]))
     elif setup.batch:
-        cache = build_cache(twin, loaded.args, one_per_sequence(setup.batch), budget.kv_bytes, loaded.max_seq_len,
-                            backend, setup.device, dtype, block_size=block_size,
-                            num_blocks=getattr(args, "num_blocks", None))
-        result = generate(args, loaded, cache, setup.batch, budget.kv_bytes)
-        result["timeline"] = timeline_json(result["timeline"], cache.bytes_per_slot)
+        engine = build_engine(config, budget.kv_bytes, setup.batch, loaded.model, backend)
+        result = generate(args, loaded, engine, setup.batch, budget.kv_bytes)
+        result["timeline"] = timeline_json(result["timeline"], config.bytes_per_slot)
         print()
-        print(format_memory_report(result["memory"], f"KV memory report: {TWINS[twin]}, {setup.batch_size} requests",
+        print(format_memory_report(result["memory"], f"KV memory report: {DESCRIPTIONS[twin]}, {setup.batch_size} requests",
                                    interrupted=result["interrupted"]))
         print(f"  run: {result['steps']} steps, {result['output_tokens']} tokens generated in "
               f"{result['elapsed_s']:.1f} s ({result['output_tokens_per_s']:.1f} tok/s)")
@@ -299,8 +315,7 @@ def run(twin: str, args: argparse.Namespace) -> int:
         doc.update(result)
         status = 130 if result["interrupted"] else 0
     if args.find_max_batch:
-        k, exhausted = find_max_batch(twin, loaded.args, setup.requests, budget.kv_bytes, loaded.max_seq_len, dtype,
-                                      block_size)
+        k, exhausted = find_max_batch(config, budget.kv_bytes, setup.requests)
         print(f"\nlargest batch that fits in KV memory ({twin}): {k}"
               + (f" or more (all {k} usable conversations fit; give a larger --data)" if exhausted else ""))
         doc["max_batch"] = {twin: k}
@@ -310,16 +325,9 @@ def run(twin: str, args: argparse.Namespace) -> int:
     return status
 
 
-def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests: list[Request],
+def generate(args: argparse.Namespace, loaded: Loaded, engine: Engine, requests: list[Request],
              budget_bytes: int) -> dict:
     """A real run: generate and print the answers; returns the figures for the report and --json."""
-    if args.cuda_graphs and cache.backend.name != "triton":
-        raise UsageError(f"--cuda-graphs captures the triton backend, not {cache.backend.name}; add --attention triton")
-    engine = Engine(loaded.model, cache, SamplingParams(args.temperature, args.top_p, args.seed),
-                    loaded.tokenizer.stop_ids, ignore_eos=args.ignore_eos or loaded.is_demo, preemption=args.preemption,
-                    swap_space_bytes=int(args.swap_space_gb * GB),
-                    prefix_caching=getattr(args, "enable_prefix_caching", False),
-                    cuda_graphs=args.cuda_graphs)
     stream = args.output.open("w") if args.output else None
     on_finish = (lambda seq: _write_line(stream, seq, loaded)) if stream else None
     start = time.perf_counter()
@@ -343,7 +351,7 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
               "the report covers the run so far")
     out_tokens = sum(s.num_output_tokens for s in result.sequences)
     memory = engine.memory.summary(budget_bytes)
-    prefix_cache = engine.cache.prefix_cache
+    prefix_cache = engine.block_manager.prefix_cache
     return {"batch_size": len(requests), "interrupted": result.interrupted, "steps": result.steps,
             "elapsed_s": elapsed, "output_tokens": out_tokens,
             "output_tokens_per_s": out_tokens / elapsed if elapsed else 0.0,
@@ -353,17 +361,12 @@ def generate(args: argparse.Namespace, loaded: Loaded, cache: KVCache, requests:
             "stats": engine.scheduler.stats, "timeline": engine.memory.timeline}
 
 
-def capacity_line(twin: str, budget_bytes: int, max_seq_len: int, bytes_per_token: int, block_size: int | None,
-                  num_blocks: int | None) -> str:
-    if twin == "naive":
-        rows = naive_max_rows(budget_bytes, max_seq_len, bytes_per_token)
-        layout = f"{rows} rows of {max_seq_len} slots"
-        tokens = rows * max_seq_len
-    else:
-        blocks = num_blocks or paged_num_blocks(budget_bytes, block_size, bytes_per_token)
-        layout = f"{blocks} blocks of {block_size}"
-        tokens = blocks * block_size
-    return (f"KV capacity: {tokens} tokens ({layout}); maximum concurrency for {max_seq_len}-token requests: "
+def capacity_line(config: EngineConfig, budget_bytes: int) -> str:
+    layout, max_seq_len = cache_layout(config, budget_bytes), config.max_seq_len
+    what = (f"{layout.num_blocks} rows of {layout.block_size} slots" if layout.preallocated
+            else f"{layout.num_blocks} blocks of {layout.block_size}")
+    tokens = layout.capacity_tokens
+    return (f"KV capacity: {tokens} tokens ({what}); maximum concurrency for {max_seq_len}-token requests: "
             f"{tokens / max_seq_len:.2f}x")
 
 
@@ -400,42 +403,20 @@ def shape_only(args: argparse.Namespace) -> Loaded:
                   + (f", on {tp} GPUs" if tp > 1 else "") + f"); {note}")
 
 
-def resolve_budget(args: argparse.Namespace, loaded: Loaded, device: torch.device, dtype: torch.dtype,
-                   backend: AttentionBackend | None, block_size: int) -> Budget:
+def resolve_budget(args: argparse.Namespace, loaded: Loaded, config: EngineConfig, backend: AttentionBackend | None,
+                   block_size: int) -> Budget:
     if args.kv_cache_gb is not None:
         return user_budget(args.kv_cache_gb)
     if args.simulate:
         if args.gpu_memory_gb is None:
             raise UsageError("--simulate needs --gpu-memory-gb G (the GPU to plan for) or --kv-cache-gb")
-        return simulated_budget(loaded.args, args.gpu_memory_gb, args.gpu_memory_utilization, dtype.itemsize,
+        return simulated_budget(loaded.args, args.gpu_memory_gb, args.gpu_memory_utilization, config.dtype.itemsize,
                                 args.tensor_parallel_size)
-    bytes_per_token = loaded.args.kv_bytes_per_token(dtype.itemsize)
-    if device.type == "cuda":
-        total = torch.cuda.mem_get_info(device)[1]
-        peak = warmup_peak_bytes(loaded, backend, block_size, device, dtype)
+    if config.device.type == "cuda":
+        total = torch.cuda.mem_get_info(config.device)[1]
+        peak = warmup_peak_bytes(config, loaded.model, backend, block_size)
         return cuda_default_budget(args.gpu_memory_utilization, peak, total)
-    return cpu_default_budget(bytes_per_token, loaded.max_seq_len)
-
-
-def warmup_peak_bytes(loaded: Loaded, backend: AttentionBackend, block_size: int, device: torch.device,
-                      dtype: torch.dtype) -> int:
-    """Peak CUDA memory of a forward over the largest prefill step, less its throwaway cache."""
-    torch.cuda.reset_peak_memory_stats(device)
-    kv_bytes = warmup_forward(loaded, backend, block_size, device, dtype)
-    torch.cuda.empty_cache()
-    return torch.cuda.max_memory_allocated(device) - kv_bytes
-
-
-def warmup_forward(loaded: Loaded, backend: AttentionBackend, block_size: int, device: torch.device,
-                   dtype: torch.dtype) -> int:
-    """A forward over the largest prefill step through the backend and block size that will run, in a
-    throwaway cache just large enough; returns that cache's size in bytes."""
-    tokens = min(MAX_PREFILL_TOKENS, loaded.max_seq_len - 1)
-    cache = KVCache(loaded.args, num_blocks=-(-(tokens + 1) // block_size), block_size=block_size,
-                    max_seq_len=loaded.max_seq_len, max_num_seqs=1, backend=backend, device=device, dtype=dtype)
-    Engine(loaded.model, cache, SamplingParams(), frozenset()).run([Request("warmup", [0] * tokens, 1)],
-                                                                   progress=False)
-    return cache.kv.numel() * cache.kv.element_size()
+    return cpu_default_budget(config.bytes_per_slot, loaded.max_seq_len)
 
 
 def _output_index(seq: Sequence) -> dict:

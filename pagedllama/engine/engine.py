@@ -8,42 +8,21 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ..errors import OutOfKVMemory
+from ..model.attention import AttentionBackend
+from ..model.model import Transformer
+from ..model.model_runner import ModelRunner
+from ..units import human_bytes
 from .beam_search import advance_beams
-from .cuda_graphs import DecodeGraphs
-from .errors import OutOfKVMemory
-from .kv_cache import KVCache
-from .model import Transformer
-from .report import GB, MemoryTracker
-from .sampling import SamplingParams, sample, sample_key
-from .scheduler import MAX_PREFILL_TOKENS, Scheduler
-from .sequence import Sequence, SequenceGroup
-from .sharing import SharingTracker
+from .block_manager import BlockManager
+from .budget import cache_layout, check_host_memory
+from .config import CacheLayout, EngineConfig
+from .memory import MemoryTracker
+from .sampling import sample, sample_key
+from .scheduler import Scheduler
+from .sequence import Request, Sequence, SequenceGroup
+from .sharing import SharingTracker, one_per_sequence
 from .swap import SwapSpace
-
-PREEMPTION_MODES = ("recompute", "swap")
-
-
-@dataclass(frozen=True)
-class Request:
-    """A tokenized prompt, how far to generate it, and how many sequences to run for it."""
-
-    request_id: str
-    prompt_ids: list[int]
-    max_new_tokens: int
-    n: int = 1  # parallel samples, sharing the prompt's blocks
-    beam_width: int = 1  # above 1: beam search with that many beams instead of sampling
-    # Sample j draws from random stream sample_index + j, so a request with n=1 and
-    # sample_index=j reproduces sample j of a request with n > j on its own.
-    sample_index: int = 0
-
-    def __post_init__(self):
-        if min(self.n, self.beam_width) < 1 or min(self.n, self.beam_width) > 1:
-            raise ValueError(f"request {self.request_id}: n ({self.n}) and beam_width ({self.beam_width}) must be "
-                             "at least 1, and not both above 1")
-
-    @property
-    def width(self) -> int:
-        return max(self.n, self.beam_width)
 
 
 @dataclass
@@ -53,35 +32,43 @@ class RunResult:
     interrupted: bool
 
 
-class Engine:
-    """Runs requests through scheduler, cache and model.
+def build_engine(config: EngineConfig, budget_bytes: int, requests: list[Request], model: Transformer | None = None,
+                 backend: AttentionBackend | None = None) -> Engine:
+    """The engine a twin runs `requests` with within the KV budget: the composition root that the
+    command line, the comparison and the benchmarks share. No model: a dry run."""
+    seqs = one_per_sequence(requests)
+    layout = cache_layout(config, budget_bytes, len(seqs), max(len(r.prompt_ids) + r.max_new_tokens for r in seqs))
+    if model is None:
+        return Engine(config, layout, len(seqs))
+    check_host_memory(config, layout)
+    try:
+        return Engine(config, layout, len(seqs), model, backend)
+    except torch.cuda.OutOfMemoryError:
+        raise OutOfKVMemory(f"CUDA could not allocate the {human_bytes(layout.capacity_tokens * config.bytes_per_slot)} "
+                            "KV cache; lower --kv-cache-gb, the batch size or --gpu-memory-utilization") from None
 
-    With `model=None` it is a dry run: the same scheduler and allocator, each request
-    generating exactly `max_new_tokens` placeholder tokens, no forward pass. That is how
-    capacity is planned for models and GPUs that are not here (see capacity.py).
+
+class Engine:
+    """Runs requests through scheduler, block manager and model runner.
+
+    With no model it is a dry run: the scheduler and the block manager alone, each request
+    generating exactly `max_new_tokens` placeholder tokens, no forward pass and no KV tensors.
+    That is how capacity is planned for models and GPUs that are not here (app/capacity.py).
     """
 
-    def __init__(self, model: Transformer | None, cache: KVCache, sampling: SamplingParams,
-                 stop_ids: frozenset[int], ignore_eos: bool = False, max_prefill_tokens: int = MAX_PREFILL_TOKENS,
-                 preemption: str = "recompute", swap_space_bytes: int = 4 * GB, prefix_caching: bool = False,
-                 cuda_graphs: bool = False):
-        """`preemption`: "recompute" or "swap" (to a CPU pool of `swap_space_bytes`). `cuda_graphs`:
-        decode steps replay captured graphs (triton backend; on a CPU the same static-buffer forward
-        runs eagerly, which is how the tests check it)."""
-        if preemption not in PREEMPTION_MODES:
-            raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, not {preemption!r}")
-        self.model = model
-        self.cache = cache
-        self.decode = model
-        if cuda_graphs and model is not None:
-            self.decode = DecodeGraphs(model, cache, cache.max_num_seqs, capture=cache.device.type == "cuda")
-        self.sampling = sampling
-        self.stop_ids = frozenset() if ignore_eos else stop_ids
-        if prefix_caching:
-            cache.enable_prefix_caching()
-        swap = SwapSpace(cache, swap_space_bytes) if preemption == "swap" else None
-        self.scheduler = Scheduler(cache, max_prefill_tokens, swap=swap)
-        self.memory = MemoryTracker(cache)
+    def __init__(self, config: EngineConfig, layout: CacheLayout, max_num_seqs: int,
+                 model: Transformer | None = None, backend: AttentionBackend | None = None):
+        """`max_num_seqs`: block-table rows, one per sequence that may run at once."""
+        self.config = config
+        self.block_manager = BlockManager(layout, config.max_seq_len, max_num_seqs)
+        if config.prefix_caching:
+            self.block_manager.enable_prefix_caching()
+        swap = SwapSpace(self.block_manager, config.swap_blocks(layout)) if config.preemption == "swap" else None
+        self.scheduler = Scheduler(self.block_manager, config.max_prefill_tokens, swap=swap)
+        self.runner = None if model is None else ModelRunner(config, model, layout, max_num_seqs, backend)
+        self.sampling = config.sampling
+        self.stop_ids = frozenset() if config.ignore_eos else config.stop_ids
+        self.memory = MemoryTracker(self.block_manager, config.bytes_per_slot)
         self.sharing = SharingTracker()
         self.max_width = 1  # the most sequences a request runs (samples or beams)
 
@@ -117,9 +104,9 @@ class Engine:
         """Queue `requests` for `step` (which `run` calls until all are done); each request's
         group collects its output sequences (`SequenceGroup.outputs`)."""
         rows = sum(r.width for r in requests)
-        if rows > self.cache.max_num_seqs:
+        if rows > self.block_manager.max_num_seqs:
             raise ValueError(f"the requests run {rows} sequences but the cache has block-table rows for "
-                             f"{self.cache.max_num_seqs}; size it for sharing.one_per_sequence(requests)")
+                             f"{self.block_manager.max_num_seqs}; size it for sharing.one_per_sequence(requests)")
         self.max_width = max([self.max_width] + [r.width for r in requests])
         groups = []
         for r in requests:
@@ -137,18 +124,17 @@ class Engine:
             batch, is_prefill = self.scheduler.schedule()
         except MemoryError as e:
             raise OutOfKVMemory(f"{e}; raise --kv-cache-gb or lower --max-seq-len") from None
-        if self.model is None:
-            self.cache.commit(batch, is_prefill)
+        ops = self.block_manager.take_ops()
+        if self.runner is None:
             # Placeholder tokens, every one equally likely (greedy picks 0), so samples and beams still fork.
             logits = torch.zeros(len(batch), self.max_width)
             positions = torch.tensor([len(s.token_ids) for s in batch])
-        else:
-            tokens, positions, meta = self.cache.prepare_step(batch, is_prefill)
-            logits = (self.model if is_prefill else self.decode)(tokens, positions, self.cache, meta)
-            positions = meta.context_lens  # where each new token goes
+        else:  # positions: where each new token goes
+            logits, positions = self.runner.run(batch, is_prefill, ops, self.block_manager.block_tables)
+        self.block_manager.commit(batch, is_prefill)
         scheduler = self.scheduler
         self.memory.record(len(scheduler.running_groups), len(scheduler.waiting) + len(scheduler.swapped))
-        self.sharing.record(self.cache.allocator.num_refs)  # only running sequences hold blocks
+        self.sharing.record(self.block_manager.allocator.num_refs)  # only running sequences hold blocks
         finished = []
         for seq, token in self._next_tokens(batch, logits, positions):
             seq.token_ids.append(token)
@@ -205,6 +191,6 @@ class Engine:
         num_tokens = len(seq.token_ids)  # once, not through properties: this runs per sequence per step
         if num_tokens - seq.num_prompt_tokens >= seq.max_new_tokens:
             return "length"
-        if num_tokens >= self.cache.max_seq_len:
+        if num_tokens >= self.config.max_seq_len:
             return "max_seq_len"
         return None

@@ -18,9 +18,9 @@ import gguf
 import numpy as np
 import torch
 
+from ..errors import UserError
+from ..model.config import ModelArgs
 from .chat_template import ChatTemplate
-from .config import ModelArgs
-from .errors import UserError
 from .tokenizer import GGUF_PRE_TOKENIZERS, Tokenizer
 
 Q = gguf.GGMLQuantizationType

@@ -1,10 +1,10 @@
 """ShareGPT conversations to tokenized requests with their generation limits."""
 from __future__ import annotations
 
-from .data import Conversation
-from .engine import Request
-from .errors import UserError, UsageError
-from .tokenizer import Tokenizer
+from ..engine.sequence import Request
+from ..errors import UserError, UsageError
+from ..io.data import Conversation
+from ..io.tokenizer import Tokenizer
 
 
 def build_requests(conversations: list[Conversation], tokenizer: Tokenizer, batch_size: int,
