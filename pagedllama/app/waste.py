@@ -127,13 +127,11 @@ class WasteBreakdown:
 
     def slots(self, at: str) -> np.ndarray:
         """Slots of each part at the peak step (`at="peak"`) or averaged over steps ("average")."""
-        if not len(self.parts):
+        if at not in ("peak", "average"):
+            raise ValueError(f"at must be 'peak' or 'average', not {at!r}")
+        if not len(self.parts):  # nothing ran: all free
             return np.array([0, 0, 0, 0, self.budget_slots], dtype=np.float64)
-        if at == "peak":
-            return self.parts[self.peak_step].astype(np.float64)
-        if at == "average":
-            return self.parts.mean(axis=0)
-        raise ValueError(f"at must be 'peak' or 'average', not {at!r}")
+        return self.parts[self.peak_step].astype(np.float64) if at == "peak" else self.parts.mean(axis=0)
 
     def shares(self, at: str) -> np.ndarray:
         return self.slots(at) / self.budget_slots
