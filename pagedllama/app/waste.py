@@ -42,13 +42,13 @@ class WasteRecorder:
 
     Units are named by the engine's own `key` (a block id, or a reservation's offset) in
     [0, num_keys); a key is reused by each new lifetime. `step` is called once per step with numpy
-    arrays and does no per-unit Python.
+    arrays and does no per-unit Python; it keeps two int32 per live unit per step.
     """
 
     def __init__(self, budget_slots: int, bytes_per_slot: int, num_keys: int):
         self.budget_slots = budget_slots
         self.bytes_per_slot = bytes_per_slot
-        self._unit_of = np.full(num_keys, -1, dtype=np.int64)  # key -> its live unit, -1 when none
+        self._unit_of = np.full(num_keys, -1, dtype=np.int32)  # key -> its live unit, -1 when none
         self._sizes: list[int] = []  # per unit, in slots
         self._num_live = 0
         self._live_slots = 0
@@ -84,7 +84,7 @@ class WasteRecorder:
         units = self._unit_of[np.asarray(keys, dtype=np.int64)]
         assert (units >= 0).all(), f"step {step}: a key given is not live"
         self._units.append(units)
-        self._written.append(np.array(written, dtype=np.int64))
+        self._written.append(np.array(written, dtype=np.int32))
         self._free.append(free_slots)
         self._external.append(external_slots)
 
@@ -92,8 +92,8 @@ class WasteRecorder:
         """The five parts at every step, now that each unit's final length is known."""
         steps = len(self._free)
         sizes = np.array(self._sizes, dtype=np.int64)
-        units = np.concatenate(self._units) if steps else np.zeros(0, np.int64)
-        written = np.concatenate(self._written) if steps else np.zeros(0, np.int64)
+        units = np.concatenate(self._units) if steps else np.zeros(0, np.int32)
+        written = np.concatenate(self._written).astype(np.int64) if steps else np.zeros(0, np.int64)
         assert (written >= 0).all() and (written <= sizes[units]).all(), "a unit wrote outside its size"
         final = np.zeros(len(sizes), dtype=np.int64)
         np.maximum.at(final, units, written)
