@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedllama.contiguous_allocator import ContiguousAllocator
+from pagedllama.engine.contiguous_allocator import ContiguousAllocator
 
 
 def test_first_fit_takes_the_lowest_hole_large_enough():

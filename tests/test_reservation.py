@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pagedllama.errors import UsageError, UserError
-from pagedllama.reservation import RESERVE_POLICIES, next_power_of_two, reservation_slots
+from pagedllama.engine.reservation import RESERVE_POLICIES, next_power_of_two, reservation_slots
 
 
 def test_policy_names():

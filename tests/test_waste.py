@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedllama.app.waste import PARTS, WasteRecorder, format_waste_table, plot_breakdown
-from pagedllama.contiguous_allocator import ContiguousAllocator
+from pagedllama.engine.contiguous_allocator import ContiguousAllocator
 from pagedllama.errors import UserError
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..report import human_bytes
+from ..units import human_bytes
 
 PARTS = ("token_states", "reservation", "internal_fragmentation", "external_fragmentation", "free")
 LABELS = dict(zip(PARTS, ("token states", "reservation", "internal frag.", "external frag.", "free")))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from .errors import UsageError, UserError
+from ..errors import UsageError, UserError
 
 ReservePolicy = Literal["max", "pow2", "oracle"]
 RESERVE_POLICIES: tuple[str, ...] = get_args(ReservePolicy)
