@@ -52,11 +52,11 @@ def probe(tree: Path, code: str, dtype: str = "float32", *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(tree: Path, models: list[str], batches: dict[str, tuple[int, ...]]) -> dict:
+def measure(tree: Path, models: list[str], batches: dict[str, tuple[int, ...]], dtypes: list[str]) -> dict:
     doc = probe(tree, PROBE_OVERHEAD)
     for model in models:
         prefix = "full_ms" if model == "100m" else f"full_ms_{model}"  # the 100M keys as in earlier results
-        for dt in DTYPES:
+        for dt in dtypes:
             ms, in_step = probe(tree, PROBE_FULL, dt, model, json.dumps(batches[model]))
             doc[f"{prefix}_{dt}"] = ms
             if None not in in_step.values():  # revisions before the in-step measure lack it
@@ -73,6 +73,7 @@ def main() -> None:
                     help="models whose full decode steps to time (default: all)")
     ap.add_argument("--batches", type=int, nargs="+", default=None,
                     help="batch sizes of the full decode steps (default: per model, as FULL_BATCHES)")
+    ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     ap.add_argument("--name", default=None, help="results file name (default: compare_commits_BEFORE)")
     a = ap.parse_args()
     batches = {m: tuple(a.batches) if a.batches else FULL_BATCHES[m] for m in a.models}
@@ -82,7 +83,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"before": [], "after": []}
         for r in range(a.repeats):
             for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                runs[name].append(measure(trees[name], a.models, batches))
+                runs[name].append(measure(trees[name], a.models, batches, a.dtypes))
                 log(f"  repeat {r + 1} {name}: {runs[name][-1]}")
     med = {name: {key: {b: statistics.median(r[key][b] for r in rs) for b in rs[0][key]} for key in rs[0]}
            for name, rs in runs.items()}
