@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.config import EngineConfig
 from ..engine.waste import PARTS, WasteBreakdown
 from ..errors import UserError
 from ..units import human_bytes
@@ -14,6 +15,36 @@ LABELS = dict(zip(PARTS, ("token states", "reservation", "internal frag.", "exte
 # The paper's Figure 2 (see ../shared/REFERENCE.md, section 6): share of KV memory holding token states.
 PAPER_TOKEN_STATES_EARLIER = (0.204, 0.382)  # Orca (Max) .. Orca (Oracle)
 PAPER_TOKEN_STATES_VLLM = 0.963
+
+
+# The vLLM paper's names (section 6.1) for the naive twin's reservation policies.
+PAPER_NAMES = {"max": "Orca (Max)", "pow2": "Orca (Pow2)", "oracle": "Orca (Oracle)"}
+
+
+def system_name(config: EngineConfig) -> str:
+    """How reports and --json name a twin and its reservation policy: naive, naive-pow2, naive-oracle, paged."""
+    return config.twin if config.twin == "paged" or config.reserve == "max" else f"naive-{config.reserve}"
+
+
+def system_label(config: EngineConfig) -> str:
+    """The name tables and plots show: the paper's (Orca (Max), (Pow2), (Oracle); vLLM for the paged twin)."""
+    return PAPER_NAMES[config.reserve] if config.twin == "naive" else "paged (vLLM)"
+
+
+def waste_json(config: EngineConfig, breakdown: WasteBreakdown) -> dict:
+    """--json's "waste": which system, and its breakdown (`WasteBreakdown.to_json`)."""
+    return {"system": system_name(config), "reserve": config.reserve if config.twin == "naive" else None,
+            **breakdown.to_json()}
+
+
+def format_waste_report(config: EngineConfig, breakdown: WasteBreakdown) -> str:
+    """The four parts at the peak and on average, and how often the queue waited for a hole."""
+    label = system_label(config)
+    lines = [format_waste_table({label: breakdown}, "peak"), format_waste_table({label: breakdown}, "average")]
+    if config.twin == "naive" and config.reserve != "max":
+        lines.append(f"  external fragmentation: the next request fit in the free memory but in no hole at "
+                     f"{breakdown.hole_waits} of {len(breakdown.parts)} steps")
+    return "\n".join(lines)
 
 
 def format_waste_table(systems: dict[str, WasteBreakdown], at: str = "peak") -> str:

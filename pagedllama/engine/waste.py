@@ -117,6 +117,11 @@ class WasteBreakdown:
             return None
         return int(np.argmax(self.budget_slots - self.parts[:, PARTS.index("free")]))
 
+    @property
+    def hole_waits(self) -> int:
+        """Steps at which the queue's head fit in the free memory but in no hole (external fragmentation)."""
+        return int((self.parts[:, PARTS.index("external_fragmentation")] > 0).sum()) if len(self.parts) else 0
+
     def slots(self, at: str) -> np.ndarray:
         """Slots of each part at the peak step (`at="peak"`) or averaged over steps ("average")."""
         if at not in ("peak", "average"):
@@ -134,7 +139,7 @@ class WasteBreakdown:
             return {p: {"bytes": float(s * self.bytes_per_slot), "share": float(s / self.budget_slots)}
                     for p, s in zip(PARTS, self.slots(at))}
         return {"budget_bytes": self.budget_slots * self.bytes_per_slot, "bytes_per_slot": self.bytes_per_slot,
-                "steps": len(self.parts), "peak_step": self.peak_step, "peak": parts("peak"),
+                "steps": len(self.parts), "peak_step": self.peak_step, "hole_waits": self.hole_waits, "peak": parts("peak"),
                 "average": parts("average"),
                 "timeline": {f"{p}_bytes": (self.parts[:, i] * self.bytes_per_slot).tolist()
                              for i, p in enumerate(PARTS)}}
