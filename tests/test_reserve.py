@@ -211,3 +211,26 @@ def test_find_max_batch_flag_per_policy(tmp_path):
     assert cli.main("naive", args) == 0
     most = json.loads(out.read_text())["max_batch"]["naive"]
     assert pow2 > most > 0
+
+
+def test_compare_shows_every_policy_and_the_paged_twin(checkpoint, tmp_path, capsys):
+    """compare on a model that stops by itself: pow2 and oracle reserve for the paged run's answer
+    lengths (never outgrowing them); the four systems' breakdowns, limits (each the twin's
+    --find-max-batch) and the stacked bars."""
+    from pagedllama.app import compare
+    model, data = checkpoint
+    common = ["--model", str(model), "--data", str(data), "--max-seq-len", "64", "--kv-cache-gb", "0.0001",
+              "--no-progress", "--no-answers", "--max-new-tokens", "12"]
+    doc_path = tmp_path / "compare.json"
+    assert compare.main(["3", *common, "--json", str(doc_path), "--plots-dir", str(tmp_path)]) == 0
+    doc = json.loads(doc_path.read_text())
+    assert list(doc["systems"]) == ["naive", "naive-pow2", "naive-oracle", "paged"]
+    for name, system in doc["systems"].items():
+        assert system["error"] is None and system["waste"]["system"] == name
+        assert sum(p["share"] for p in system["waste"]["average"].values()) == pytest.approx(1)
+    oracle_json = tmp_path / "oracle.json"
+    assert cli.main("naive", ["--find-max-batch", "--reserve", "oracle", *common, "--json", str(oracle_json)]) == 0
+    assert doc["systems"]["naive-oracle"]["max_batch"] == json.loads(oracle_json.read_text())["max_batch"]["naive-oracle"]
+    assert (tmp_path / "kv_breakdown.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "Orca (Pow2)" in out and "Orca (Oracle)" in out and "paged (vLLM)" in out

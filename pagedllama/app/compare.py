@@ -26,6 +26,7 @@ from ..engine.budget import cache_layout  # noqa: E402
 from ..engine.config import TWINS, EngineConfig  # noqa: E402
 from ..engine.engine import build_engine  # noqa: E402
 from ..engine.memory import MemorySample  # noqa: E402
+from ..engine.reservation import RESERVE_POLICIES  # noqa: E402
 from ..engine.sequence import Request  # noqa: E402
 from ..engine.waste import WasteBreakdown  # noqa: E402
 from ..errors import OutOfKVMemory, UsageError, UserError  # noqa: E402
@@ -141,10 +142,9 @@ def compare(args: argparse.Namespace) -> int:
     runs = {twin: run_twin(twin, args, setup) for twin in TWINS}
     print()
     print(side_by_side(runs["naive"], runs["paged"], f"TWIN, {setup.batch_size} requests"))
+    configs = {system_name(c): c for c in (twin_config(setup, "naive", reserve=policy) for policy in RESERVE_POLICIES)}
+    configs["paged"] = twin_config(setup, "paged")
     systems = {"naive": runs["naive"], **policy_runs(args, setup, runs), "paged": runs["paged"]}
-    configs = {name: twin_config(setup, "paged" if name == "paged" else "naive",
-                                 reserve=name.removeprefix("naive-") if name.startswith("naive-") else "max")
-               for name in systems}
     breakdowns = {system_label(configs[n]): r.waste for n, r in systems.items() if r.waste is not None}
     print()
     for at in ("peak", "average"):
@@ -189,15 +189,15 @@ def compare(args: argparse.Namespace) -> int:
 def policy_runs(args: argparse.Namespace, setup: Setup, runs: dict[str, TwinRun]) -> dict[str, TwinRun]:
     """The naive twin reserving by `pow2` and `oracle` on the same requests. A model that stops by
     itself gets the answer lengths of the twins' own run (the paged one's, or the naive one's)."""
-    batch = setup.batch
+    batch, policies = setup.batch, [p for p in RESERVE_POLICIES if p != "max"]
     stops = not (setup.planning or args.dry_run or setup.config.ignore_eos) and setup.config.stop_ids
     if stops:
         lens = next((r.output_lens for r in (runs["paged"], runs["naive"]) if r.output_lens), None)
         if lens is None:
             error = "neither twin ran the batch, so the answer lengths that pow2 and oracle reserve for are unknown"
-            return {f"naive-{p}": TwinRun("naive", error=error) for p in ("pow2", "oracle")}
+            return {f"naive-{p}": TwinRun("naive", error=error) for p in policies}
         batch = [replace(r, output_len=lens[r.request_id]) for r in batch]
-    return {f"naive-{p}": run_twin("naive", args, setup, p, batch) for p in ("pow2", "oracle")}
+    return {f"naive-{p}": run_twin("naive", args, setup, p, batch) for p in policies}
 
 
 def timeline_runs(runs: dict[str, TwinRun], setup: Setup, k_naive: int) -> tuple[dict[str, TwinRun], int]:

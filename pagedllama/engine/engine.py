@@ -135,7 +135,9 @@ class Engine:
         `max_new_tokens` when nothing stops it earlier (the demo; dry runs)."""
         if r.width > 1:
             raise ValueError(f"request {r.request_id}: --reserve {self.config.reserve} runs one sequence per request")
-        output_len = r.output_len if r.output_len is not None else None if self.stop_ids else r.max_new_tokens
+        output_len = r.output_len
+        if output_len is None and not self.stop_ids:  # it generates exactly max_new_tokens
+            output_len = r.max_new_tokens
         return reservation_slots(self.config.reserve, len(r.prompt_ids), output_len, self.config.max_seq_len)
 
     @property
