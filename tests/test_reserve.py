@@ -165,6 +165,7 @@ def one_line_error(capsys) -> str:
     ("naive", ["1", "--oracle-lengths", "x.json"], 2, "--reserve pow2 or oracle"),
     ("naive", ["1", "--reserve", "max", "--oracle-lengths", "x.json"], 2, "not max"),
     ("naive", ["1", "--reserve", "pow2", "--n", "2"], 2, "--n"),
+    ("naive", ["1", "--reserve", "oracle", "--oracle-lengths", "x.json", "--find-max-batch"], 2, "dry runs"),
     ("naive", ["1", "--reserve", "oracle", "--oracle-lengths", "/nonexistent.json"], 1, "--json PATH"),
 ])
 def test_bad_reserve_flags_are_one_line(twin, argv, status, words, capsys):

@@ -296,6 +296,9 @@ def check_reserve(twin: str, args: argparse.Namespace) -> None:
         raise UsageError(f"--reserve {args.reserve}: unknown policy; use one of: {', '.join(RESERVE_POLICIES)}")
     if args.reserve == "max" and args.oracle_lengths:
         raise UsageError("--oracle-lengths applies with --reserve pow2 or oracle, not max")
+    if args.oracle_lengths and (args.simulate or args.find_max_batch):
+        raise UsageError("--oracle-lengths applies to generation: dry runs (--simulate, --find-max-batch) generate "
+                         "each dataset answer's length, which pow2 and oracle know; drop it")
     if args.reserve != "max" and (args.n > 1 or args.beam_width > 1):
         raise UsageError(f"--reserve {args.reserve} reserves one contiguous run per request; drop --n and "
                          "--beam-width, or use --reserve max")
