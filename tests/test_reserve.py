@@ -235,3 +235,21 @@ def test_compare_shows_every_policy_and_the_paged_twin(checkpoint, tmp_path, cap
     assert (tmp_path / "kv_breakdown.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "Orca (Pow2)" in out and "Orca (Oracle)" in out and "paged (vLLM)" in out
+
+
+def test_readme_states_the_shares_of_memory_in_use(tmp_path):
+    """The README's four-part figures for Llama 3 8B on 24 GB (6 requests, averaged over steps, as
+    shares of the memory in use) are what each system's dry run computes: a README that drifts fails."""
+    shares = {}
+    for name, twin, extra in [("max", "naive", []), ("pow2", "naive", ["--reserve", "pow2"]),
+                              ("oracle", "naive", ["--reserve", "oracle"]), ("paged", "paged", [])]:
+        doc_path = tmp_path / f"{name}.json"
+        assert cli.main(twin, ["6", "--simulate", "llama3-8b", "--gpu-memory-gb", "24", "--no-progress",
+                               *extra, "--json", str(doc_path)]) == 0
+        parts = json.loads(doc_path.read_text())["waste"]["average"]
+        used = sum(p["bytes"] for key, p in parts.items() if key != "free")
+        shares[name] = round(100 * parts["token_states"]["bytes"] / used)
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    stated = (f"8B's 8192-token rows: {shares['max']}%), Pow2 {shares['pow2']}%, "
+              f"Oracle {shares['oracle']}%, paged {shares['paged']}%")
+    assert stated in readme, f"README.md should state: {stated}"
