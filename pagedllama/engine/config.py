@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.config import ModelArgs
+from ..model.parallel import SINGLE, TensorParallel
 from ..units import GB
 from .sampling import SamplingParams
 
@@ -55,6 +56,10 @@ class EngineConfig:
     sampling: SamplingParams = SamplingParams()
     stop_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    # This process's rank among the tensor-parallel ranks. Every rank builds the same scheduler and
+    # block manager from the same config and so decides the same; budgets and `bytes_per_slot`
+    # count all ranks together (each rank stores 1/N of every slot's KV heads).
+    tensor_parallel: TensorParallel = SINGLE
 
     def __post_init__(self):
         if self.twin not in TWINS:

@@ -13,9 +13,10 @@ from .. import host_memory
 from ..errors import UserError, UsageError
 from ..model.config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs
 from ..model.model import Transformer
+from ..model.parallel import SINGLE, TensorParallel
 from ..units import human_bytes
 from .checkpoint import (build_model, check_gguf_tensors, detect_format, gguf_path, load_weights, random_state_dict,
-                         read_config, read_json)
+                         read_config, read_json, shard_state_dict)
 from .tokenizer import Tokenizer, demo_tokenizer, find_tokenizer, load_tokenizer
 
 DEMO = "demo"
@@ -104,10 +105,11 @@ def checkpoint_tokenizer(model: Path, explicit: str | None) -> Tokenizer:
 
 
 def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.dtype,
-         max_seq_len: int | None) -> Loaded:
-    """The demo model (random weights, made here) or a checkpoint: a directory or a GGUF file."""
+         max_seq_len: int | None, tp: TensorParallel = SINGLE) -> Loaded:
+    """The demo model (random weights, made here) or a checkpoint: a directory or a GGUF file; with
+    several ranks, this rank's slices of it (model/parallel.py)."""
     if model == DEMO:
-        args, state = DEMO_ARGS, random_state_dict(DEMO_ARGS, seed=0)
+        args, state = DEMO_ARGS, shard_state_dict(random_state_dict(DEMO_ARGS, seed=0), tp)
         tok = load_tokenizer(Path(tokenizer)) if tokenizer else demo_tokenizer()
         check_tokenizer_fits(tok, args)
         max_len = max_seq_len or DEMO_MAX_SEQ_LEN
@@ -117,7 +119,7 @@ def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.d
         tok = checkpoint_tokenizer(Path(model), tokenizer)  # before the weights: its errors come first
         check_tokenizer_fits(tok, args)
         tok.check_chat()
-        weight_bytes = args.num_params() * dtype.itemsize
+        weight_bytes = args.params_per_rank(tp.size) * dtype.itemsize
         check_weights_fit(weight_bytes, device, dtype)
         name = str(dtype).removeprefix("torch.")
         stored = ""
@@ -125,13 +127,14 @@ def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.d
             check_gguf_tensors(Path(model), args)
             stored = (f"; GGUF {gguf_checkpoint.quantization(gguf_path(Path(model)))}, dequantized to {name}: "
                       f"the KV cache and matmuls run in {name}")
-        print(f"loading {model}: {args.num_params() / 1e9:.2f}B parameters, {human_bytes(weight_bytes)} in "
-              f"{name}{stored} ...", flush=True)
-        state = load_weights(model, args, dtype)
+        per_rank = f" per rank ({tp.size} ranks)" if tp.size > 1 else ""
+        print(f"loading {model}: {args.num_params() / 1e9:.2f}B parameters, {human_bytes(weight_bytes)}{per_rank} "
+              f"in {name}{stored} ...", flush=True)
+        state = load_weights(model, args, dtype, tp)
         max_len = max_seq_len or DEFAULT_MAX_SEQ_LEN
         description = (f"{model} ({args.num_params() / 1e9:.2f}B parameters{stored}); prompts in "
                        f"{tok.describe_chat()}")
     if max_len < 2:
         raise UsageError(f"--max-seq-len {max_len} is too small; it must hold a prompt and an answer")
-    net = build_model(args, state, device, dtype, max_positions=max_len)
+    net = build_model(args, state, device, dtype, max_positions=max_len, tp=tp)
     return Loaded(net, tok, args, model == DEMO, max_len, description)
