@@ -48,13 +48,13 @@ def run_ranks(size: int, device_type: str, timeout_s: float, main: RankMain, mai
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(_free_port())
     ctx = mp.get_context("spawn")
-    failures = ctx.SimpleQueue()
-    children = [ctx.Process(target=_spawned_rank, daemon=True, name=f"rank{rank}",
-                            args=(rank, size, backend, timeout_s, main, main_args, describe, failures, os.getpid()))
-                for rank in range(1, size)]
+    pipes = [ctx.Pipe(duplex=False) for _ in range(1, size)]  # each rank's one line, if it fails
+    children = [ctx.Process(target=_spawned_rank, daemon=True, name=f"rank {rank}",
+                            args=(rank, size, backend, timeout_s, main, main_args, describe, sender, os.getpid()))
+                for rank, (_, sender) in enumerate(pipes, start=1)]
     for child in children:
         child.start()
-    watchdog = _Watchdog(children, failures)
+    watchdog = _Watchdog(children, [receiver for receiver, _ in pipes])
     try:
         status = _as_rank(0, size, 0, backend, timeout_s, main, main_args, watchdog.rank_failure)
         watchdog.stop()
@@ -65,7 +65,9 @@ def run_ranks(size: int, device_type: str, timeout_s: float, main: RankMain, mai
         _stop_children(children, wait_s=0)
         raise
     finally:
-        failures.close()
+        for receiver, sender in pipes:
+            receiver.close()
+            sender.close()
 
 
 def _as_rank(rank: int, size: int, local_rank: int, backend: str, timeout_s: float, main: RankMain,
@@ -74,8 +76,8 @@ def _as_rank(rank: int, size: int, local_rank: int, backend: str, timeout_s: flo
     becomes one line naming the likely cause."""
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
     try:
+        dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
         return main(TensorParallel(rank, size), *main_args)
     except (dist.DistError, RuntimeError) as e:
         if not isinstance(e, dist.DistError) and "gloo" not in str(e).lower() and "nccl" not in str(e).lower():
@@ -84,11 +86,12 @@ def _as_rank(rank: int, size: int, local_rank: int, backend: str, timeout_s: flo
             f"rank {rank}: a collective failed or did not complete within {timeout_s:g} s ({str(e).splitlines()[0]}): "
             "another rank died or hung; the run is stopped (--dist-timeout sets the wait)") from None
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _spawned_rank(rank: int, size: int, backend: str, timeout_s: float, main: RankMain, main_args: tuple,
-                  describe: Callable[[BaseException], tuple[str, int]], failures, parent: int) -> None:
+                  describe: Callable[[BaseException], tuple[str, int]], failure, parent: int) -> None:
     """A rank the script spawned: silent (rank 0 reports), its failure sent to rank 0 as one line."""
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the whole life of this rank
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
@@ -96,7 +99,7 @@ def _spawned_rank(rank: int, size: int, backend: str, timeout_s: float, main: Ra
         status = _as_rank(rank, size, rank, backend, timeout_s, main, main_args)
     except BaseException as e:  # noqa: BLE001 - rank 0 prints it
         message, status = describe(e) if isinstance(e, Exception) else ("interrupted", 130)
-        failures.put((rank, message))
+        failure.send(f"rank {rank}: {message}")
     sys.stdout.flush()
     os._exit(status)
 
@@ -111,7 +114,7 @@ class _Watchdog:
     """Rank 0's watch over the ranks it spawned: when one fails or dies, print one line and end the
     whole run at once (rank 0 may be blocked in a collective that will never complete)."""
 
-    def __init__(self, children: list, failures):
+    def __init__(self, children: list, failures: list):
         self.children, self.failures = children, failures
         self.lock = threading.Lock()
         self.stopped = False
@@ -132,14 +135,13 @@ class _Watchdog:
             self.stopped = True
 
     def _failed(self) -> tuple[str, int] | None:
-        for child in self.children:
+        for child, failure in zip(self.children, self.failures):
             code = child.exitcode
             if code not in (None, 0):
-                if not self.failures.empty():
-                    rank, message = self.failures.get()
-                    return f"rank {rank}: {message}", code
+                if failure.poll():
+                    return failure.recv(), code
                 how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                return f"{child.name.replace('rank', 'rank ')} {how}; the run is stopped", 1
+                return f"{child.name} {how}; the run is stopped", 1
         return None
 
     def _watch(self) -> None:

@@ -1,0 +1,144 @@
+"""Tensor parallelism on CPU: 2 gloo ranks (this process and one it spawns) against one process.
+
+Greedy float32 tokens must be the single process's, for both twins, under preemption by recompute
+and by swap, with parallel samples and prefix caching, and from a Meta checkpoint of 2 shards read
+one per rank; a rank that fails, dies or hangs must end the run with one line and leave no process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BYTE_ARGS, chats, tokenizer_bytes
+from checkpoint_writers import meta_params, save_meta
+from pagedllama.app import cli
+from pagedllama.io.checkpoint import load_weights, random_state_dict, shard_state_dict
+from pagedllama.model.parallel import TensorParallel
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM = ["--system-prompt", "You are a helpful assistant who answers briefly."]
+
+
+def run_json(tmp_path: Path, twin: str, argv: list[str], size: int) -> dict:
+    path = tmp_path / f"{twin}-{size}-{uuid.uuid4().hex}.json"
+    status = cli.main(twin, [*argv, "--no-progress", "--json", str(path), "--tensor-parallel-size", str(size)])
+    assert status == 0
+    return json.loads(path.read_text())
+
+
+def tokens(doc: dict) -> list:
+    return [(r["id"], r.get("sample_index"), r["output_token_ids"], r["finish_reason"]) for r in doc["requests"]]
+
+
+@pytest.mark.parametrize("twin, argv", [
+    ("naive", ["3", "--max-new-tokens", "12"]),
+    ("paged", ["6", "--num-blocks", "130", "--max-new-tokens", "64"]),  # preempted, recomputed
+    ("paged", ["6", "--num-blocks", "130", "--max-new-tokens", "64", "--preemption", "swap"]),
+    ("paged", ["3", "--n", "2", "--enable-prefix-caching", *SYSTEM, "--max-new-tokens", "12"]),
+], ids=["naive", "paged-recompute", "paged-swap", "paged-n2-prefix"])
+def test_two_ranks_generate_the_tokens_of_one(tmp_path, capsys, twin, argv):
+    one, two = run_json(tmp_path, twin, argv, 1), run_json(tmp_path, twin, argv, 2)
+    assert tokens(two) == tokens(one)
+    assert two["scheduler"] == one["scheduler"] and two["memory"] == one["memory"]  # the same decisions
+    if "--num-blocks" in argv:
+        assert one["scheduler"]["preemptions"] > 0
+    if "--enable-prefix-caching" in argv:
+        assert two["prefix_cache"] == one["prefix_cache"] and one["prefix_cache"]["cached_tokens"] > 0
+    out = capsys.readouterr().out
+    assert out.count("KV memory report") == 2  # rank 1 prints nothing
+
+
+def write_meta_shards(dest: Path, num_shards: int) -> dict[str, torch.Tensor]:
+    sd = random_state_dict(BYTE_ARGS, seed=3)
+    save_meta(sd, meta_params(BYTE_ARGS, multiple_of=32, ffn_dim_multiplier=None), dest, num_shards)
+    (dest / "tokenizer.model").write_bytes(tokenizer_bytes())
+    return sd
+
+
+def test_a_rank_reads_only_its_own_meta_shard(tmp_path):
+    sd = write_meta_shards(tmp_path, 2)
+    (tmp_path / "consolidated.00.pth").write_bytes(b"rank 1 never reads this")
+    got = load_weights(tmp_path, BYTE_ARGS, tp=TensorParallel(1, 2))
+    want = shard_state_dict(sd, TensorParallel(1, 2))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_meta_two_shards_on_two_ranks_generate_the_tokens_of_one(tmp_path, capsys):
+    write_meta_shards(tmp_path / "m", 2)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(chats(("Hello there, how are you?", "Fine."), ("Name a colour.", "Blue."))))
+    argv = ["2", "--model", str(tmp_path / "m"), "--data", str(data), "--max-new-tokens", "10", "--ignore-eos",
+            "--max-seq-len", "128"]
+    one, two = run_json(tmp_path, "paged", argv, 1), run_json(tmp_path, "paged", argv, 2)
+    assert tokens(two) == tokens(one)
+    assert "per rank (2 ranks)" in capsys.readouterr().out
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Live processes started with PAGEDLLAMA_TEST_TAG=tag in their environment (the run and its ranks)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"PAGEDLLAMA_TEST_TAG={tag}".encode() in (proc / "environ").read_bytes():
+                if (proc / "stat").read_text().split()[2] != "Z":
+                    pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def start_run(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "PAGEDLLAMA_TEST_TAG": tag, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "llama3-paged.py"), "4", "--max-new-tokens", "400",
+                             "--no-progress", "--tensor-parallel-size", "2", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, tag
+
+
+def spawned_rank(proc: subprocess.Popen, tag: str) -> int:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        others = [p for p in tagged_processes(tag) if p != proc.pid
+                  and b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        if others:
+            return others[0]
+        time.sleep(0.1)
+    raise AssertionError("rank 1 never started")
+
+
+def finish(proc: subprocess.Popen, tag: str, within: float) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=within)
+    time.sleep(0.5)
+    assert tagged_processes(tag) == []  # no rank left running
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig, words", [(signal.SIGKILL, "rank 1 was killed by signal 9"),
+                                        (signal.SIGSTOP, "did not complete within 3 s")], ids=["dies", "hangs"])
+def test_a_rank_that_dies_or_hangs_ends_the_run_with_one_line(tmp_path, sig, words):
+    proc, tag = start_run(tmp_path, "--dist-timeout", "3")
+    rank1 = spawned_rank(proc, tag)
+    while not proc.stdout.readline().startswith("KV capacity"):  # generation, and its collectives, begin
+        pass
+    os.kill(rank1, sig)
+    status, err = finish(proc, tag, within=60)
+    assert status == 1 and words in err and err.count("\n") == 1 and err.startswith("error: "), err
+
+
+def test_a_rank_that_fails_ends_the_run_with_its_one_line(tmp_path):
+    write_meta_shards(tmp_path / "m", 2)
+    (tmp_path / "m" / "consolidated.01.pth").write_bytes(b"truncated")
+    proc, tag = start_run(tmp_path, "--model", str(tmp_path / "m"), "--max-seq-len", "128")
+    status, err = finish(proc, tag, within=60)
+    assert status == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: rank 1: cannot read") and "consolidated.01.pth" in err
