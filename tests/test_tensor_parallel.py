@@ -142,3 +142,14 @@ def test_a_rank_that_fails_ends_the_run_with_its_one_line(tmp_path):
     status, err = finish(proc, tag, within=60)
     assert status == 1 and err.count("\n") == 1, err
     assert err.startswith("error: rank 1: cannot read") and "consolidated.01.pth" in err
+
+
+def test_limits_per_rank_agree_with_one_process_holding_all_ranks_memory(tmp_path, capsys):
+    """--kv-cache-gb is per GPU: 2 ranks of G hold the blocks one process of 2G holds, and their
+    max-batch search finds the same limit."""
+    argv = ["4", "--max-new-tokens", "8", "--find-max-batch"]
+    one = run_json(tmp_path, "paged", [*argv, "--kv-cache-gb", "0.04"], 1)
+    two = run_json(tmp_path, "paged", [*argv, "--kv-cache-gb", "0.02"], 2)
+    assert two["kv_budget_bytes"] == one["kv_budget_bytes"] == 2 * two["kv_budget_bytes_per_rank"]
+    assert two["max_batch"] == one["max_batch"] and two["memory"]["num_blocks"] == one["memory"]["num_blocks"]
+    assert "per rank: 20.47 MB (1 of the 2 KV heads of every block)" in capsys.readouterr().out

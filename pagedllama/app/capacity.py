@@ -16,6 +16,7 @@ from ..engine.sampling import SamplingParams
 from ..engine.scheduler import SchedulerStats
 from ..engine.sequence import Request
 from ..errors import OutOfKVMemory
+from ..model.parallel import SINGLE
 
 
 @dataclass
@@ -38,7 +39,7 @@ def dry_run(config: EngineConfig, budget_bytes: int, requests: list[Request]) ->
     """`requests` through the scheduler and block manager of `config`'s twin: greedy placeholder
     tokens to each request's length, recomputing what is preempted, no prefix caching."""
     config = replace(config, sampling=SamplingParams(), stop_ids=frozenset(), ignore_eos=True, preemption="recompute",
-                     prefix_caching=False, cuda_graphs=False)
+                     prefix_caching=False, cuda_graphs=False, tensor_parallel=SINGLE)
     try:
         engine = build_engine(config, budget_bytes, requests)
         engine.run(requests, progress=False)

@@ -314,12 +314,15 @@ def run(twin: str, args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int
     print(f"llama3-{twin}.py ({mode}): {setup.header}")
     print(f"KV cache: {DESCRIPTIONS[twin]}" + (f"; attention backend: {backend.name}" if backend else "")
           + ("; decode steps replay CUDA graphs" if args.cuda_graphs and backend else ""))
-    print(capacity_line(config, budget.kv_bytes))
+    print(capacity_line(config, budget.kv_bytes, args.tensor_parallel_size))
     doc: dict = {"twin": twin, "model": args.simulate or args.model, "planning": setup.planning,
                  "device": setup.device.type, "dtype": str(dtype).removeprefix("torch."),
                  "attention": backend.name if backend else None, "threads": torch.get_num_threads(),
                  "max_seq_len": loaded.max_seq_len,
                  "kv_budget_bytes": budget.kv_bytes}
+    if args.tensor_parallel_size > 1:  # budgets and pools count all ranks; each holds 1/N of every block
+        doc.update(tensor_parallel_size=args.tensor_parallel_size,
+                   kv_budget_bytes_per_rank=budget.kv_bytes // args.tensor_parallel_size)
     status = 0
     if setup.batch and setup.planning:
         run_ = dry_run(config, budget.kv_bytes, setup.batch)
@@ -397,13 +400,18 @@ def generate(args: argparse.Namespace, loaded: Loaded, engine: Engine, requests:
             "stats": engine.scheduler.stats, "timeline": engine.memory.timeline}
 
 
-def capacity_line(config: EngineConfig, budget_bytes: int) -> str:
+def capacity_line(config: EngineConfig, budget_bytes: int, tensor_parallel_size: int = 1) -> str:
     layout, max_seq_len = cache_layout(config, budget_bytes), config.max_seq_len
+    per_rank = ""
+    if tensor_parallel_size > 1:
+        heads = config.model_args.n_kv_heads // tensor_parallel_size
+        per_rank = (f"; per rank: {human_bytes(layout.capacity_tokens * config.bytes_per_slot // tensor_parallel_size)}"
+                    f" ({heads} of the {config.model_args.n_kv_heads} KV heads of every block)")
     what = (f"{layout.num_blocks} rows of {layout.block_size} slots" if layout.preallocated
             else f"{layout.num_blocks} blocks of {layout.block_size}")
     tokens = layout.capacity_tokens
     return (f"KV capacity: {tokens} tokens ({what}); maximum concurrency for {max_seq_len}-token requests: "
-            f"{tokens / max_seq_len:.2f}x")
+            f"{tokens / max_seq_len:.2f}x{per_rank}")
 
 
 def scheduler_line(stats: SchedulerStats) -> str:
