@@ -153,3 +153,16 @@ def test_limits_per_rank_agree_with_one_process_holding_all_ranks_memory(tmp_pat
     assert two["kv_budget_bytes"] == one["kv_budget_bytes"] == 2 * two["kv_budget_bytes_per_rank"]
     assert two["max_batch"] == one["max_batch"] and two["memory"]["num_blocks"] == one["memory"]["num_blocks"]
     assert "per rank: 20.47 MB (1 of the 2 KV heads of every block)" in capsys.readouterr().out
+
+
+def test_compare_on_two_ranks_reports_what_one_process_does(tmp_path, capsys):
+    from pagedllama.app import compare
+
+    docs = []
+    for size, per_gpu in ((1, "0.02"), (2, "0.01")):  # a small budget keeps the max-batch searches short
+        path = tmp_path / f"compare-{size}.json"
+        assert compare.main(["3", "--max-new-tokens", "8", "--no-progress", "--no-plots", "--json", str(path),
+                             "--kv-cache-gb", per_gpu, "--tensor-parallel-size", str(size)]) == 0
+        docs.append(json.loads(path.read_text()))
+    assert docs[1] == docs[0]
+    assert capsys.readouterr().out.count("compare: 3 requests") == 2  # rank 1 prints nothing

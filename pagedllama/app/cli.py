@@ -135,12 +135,13 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
 def main(twin: str, argv: list[str] | None = None) -> int:
     args = build_parser(twin).parse_args(argv)
     if args.tensor_parallel_size > 1 and not args.simulate:
-        return run_reporting_errors(lambda: run_tensor_parallel(twin, args), args.debug)
+        return run_reporting_errors(lambda: run_tensor_parallel(args, run_rank, twin), args.debug)
     return run_reporting_errors(lambda: run(twin, args), args.debug)
 
 
-def run_tensor_parallel(twin: str, args: argparse.Namespace) -> int:
-    """`run` on --tensor-parallel-size ranks, after the checks that need no rank (one line each)."""
+def run_tensor_parallel(args: argparse.Namespace, rank_main: Callable[..., int], *rank_args) -> int:
+    """`rank_main(tp, *rank_args, args)` on --tensor-parallel-size ranks (app/launch.py), after the
+    checks that need no rank (one line each)."""
     size = args.tensor_parallel_size
     device = resolve_device(args.device)
     if args.dist_timeout <= 0:
@@ -152,15 +153,20 @@ def run_tensor_parallel(twin: str, args: argparse.Namespace) -> int:
             raise UsageError(f"--tensor-parallel-size {size} needs {per_node} GPUs on this machine but {visible} "
                              "are visible; lower it, or spread the ranks over machines with torchrun")
     check_divides(DEMO_ARGS if args.model == DEMO else read_config(args.model), size)
-    return run_ranks(size, device.type, args.dist_timeout, run_rank, (twin, args), describe_error)
+    return run_ranks(size, device.type, args.dist_timeout, rank_main, (*rank_args, args), describe_error)
+
+
+def silent_rank(args: argparse.Namespace, tp: TensorParallel) -> argparse.Namespace:
+    """The flags for rank `tp.rank`: rank 0 prints and writes the files; the others compute in silence."""
+    if tp.rank == 0:
+        return args
+    return argparse.Namespace(**{**vars(args), "json": None, "output": None, "no_progress": True, "answers": False,
+                                 "no_plots": True})
 
 
 def run_rank(tp: TensorParallel, twin: str, args: argparse.Namespace) -> int:
-    """One rank's run: rank 0 prints and writes the files; the others compute in silence."""
-    if tp.rank > 0:
-        args = argparse.Namespace(**{**vars(args), "json": None, "output": None, "no_progress": True,
-                                     "answers": False})
-    return run(twin, args, tp)
+    """One rank's run of a twin."""
+    return run(twin, silent_rank(args, tp), tp)
 
 
 def run_reporting_errors(job: Callable[[], int], debug: bool) -> int:
