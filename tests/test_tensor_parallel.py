@@ -16,13 +16,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from conftest import BYTE_ARGS, chats, tokenizer_bytes
-from checkpoint_writers import meta_params, save_meta
+from checkpoint_writers import meta_params, save_hf, save_meta
 from pagedllama.app import cli
 from pagedllama.io.checkpoint import load_weights, random_state_dict, shard_state_dict
 from pagedllama.model.parallel import TensorParallel
+from test_gguf import write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = ["--system-prompt", "You are a helpful assistant who answers briefly."]
@@ -70,6 +72,31 @@ def test_a_rank_reads_only_its_own_meta_shard(tmp_path):
     got = load_weights(tmp_path, BYTE_ARGS, tp=TensorParallel(1, 2))
     want = shard_state_dict(sd, TensorParallel(1, 2))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("fmt", ["meta-1-file", "meta-4-files", "hf", "hf-bin", "gguf"])
+def test_each_format_gives_a_rank_its_slices_of_the_whole(tmp_path, fmt):
+    """Meta files other than N are merged and re-split; safetensors are read slice by slice (with HF's
+    q/k row order undone per rank); .bin files and GGUFs are read whole, then sliced."""
+    sd = random_state_dict(BYTE_ARGS, seed=4)
+    if fmt.startswith("meta"):
+        save_meta(sd, meta_params(BYTE_ARGS, multiple_of=32, ffn_dim_multiplier=None), tmp_path,
+                  int(fmt.split("-")[1]))
+        model = tmp_path
+    elif fmt.startswith("hf"):
+        save_hf(sd, BYTE_ARGS, tmp_path)
+        if fmt == "hf-bin":
+            (tmp_path / "model.safetensors").rename(tmp_path / "x")
+            torch.save(safetensors.torch.load_file(tmp_path / "x"), tmp_path / "pytorch_model.bin")
+            (tmp_path / "x").unlink()
+        model = tmp_path
+    else:
+        model = write_gguf(tmp_path / "m.gguf", BYTE_ARGS, sd)
+    whole = load_weights(model, BYTE_ARGS)
+    for rank in range(2):
+        tp = TensorParallel(rank, 2)
+        got, want = load_weights(model, BYTE_ARGS, tp=tp), shard_state_dict(whole, tp)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (fmt, rank)
 
 
 def test_meta_two_shards_on_two_ranks_generate_the_tokens_of_one(tmp_path, capsys):

@@ -326,7 +326,7 @@ def run(twin: str, args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int
                  "attention": backend.name if backend else None, "threads": torch.get_num_threads(),
                  "max_seq_len": loaded.max_seq_len,
                  "kv_budget_bytes": budget.kv_bytes}
-    if args.tensor_parallel_size > 1:  # budgets and pools count all ranks; each holds 1/N of every block
+    if config.tensor_parallel.size > 1:  # budgets and pools count all ranks; each holds 1/N of every block
         doc.update(tensor_parallel_size=args.tensor_parallel_size,
                    kv_budget_bytes_per_rank=budget.kv_bytes // args.tensor_parallel_size)
     status = 0

@@ -319,7 +319,7 @@ def shard_state_dict(sd: dict[str, torch.Tensor], tp: TensorParallel,
     if tp.size == 1:
         return sd
     out = {k: tp.shard(meta_name(k) or k, t).clone() for k, t in sd.items()}
-    if sd.get("output.weight") is sd.get("tok_embeddings.weight"):  # tied: still one tensor
+    if "output.weight" in sd and sd["output.weight"] is sd.get("tok_embeddings.weight"):  # tied: still one tensor
         out["output.weight"] = out["tok_embeddings.weight"]
     return out
 
