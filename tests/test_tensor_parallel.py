@@ -193,3 +193,23 @@ def test_compare_on_two_ranks_reports_what_one_process_does(tmp_path, capsys):
         docs.append(json.loads(path.read_text()))
     assert docs[1] == docs[0]
     assert capsys.readouterr().out.count("compare: 3 requests") == 2  # rank 1 prints nothing
+
+
+def test_ranks_on_one_machine_check_that_all_their_weights_fit(monkeypatch):
+    from pagedllama import host_memory
+    from pagedllama.errors import UserError
+    from pagedllama.io.loading import check_weights_fit
+
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 3 << 30)
+    check_weights_fit(2 << 30, torch.device("cpu"), torch.float32, TensorParallel(0, 2, local_size=1))
+    with pytest.raises(UserError, match="4.00 GB .* 3.00 GB of memory available for the 2 ranks on it"):
+        check_weights_fit(2 << 30, torch.device("cpu"), torch.float32, TensorParallel(0, 2, local_size=2))
+
+
+def test_more_ranks_than_visible_gpus_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main("paged", ["2", "--tensor-parallel-size", "2", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --tensor-parallel-size 2 needs 2 GPUs on this machine but 1 are visible; lower it, "
+                   "or spread the ranks over machines with torchrun\n")

@@ -44,7 +44,8 @@ def run_ranks(size: int, device_type: str, timeout_s: float, main: RankMain, mai
                              "give torchrun --nproc-per-node x --nnodes = --tensor-parallel-size")
         if rank > 0:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the whole life of this rank
-        return _as_rank(rank, size, int(os.environ.get("LOCAL_RANK", 0)), backend, timeout_s, main, main_args)
+        local = TensorParallel(rank, size, int(os.environ.get("LOCAL_WORLD_SIZE", size)))
+        return _as_rank(local, int(os.environ.get("LOCAL_RANK", 0)), backend, timeout_s, main, main_args)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(_free_port())
     ctx = mp.get_context("spawn")
@@ -56,7 +57,7 @@ def run_ranks(size: int, device_type: str, timeout_s: float, main: RankMain, mai
         child.start()
     watchdog = _Watchdog(children, [receiver for receiver, _ in pipes])
     try:
-        status = _as_rank(0, size, 0, backend, timeout_s, main, main_args, watchdog.rank_failure)
+        status = _as_rank(TensorParallel(0, size, size), 0, backend, timeout_s, main, main_args, watchdog.rank_failure)
         watchdog.stop()
         _stop_children(children, wait_s=10)
         return status
@@ -70,15 +71,16 @@ def run_ranks(size: int, device_type: str, timeout_s: float, main: RankMain, mai
             sender.close()
 
 
-def _as_rank(rank: int, size: int, local_rank: int, backend: str, timeout_s: float, main: RankMain,
+def _as_rank(tp: TensorParallel, local_rank: int, backend: str, timeout_s: float, main: RankMain,
              main_args: tuple, peer_failure: Callable[[], UserError | None] = lambda: None) -> int:
-    """Join the process group as `rank`, run `main`, leave it; a collective that fails or times out
+    """Join the process group as `tp.rank`, run `main`, leave it; a collective that fails or times out
     becomes one line naming the likely cause."""
+    rank = tp.rank
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
-        return main(TensorParallel(rank, size), *main_args)
+        dist.init_process_group(backend, rank=rank, world_size=tp.size, timeout=timedelta(seconds=timeout_s))
+        return main(tp, *main_args)
     except (dist.DistError, RuntimeError) as e:
         if not isinstance(e, dist.DistError) and "gloo" not in str(e).lower() and "nccl" not in str(e).lower():
             raise
@@ -96,7 +98,7 @@ def _spawned_rank(rank: int, size: int, backend: str, timeout_s: float, main: Ra
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the whole life of this rank
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     try:
-        status = _as_rank(rank, size, rank, backend, timeout_s, main, main_args)
+        status = _as_rank(TensorParallel(rank, size, size), rank, backend, timeout_s, main, main_args)
     except BaseException as e:  # noqa: BLE001 - rank 0 prints it
         message, status = describe(e) if isinstance(e, Exception) else ("interrupted", 130)
         failure.send(f"rank {rank}: {message}")

@@ -57,13 +57,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_weights_fit(need: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Fail with the fix before loading `need` bytes of weights, not halfway through it: on CPU,
-    Linux kills a process that outgrows the memory with no message at all."""
+def check_weights_fit(need: int, device: torch.device, dtype: torch.dtype, tp: TensorParallel = SINGLE) -> None:
+    """Fail with the fix before loading `need` bytes of weights (this rank's), not halfway through it:
+    on CPU, Linux kills a process that outgrows the memory with no message at all. On CPU the ranks
+    of this machine share its memory: all their shares must fit."""
     if device.type == "cuda":
         room, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
     else:
+        need *= tp.local_size
         room, where = host_memory.available_bytes(), "of memory available"
+        if tp.local_size > 1:
+            where += f" for the {tp.local_size} ranks on it"
     if room is None or need <= room:
         return
     fix = (f"use --dtype bfloat16 ({human_bytes(need // 2)}) or a smaller model" if dtype == torch.float32
@@ -120,7 +124,7 @@ def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.d
         check_tokenizer_fits(tok, args)
         tok.check_chat()
         weight_bytes = args.params_per_rank(tp.size) * dtype.itemsize
-        check_weights_fit(weight_bytes, device, dtype)
+        check_weights_fit(weight_bytes, device, dtype, tp)
         name = str(dtype).removeprefix("torch.")
         stored = ""
         if detect_format(Path(model)) == "gguf":

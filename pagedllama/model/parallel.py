@@ -24,10 +24,12 @@ SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embe
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This process's place among the ranks: `rank` of `size` (size 1: no collectives at all)."""
+    """This process's place among the ranks: `rank` of `size` (size 1: no collectives at all), of which
+    `local_size` run on this machine (and share its memory)."""
 
     rank: int = 0
     size: int = 1
+    local_size: int = 1
 
     def part(self, n: int) -> slice:
         """This rank's range of `n` rows (heads, hidden units, vocabulary ids)."""
