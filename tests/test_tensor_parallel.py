@@ -213,3 +213,43 @@ def test_more_ranks_than_visible_gpus_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err == ("error: --tensor-parallel-size 2 needs 2 GPUs on this machine but 1 are visible; lower it, "
                    "or spread the ranks over machines with torchrun\n")
+
+
+def test_torchrun_starts_the_ranks_and_rank_0_alone_reports(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["3", "--max-new-tokens", "8", "--no-progress"]
+    one = run_json(tmp_path, "paged", argv, 1)
+    path = tmp_path / "torchrun.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(port), str(ROOT / "llama3-paged.py"), *argv, "--tensor-parallel-size", "2",
+                           "--json", str(path)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert tokens(json.loads(path.read_text())) == tokens(one)
+    assert done.stdout.count("KV memory report") == 1
+
+
+def test_every_split_dimension_must_divide():
+    from dataclasses import replace
+
+    from pagedllama.errors import UsageError
+    from pagedllama.model.config import DEMO_ARGS
+    from pagedllama.model.parallel import check_divides
+
+    check_divides(DEMO_ARGS, 2)
+    with pytest.raises(UsageError, match="does not divide the model's 4353 vocabulary entries; use one of 1$"):
+        check_divides(replace(DEMO_ARGS, vocab_size=4353), 2)
+    with pytest.raises(UsageError, match="--tensor-parallel-size 4 does not divide the model's 2 KV heads"):
+        check_divides(DEMO_ARGS, 4)
+
+
+def test_torchrun_with_another_process_count_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main("paged", ["2"]) == 2
+    assert capsys.readouterr().err == ("error: torchrun started 2 processes but --tensor-parallel-size is 1; give "
+                                       "torchrun --nproc-per-node x --nnodes = --tensor-parallel-size\n")

@@ -42,7 +42,7 @@ from ..model.model_runner import warmup_peak_bytes
 from ..model.parallel import SINGLE, TensorParallel, check_divides
 from ..units import GB, human_bytes
 from .capacity import dry_run, find_max_batch
-from .launch import DEFAULT_TIMEOUT_S, run_ranks, under_torchrun
+from .launch import DEFAULT_TIMEOUT_S, check_torchrun_world, run_ranks, under_torchrun
 from .report import format_memory_report, timeline_json
 from .threads import choose_threads
 from .workload import build_requests
@@ -134,9 +134,16 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
 
 def main(twin: str, argv: list[str] | None = None) -> int:
     args = build_parser(twin).parse_args(argv)
-    if args.tensor_parallel_size > 1 and not args.simulate:
-        return run_reporting_errors(lambda: run_tensor_parallel(args, run_rank, twin), args.debug)
-    return run_reporting_errors(lambda: run(twin, args), args.debug)
+    return run_reporting_errors(lambda: one_or_many_ranks(args, run_rank, twin), args.debug)
+
+
+def one_or_many_ranks(args: argparse.Namespace, rank_main: Callable[..., int], *rank_args) -> int:
+    """`rank_main(tp, *rank_args, args)` in this process, or on --tensor-parallel-size ranks when the
+    run computes (plans and dry runs need no ranks)."""
+    check_torchrun_world(args.tensor_parallel_size)
+    if args.tensor_parallel_size > 1 and not (args.simulate or getattr(args, "dry_run", False)):
+        return run_tensor_parallel(args, rank_main, *rank_args)
+    return rank_main(SINGLE, *rank_args, args)
 
 
 def run_tensor_parallel(args: argparse.Namespace, rank_main: Callable[..., int], *rank_args) -> int:

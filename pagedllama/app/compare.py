@@ -27,7 +27,7 @@ from ..model.attention import select_backend  # noqa: E402
 from ..units import GB  # noqa: E402
 from .capacity import dry_run, find_max_batch  # noqa: E402
 from ..model.parallel import SINGLE, TensorParallel  # noqa: E402
-from .cli import (Setup, build_parser, generate, prepare, run_reporting_errors, run_tensor_parallel,  # noqa: E402
+from .cli import (Setup, build_parser, generate, one_or_many_ranks, prepare, run_reporting_errors,  # noqa: E402
                   scheduler_json, silent_rank)
 from .report import format_memory_report, timeline_json  # noqa: E402
 
@@ -55,9 +55,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.tensor_parallel_size > 1 and not (args.simulate or args.dry_run):
-        return run_reporting_errors(lambda: run_tensor_parallel(args, compare_rank), args.debug)
-    return run_reporting_errors(lambda: compare(args), args.debug)
+    return run_reporting_errors(lambda: one_or_many_ranks(args, compare_rank), args.debug)
 
 
 def compare_rank(tp: TensorParallel, args: argparse.Namespace) -> int:

@@ -32,16 +32,22 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def check_torchrun_world(size: int) -> None:
+    """torchrun must start exactly --tensor-parallel-size processes (else each would run alone)."""
+    world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else size
+    if world != size:
+        raise UsageError(f"torchrun started {world} processes but --tensor-parallel-size is {size}; "
+                         "give torchrun --nproc-per-node x --nnodes = --tensor-parallel-size")
+
+
 def run_ranks(size: int, device_type: str, timeout_s: float, main: RankMain, main_args: tuple,
               describe: Callable[[BaseException], tuple[str, int]]) -> int:
     """Run `main` on `size` ranks and return rank 0's status (or the failed rank's).
     `describe`: the one line and status a rank's exception becomes."""
     backend = "nccl" if device_type == "cuda" else "gloo"
     if under_torchrun():
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if world != size:
-            raise UsageError(f"torchrun started {world} processes but --tensor-parallel-size is {size}; "
-                             "give torchrun --nproc-per-node x --nnodes = --tensor-parallel-size")
+        rank = int(os.environ["RANK"])
+        check_torchrun_world(size)
         if rank > 0:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the whole life of this rank
         local = TensorParallel(rank, size, int(os.environ.get("LOCAL_WORLD_SIZE", size)))
@@ -62,8 +68,10 @@ def run_ranks(size: int, device_type: str, timeout_s: float, main: RankMain, mai
         _stop_children(children, wait_s=10)
         return status
     except BaseException:
-        watchdog.stop()
+        reported = watchdog.stop()
         _stop_children(children, wait_s=0)
+        if reported:  # the watchdog printed the cause: rank 0's own error is its consequence
+            raise SystemExit(reported) from None
         raise
     finally:
         for receiver, sender in pipes:
@@ -113,13 +121,17 @@ def _exit_with_parent(parent: int) -> None:
 
 
 class _Watchdog:
-    """Rank 0's watch over the ranks it spawned: when one fails or dies, print one line and end the
-    whole run at once (rank 0 may be blocked in a collective that will never complete)."""
+    """Rank 0's watch over the ranks it spawned: when one fails or dies, print one line, kill the
+    other ranks, and end rank 0 too: it normally stops on its own, its collective failing now that
+    a peer is gone; if it has not within `GRACE_S` (blocked where nothing notices), at once."""
+
+    GRACE_S = 5.0
 
     def __init__(self, children: list, failures: list):
         self.children, self.failures = children, failures
         self.lock = threading.Lock()
         self.stopped = False
+        self.reported = 0  # the exit status of the failure printed, once one is
         threading.Thread(target=self._watch, daemon=True).start()
 
     def rank_failure(self) -> UserError | None:
@@ -132,9 +144,11 @@ class _Watchdog:
             time.sleep(0.05)
         return None
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """Watch no more; the status of the failure already reported (0: none)."""
         with self.lock:
             self.stopped = True
+            return self.reported
 
     def _failed(self) -> tuple[str, int] | None:
         for child, failure in zip(self.children, self.failures):
@@ -155,9 +169,11 @@ class _Watchdog:
             with self.lock:
                 if self.stopped:
                     return
+                self.reported = failed[1] if failed[1] > 0 else 1
                 print(f"error: {failed[0]}", file=sys.stderr, flush=True)
                 _stop_children(self.children, wait_s=0)
-                os._exit(failed[1] if failed[1] > 0 else 1)
+            time.sleep(self.GRACE_S)
+            os._exit(self.reported)
 
 
 def _stop_children(children: list, wait_s: float) -> None:
