@@ -123,12 +123,13 @@ def tagged_processes(tag: str) -> list[int]:
     return pids
 
 
-def start_run(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_run(tmp_path: Path, *extra: str, new_session: bool = False) -> tuple[subprocess.Popen, str]:
     tag = uuid.uuid4().hex
     env = {**os.environ, "PAGEDLLAMA_TEST_TAG": tag, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "llama3-paged.py"), "4", "--max-new-tokens", "400",
                              "--no-progress", "--tensor-parallel-size", "2", *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=new_session)
     return proc, tag
 
 
@@ -253,3 +254,16 @@ def test_torchrun_with_another_process_count_is_one_line(monkeypatch, capsys):
     assert cli.main("paged", ["2"]) == 2
     assert capsys.readouterr().err == ("error: torchrun started 2 processes but --tensor-parallel-size is 1; give "
                                        "torchrun --nproc-per-node x --nnodes = --tensor-parallel-size\n")
+
+
+def test_ctrl_c_stops_every_rank_and_rank_0_still_reports(tmp_path):
+    proc, tag = start_run(tmp_path, new_session=True)
+    spawned_rank(proc, tag)
+    while not proc.stdout.readline().startswith("KV capacity"):
+        pass
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends: to every process of the group
+    out, err = proc.communicate(timeout=60)
+    time.sleep(0.5)
+    assert tagged_processes(tag) == []
+    assert proc.returncode == 130 and "interrupted after" in out and "KV memory report" in out, err

@@ -10,6 +10,7 @@ and a spawned rank whose parent is gone exits.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -26,6 +27,7 @@ from ..model.parallel import TensorParallel
 
 DEFAULT_TIMEOUT_S = 300.0
 RankMain = Callable[..., int]  # main(tp, *args) -> exit status, run on every rank
+INTERRUPTED = 130  # the status of a run stopped by Ctrl-C
 
 
 def under_torchrun() -> bool:
@@ -65,7 +67,7 @@ def run_ranks(size: int, device_type: str, timeout_s: float, main: RankMain, mai
     try:
         status = _as_rank(TensorParallel(0, size, size), 0, backend, timeout_s, main, main_args, watchdog.rank_failure)
         watchdog.stop()
-        _stop_children(children, wait_s=10)
+        _stop_children(children, wait_s=0 if status == INTERRUPTED else 10)  # finishing, or waiting for rank 0
         return status
     except BaseException:
         reported = watchdog.stop()
@@ -104,11 +106,13 @@ def _spawned_rank(rank: int, size: int, backend: str, timeout_s: float, main: Ra
                   describe: Callable[[BaseException], tuple[str, int]], failure, parent: int) -> None:
     """A rank the script spawned: silent (rank 0 reports), its failure sent to rank 0 as one line."""
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the whole life of this rank
+    # Ctrl-C is rank 0's: it stops within a step and reports; the other ranks are stopped after it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     try:
         status = _as_rank(TensorParallel(rank, size, size), rank, backend, timeout_s, main, main_args)
     except BaseException as e:  # noqa: BLE001 - rank 0 prints it
-        message, status = describe(e) if isinstance(e, Exception) else ("interrupted", 130)
+        message, status = describe(e) if isinstance(e, Exception) else ("interrupted", INTERRUPTED)
         failure.send(f"rank {rank}: {message}")
     sys.stdout.flush()
     os._exit(status)
