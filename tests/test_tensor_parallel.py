@@ -24,6 +24,7 @@ from checkpoint_writers import meta_params, save_hf, save_meta
 from pagedllama.app import cli
 from pagedllama.io.checkpoint import load_weights, random_state_dict, shard_state_dict
 from pagedllama.model.parallel import TensorParallel
+from pagedllama.units import human_bytes
 from test_gguf import write_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,8 @@ def tokens(doc: dict) -> list:
     ("paged", ["6", "--num-blocks", "130", "--max-new-tokens", "64"]),  # preempted, recomputed
     ("paged", ["6", "--num-blocks", "130", "--max-new-tokens", "64", "--preemption", "swap"]),
     ("paged", ["3", "--n", "2", "--enable-prefix-caching", *SYSTEM, "--max-new-tokens", "12"]),
-], ids=["naive", "paged-recompute", "paged-swap", "paged-n2-prefix"])
+    ("paged", ["2", "--beam-width", "2", "--max-new-tokens", "12"]),
+], ids=["naive", "paged-recompute", "paged-swap", "paged-n2-prefix", "paged-beam2"])
 def test_two_ranks_generate_the_tokens_of_one(tmp_path, capsys, twin, argv):
     one, two = run_json(tmp_path, twin, argv, 1), run_json(tmp_path, twin, argv, 2)
     assert tokens(two) == tokens(one)
@@ -57,6 +59,8 @@ def test_two_ranks_generate_the_tokens_of_one(tmp_path, capsys, twin, argv):
         assert two["prefix_cache"] == one["prefix_cache"] and one["prefix_cache"]["cached_tokens"] > 0
     out = capsys.readouterr().out
     assert out.count("KV memory report") == 2  # rank 1 prints nothing
+    pool = one["memory"]["pool_bytes"]
+    assert f"  pool per rank                {human_bytes(pool // 2):>10}  2 ranks, each 1/2 of every block's" in out
 
 
 def write_meta_shards(dest: Path, num_shards: int) -> dict[str, torch.Tensor]:

@@ -343,7 +343,7 @@ def run(twin: str, args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int
             raise OutOfKVMemory(run_.error)
         print()
         print(format_memory_report(run_.memory, f"KV memory report (dry run): {DESCRIPTIONS[twin]}, "
-                                                f"{setup.batch_size} requests"))
+                                                f"{setup.batch_size} requests", ranks=args.tensor_parallel_size))
         print(scheduler_line(run_.stats))
         doc.update(batch_size=setup.batch_size, memory=run_.memory, scheduler=scheduler_json(run_.stats),
                    timeline=timeline_json(run_.timeline, run_.memory["bytes_per_token"]))
@@ -353,7 +353,7 @@ def run(twin: str, args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int
         result["timeline"] = timeline_json(result["timeline"], config.bytes_per_slot)
         print()
         print(format_memory_report(result["memory"], f"KV memory report: {DESCRIPTIONS[twin]}, {setup.batch_size} requests",
-                                   interrupted=result["interrupted"]))
+                                   interrupted=result["interrupted"], ranks=args.tensor_parallel_size))
         print(f"  run: {result['steps']} steps, {result['output_tokens']} tokens generated in "
               f"{result['elapsed_s']:.1f} s ({result['output_tokens_per_s']:.1f} tok/s)")
         print(scheduler_line(result["stats"]))
