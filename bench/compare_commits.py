@@ -9,6 +9,7 @@ worktree and measured by its own bench/overhead.py in its own processes, alterna
 B A, ...) so drifts in machine load hit both alike.
 
     python bench/compare_commits.py BEFORE [AFTER]    # AFTER defaults to the working tree
+    python bench/compare_commits.py 1a45c43 --models 100m --batches 1 16 97   # issue 22's proof
 
 Results go to bench/results/<dtype>/compare_commits_BEFORE.json (`--name` to change it).
 """
@@ -51,12 +52,12 @@ def probe(tree: Path, code: str, dtype: str = "float32", *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(tree: Path, models: list[str]) -> dict:
+def measure(tree: Path, models: list[str], batches: dict[str, tuple[int, ...]], dtypes: list[str]) -> dict:
     doc = probe(tree, PROBE_OVERHEAD)
     for model in models:
         prefix = "full_ms" if model == "100m" else f"full_ms_{model}"  # the 100M keys as in earlier results
-        for dt in DTYPES:
-            ms, in_step = probe(tree, PROBE_FULL, dt, model, json.dumps(FULL_BATCHES[model]))
+        for dt in dtypes:
+            ms, in_step = probe(tree, PROBE_FULL, dt, model, json.dumps(batches[model]))
             doc[f"{prefix}_{dt}"] = ms
             if None not in in_step.values():  # revisions before the in-step measure lack it
                 doc[f"in_step_us_{model}_{dt}"] = in_step
@@ -70,15 +71,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", nargs="+", choices=list(FULL_BATCHES), default=list(FULL_BATCHES),
                     help="models whose full decode steps to time (default: all)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="batch sizes of the full decode steps (default: per model, as FULL_BATCHES)")
+    ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     ap.add_argument("--name", default=None, help="results file name (default: compare_commits_BEFORE)")
     a = ap.parse_args()
+    batches = {m: tuple(a.batches) if a.batches else FULL_BATCHES[m] for m in a.models}
     with ExitStack() as stack:
         trees = {"before": stack.enter_context(worktree(a.before)),
                  "after": ROOT if a.after is None else stack.enter_context(worktree(a.after))}
         runs: dict[str, list[dict]] = {"before": [], "after": []}
         for r in range(a.repeats):
             for name in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                runs[name].append(measure(trees[name], a.models))
+                runs[name].append(measure(trees[name], a.models, batches, a.dtypes))
                 log(f"  repeat {r + 1} {name}: {runs[name][-1]}")
     med = {name: {key: {b: statistics.median(r[key][b] for r in rs) for b in rs[0][key]} for key in rs[0]}
            for name, rs in runs.items()}

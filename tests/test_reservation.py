@@ -21,7 +21,8 @@ def test_next_power_of_two(n, expected):
 @pytest.mark.parametrize("policy, prompt, output, expected", [
     ("max", 40, 25, 2048),
     ("max", 40, None, 2048),  # max needs no answer length
-    ("oracle", 40, 25, 65),
+    ("oracle", 40, 25, 64),  # the 25th answer token is sampled, never fed back: its K/V is never written
+    ("oracle", 40, 1, 40),
     ("pow2", 40, 25, 72),  # the paper's example: 25 output tokens reserve 32 positions; the prompt on top
     ("pow2", 40, 32, 72),  # already a power of two: no over-reservation
     ("pow2", 40, 33, 104),  # just past one: almost 2x
@@ -37,7 +38,7 @@ def test_reservation_values(policy, prompt, output, expected):
 def test_policies_order_and_bounds(prompt, output, max_seq_len):
     oracle, pow2, most = (reservation_slots(p, prompt, output, max_seq_len) for p in ("oracle", "pow2", "max"))
     assert oracle <= pow2 <= most == max_seq_len
-    assert oracle == min(prompt + output, max_seq_len)
+    assert oracle == min(prompt + output - 1, max_seq_len)  # the slots the request writes
     assert pow2 - prompt < 2 * output or pow2 == max_seq_len  # over-reserves the output by less than 2x
 
 

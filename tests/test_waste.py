@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedllama.app.waste import PARTS, WasteRecorder, format_waste_table, plot_breakdown
+from pagedllama.app.waste import format_waste_table, plot_breakdown
+from pagedllama.engine.waste import PARTS, WasteRecorder
 from pagedllama.engine.contiguous_allocator import ContiguousAllocator
 from pagedllama.errors import UserError
 

@@ -15,6 +15,7 @@ from ..engine.memory import MemorySample
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import SchedulerStats
 from ..engine.sequence import Request
+from ..engine.waste import WasteBreakdown
 from ..errors import OutOfKVMemory
 from ..model.parallel import SINGLE
 
@@ -29,24 +30,26 @@ class DryRun:
     stats: SchedulerStats | None = None
     timeline: list[MemorySample] | None = None
     error: str | None = None
+    waste: WasteBreakdown | None = None
 
     @property
     def fits_in_memory(self) -> bool:
         return self.error is None and self.stats is not None and self.stats.fits_in_memory
 
 
-def dry_run(config: EngineConfig, budget_bytes: int, requests: list[Request]) -> DryRun:
+def dry_run(config: EngineConfig, budget_bytes: int, requests: list[Request], record_waste: bool = True) -> DryRun:
     """`requests` through the scheduler and block manager of `config`'s twin: greedy placeholder
-    tokens to each request's length, recomputing what is preempted, no prefix caching."""
+    tokens to each request's length, recomputing what is preempted, no prefix caching.
+    `record_waste`: also the four-way breakdown (a search for the largest batch needs none)."""
     config = replace(config, sampling=SamplingParams(), stop_ids=frozenset(), ignore_eos=True, preemption="recompute",
                      prefix_caching=False, cuda_graphs=False, tensor_parallel=SINGLE)
     try:
-        engine = build_engine(config, budget_bytes, requests)
+        engine = build_engine(config, budget_bytes, requests, record_waste=record_waste)
         engine.run(requests, progress=False)
     except OutOfKVMemory as e:
         return DryRun(config.twin, len(requests), error=str(e))
     return DryRun(config.twin, len(requests), engine.memory.summary(budget_bytes), engine.scheduler.stats,
-                  engine.memory.timeline)
+                  engine.memory.timeline, waste=engine.waste)
 
 
 def find_max_batch(config: EngineConfig, budget_bytes: int, requests: list[Request]) -> tuple[int, bool]:
@@ -56,7 +59,7 @@ def find_max_batch(config: EngineConfig, budget_bytes: int, requests: list[Reque
     limit is at least K. Binary search: one more request never needs less memory.
     """
     def fits(k: int) -> bool:
-        return k == 0 or dry_run(config, budget_bytes, requests[:k]).fits_in_memory
+        return k == 0 or dry_run(config, budget_bytes, requests[:k], record_waste=False).fits_in_memory
 
     if fits(len(requests)):
         return len(requests), True

@@ -24,6 +24,7 @@ from ..args import ArgumentParser, positive_int
 from ..engine.budget import (DEFAULT_GPU_MEMORY_UTILIZATION, Budget, cache_layout, cpu_default_budget, per_rank_budget,
                              cuda_default_budget, simulated_budget, user_budget)
 from ..engine.config import PAGED_BLOCK_SIZE, PREEMPTION_MODES, TWINS, EngineConfig
+from ..engine.reservation import RESERVE_POLICIES
 from ..engine.engine import Engine, build_engine
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import SchedulerStats
@@ -45,6 +46,7 @@ from .capacity import dry_run, find_max_batch
 from .launch import DEFAULT_TIMEOUT_S, check_torchrun_world, run_ranks, under_torchrun
 from .report import format_memory_report, timeline_json
 from .threads import choose_threads
+from .waste import format_waste_report, system_name, waste_json
 from .workload import build_requests
 
 DESCRIPTIONS = {"naive": "naive (contiguous max_seq_len preallocation per request)",
@@ -89,6 +91,12 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
                    "--gpu-memory-utilization minus weights and activations; on CPU, scaled to Llama 3 8B on 24 GB")
     g.add_argument("--gpu-memory-utilization", type=float, default=DEFAULT_GPU_MEMORY_UTILIZATION,
                    help=f"fraction of GPU memory to use (default {DEFAULT_GPU_MEMORY_UTILIZATION})")
+    g.add_argument("--reserve", metavar="POLICY", help="naive twin: how many slots a request reserves at admission "
+                   "(the vLLM paper's Orca baselines): max = max_seq_len (default, one row per request), pow2 = "
+                   "prompt + the answer length rounded up to a power of two, oracle = prompt + answer - 1 (the slots "
+                   "it writes); pow2 and oracle take runs of 16-slot blocks from one region, first fit")
+    g.add_argument("--oracle-lengths", type=Path, metavar="PATH", help="with --reserve pow2 | oracle and a model that "
+                   "stops by itself: the true answer lengths, from a previous run's --json")
     if twin == "paged":
         g.add_argument("--block-size", type=positive_int, default=PAGED_BLOCK_SIZE,
                        help=f"KV slots per block (default {PAGED_BLOCK_SIZE})")
@@ -257,6 +265,7 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False, tp
                          f"{MAX_SEQ_LEN_LIMIT} (Llama 3.1 is trained to 131072)")
     if args.gpu_memory_gb is not None and not args.simulate:
         raise UsageError("--gpu-memory-gb only applies with --simulate CONFIG")
+    check_reserve(twin, args)
     for flag, path in (("--output", args.output), ("--json", args.json)):
         if path:
             check_writable(flag, path)
@@ -292,6 +301,8 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False, tp
     requests = build_requests(conversations, loaded.tokenizer, count, loaded.max_seq_len, args.max_new_tokens,
                               reference_lengths=loaded.is_demo or whole_dataset or planning,
                               system_prompt=args.system_prompt)
+    if args.oracle_lengths:
+        requests = with_oracle_lengths(requests, args.oracle_lengths)
     requests = [replace(r, n=args.n, beam_width=args.beam_width) for r in requests]
     other = replace(config, twin=next(t for t in TWINS if t != twin))
     backend = None if planning else select_backend(args.attention, device, dtype, block,
@@ -316,7 +327,46 @@ def engine_config(twin: str, args: argparse.Namespace, loaded: Loaded, device: t
                         swap_space_bytes=int(args.swap_space_gb * GB), prefix_caching=args.enable_prefix_caching,
                         cuda_graphs=args.cuda_graphs, sampling=SamplingParams(args.temperature, args.top_p, args.seed),
                         stop_ids=loaded.tokenizer.stop_ids, ignore_eos=args.ignore_eos or loaded.is_demo,
-                        tensor_parallel=tp)
+                        reserve=args.reserve or "max", tensor_parallel=tp)
+
+
+def check_reserve(twin: str, args: argparse.Namespace) -> None:
+    """--reserve is the naive twin's, one sequence per request; --oracle-lengths goes with pow2 or oracle."""
+    if args.reserve is None:
+        if args.oracle_lengths:
+            raise UsageError("--oracle-lengths gives the answer lengths that --reserve pow2 or oracle reserve for; "
+                             "add one of them (naive twin)")
+        return
+    if twin == "paged":
+        raise UsageError("--reserve applies to the naive twin (llama3-naive.py): the paged twin reserves blocks as "
+                         "requests grow; drop --reserve (python -m pagedllama.compare shows all policies)")
+    if args.reserve not in RESERVE_POLICIES:
+        raise UsageError(f"--reserve {args.reserve}: unknown policy; use one of: {', '.join(RESERVE_POLICIES)}")
+    if args.reserve == "max" and args.oracle_lengths:
+        raise UsageError("--oracle-lengths applies with --reserve pow2 or oracle, not max")
+    if args.oracle_lengths and (args.simulate or args.find_max_batch):
+        raise UsageError("--oracle-lengths applies to generation: dry runs (--simulate, --find-max-batch) generate "
+                         "each dataset answer's length, which pow2 and oracle know; drop it")
+    if args.reserve != "max" and (args.n > 1 or args.beam_width > 1):
+        raise UsageError(f"--reserve {args.reserve} reserves one contiguous run per request; drop --n and "
+                         "--beam-width, or use --reserve max")
+
+
+def with_oracle_lengths(requests: list[Request], path: Path) -> list[Request]:
+    """Each request with its true answer length, as a previous run's --json recorded it."""
+    try:
+        runs = json.loads(path.read_text())["requests"]
+        lengths = {}
+        for r in runs:
+            lengths.setdefault(str(r["id"]), len(r["output_token_ids"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--oracle-lengths {path}: not a run's --json with requests[].output_token_ids "
+                        f"({type(e).__name__}: {e}); write one with --json PATH") from None
+    missing = [r.request_id for r in requests if r.request_id not in lengths]
+    if missing:
+        raise UserError(f"--oracle-lengths {path} has no answer for request {missing[0]} ({len(missing)} missing); "
+                        "give the --json of a run over the same requests")
+    return [replace(r, output_len=lengths[r.request_id]) for r in requests]
 
 
 def run(twin: str, args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int:
@@ -345,8 +395,10 @@ def run(twin: str, args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int
         print(format_memory_report(run_.memory, f"KV memory report (dry run): {DESCRIPTIONS[twin]}, "
                                                 f"{setup.batch_size} requests", ranks=args.tensor_parallel_size))
         print(scheduler_line(run_.stats))
+        print(format_waste_report(config, run_.waste))
         doc.update(batch_size=setup.batch_size, memory=run_.memory, scheduler=scheduler_json(run_.stats),
-                   timeline=timeline_json(run_.timeline, run_.memory["bytes_per_token"]))
+                   timeline=timeline_json(run_.timeline, run_.memory["bytes_per_token"]),
+                   waste=waste_json(config, run_.waste))
     elif setup.batch:
         engine = build_engine(config, budget.kv_bytes, setup.batch, loaded.model, backend)
         result = generate(args, loaded, engine, setup.batch, budget.kv_bytes)
@@ -363,14 +415,17 @@ def run(twin: str, args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int
             pc = result["prefix_cache"]
             print(f"  prefix cache: hit rate {100 * pc['hit_rate']:.1f}% ({pc['cached_tokens']} of {pc['prompt_tokens']} "
                   "prompt tokens found in the cache, not prefilled again)")
+        print(format_waste_report(config, result["waste"]))
         result["scheduler"] = scheduler_json(result.pop("stats"))
+        result["waste"] = waste_json(config, result["waste"])
         doc.update(result)
         status = 130 if result["interrupted"] else 0
     if args.find_max_batch:
         k, exhausted = find_max_batch(config, budget.kv_bytes, setup.requests)
-        print(f"\nlargest batch that fits in KV memory ({twin}): {k}"
+        name = system_name(config)
+        print(f"\nlargest batch that fits in KV memory ({name}): {k}"
               + (f" or more (all {k} usable conversations fit; give a larger --data)" if exhausted else ""))
-        doc["max_batch"] = {twin: k}
+        doc["max_batch"] = {name: k}
         doc["max_batch_exhausted_dataset"] = exhausted
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
@@ -410,7 +465,7 @@ def generate(args: argparse.Namespace, loaded: Loaded, engine: Engine, requests:
             "requests": [_answer(s, loaded) for s in finished],
             "memory": memory, "sharing": engine.sharing.summary(memory, args.n, args.beam_width, prefix_cache is not None),
             "prefix_cache": prefix_cache.summary() if prefix_cache else None,
-            "stats": engine.scheduler.stats, "timeline": engine.memory.timeline}
+            "stats": engine.scheduler.stats, "timeline": engine.memory.timeline, "waste": engine.waste}
 
 
 def capacity_line(config: EngineConfig, budget_bytes: int, tensor_parallel_size: int = 1) -> str:

@@ -3,7 +3,11 @@
     python -m pagedllama.compare BATCH_SIZE [the twins' flags] [--plots-dir DIR]
 
 Runs the model when there is one (the demo by default), or dry runs with --simulate or
---dry-run. The plots are PNG files (matplotlib's Agg backend, no display needed).
+--dry-run. The plots are PNG files (matplotlib's Agg backend, no display needed). Besides the
+twins (the naive one reserving max_seq_len), the naive twin's other reservation policies, pow2 and
+oracle, run on the same requests for the vLLM paper's four-way breakdown of the KV memory; for a
+model that stops by itself they reserve for the answer lengths the paged run produced (a policy
+changes memory, never the output).
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ from ..engine.budget import cache_layout  # noqa: E402
 from ..engine.config import TWINS, EngineConfig  # noqa: E402
 from ..engine.engine import build_engine  # noqa: E402
 from ..engine.memory import MemorySample  # noqa: E402
+from ..engine.reservation import RESERVE_POLICIES  # noqa: E402
+from ..engine.sequence import Request  # noqa: E402
+from ..engine.waste import WasteBreakdown  # noqa: E402
 from ..errors import OutOfKVMemory, UsageError, UserError  # noqa: E402
 from ..model.attention import select_backend  # noqa: E402
 from ..units import GB  # noqa: E402
@@ -30,6 +37,7 @@ from ..model.parallel import SINGLE, TensorParallel  # noqa: E402
 from .cli import (Setup, build_parser, generate, one_or_many_ranks, prepare, run_reporting_errors,  # noqa: E402
                   scheduler_json, silent_rank)
 from .report import format_memory_report, timeline_json  # noqa: E402
+from .waste import format_waste_table, plot_breakdown, system_label, system_name, waste_json  # noqa: E402
 
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 
@@ -41,6 +49,8 @@ class TwinRun:
     scheduler: dict | None = None
     timeline: list[MemorySample] | None = None
     error: str | None = None
+    waste: WasteBreakdown | None = None
+    output_lens: dict[str, int] | None = None  # a real run's answer lengths, per request
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,22 +78,25 @@ def twin_config(setup: Setup, twin: str, **changes) -> EngineConfig:
     return replace(setup.config, twin=twin, **changes)
 
 
-def run_twin(twin: str, args: argparse.Namespace, setup: Setup) -> TwinRun:
-    loaded, batch = setup.loaded, setup.batch
-    config = twin_config(setup, twin)
+def run_twin(twin: str, args: argparse.Namespace, setup: Setup, reserve: str = "max",
+             batch: list[Request] | None = None) -> TwinRun:
+    """One system on the batch (or on `batch`, the same requests with their answer lengths known)."""
+    loaded, batch = setup.loaded, batch or setup.batch
+    config = twin_config(setup, twin, reserve=reserve)
     try:
         if setup.planning or args.dry_run:
             r = dry_run(config, setup.budget.kv_bytes, batch)
             if r.error:
                 return TwinRun(twin, error=r.error)
-            return TwinRun(twin, r.memory, scheduler_json(r.stats), r.timeline)
+            return TwinRun(twin, r.memory, scheduler_json(r.stats), r.timeline, waste=r.waste)
         # the backend prepare() picked for both twins
         engine = build_engine(config, setup.budget.kv_bytes, batch, loaded.model, setup.backend)
     except OutOfKVMemory as e:
         return TwinRun(twin, error=str(e))
-    print(f"running the {twin} twin...", file=sys.stderr)
+    print(f"running {system_name(config)}...", file=sys.stderr)
     result = generate(args, loaded, engine, batch, setup.budget.kv_bytes)
-    return TwinRun(twin, result["memory"], scheduler_json(result["stats"]), result["timeline"])
+    return TwinRun(twin, result["memory"], scheduler_json(result["stats"]), result["timeline"], waste=result["waste"],
+                   output_lens={a["id"]: a["output_tokens"] for a in result["requests"]})
 
 
 def side_by_side(naive: TwinRun, paged: TwinRun, title: str) -> str:
@@ -136,23 +149,36 @@ def compare(args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int:
     runs = {twin: run_twin(twin, args, setup) for twin in TWINS}
     print()
     print(side_by_side(runs["naive"], runs["paged"], f"TWIN, {setup.batch_size} requests"))
+    configs = {system_name(c): c for c in (twin_config(setup, "naive", reserve=policy) for policy in RESERVE_POLICIES)}
+    configs["paged"] = twin_config(setup, "paged")
+    systems = {"naive": runs["naive"], **policy_runs(args, setup, runs), "paged": runs["paged"]}
+    breakdowns = {system_label(configs[n]): r.waste for n, r in systems.items() if r.waste is not None}
+    print()
+    for at in ("peak", "average"):
+        print(format_waste_table(breakdowns, at))
+    for name, r in systems.items():
+        if r.error:
+            print(f"  {system_label(configs[name])} did not run: {r.error}")
 
     loaded, budget = setup.loaded, setup.budget.kv_bytes
-
-    def limit(twin: str) -> tuple[int, bool]:
-        return find_max_batch(twin_config(setup, twin), budget, setup.requests)
-
-    (k_naive, _), (k_paged, exhausted) = limit("naive"), limit("paged")
+    limits = {name: find_max_batch(config, budget, setup.requests) for name, config in configs.items()}
+    (k_naive, _), (k_paged, exhausted) = limits["naive"], limits["paged"]
     ratio = k_paged / k_naive if k_naive else float("inf")
     more = " (every usable conversation fits: the true limit is higher)" if exhausted else ""
     print(f"\nlargest batch that fits in KV memory: naive {k_naive}, paged {k_paged}{more}; "
           f"paged / naive = {ratio:.1f}x")
+    print("  by reservation policy: " + ", ".join(f"{system_label(configs[n])} {k}" + ("+" if full else "")
+                                                 for n, (k, full) in limits.items()))
     doc = {"batch_size": setup.batch_size, "kv_budget_bytes": budget, "block_size": args.block_size,
            "attention": setup.backend.name if setup.backend and not args.dry_run else None,
            "max_batch": {"naive": k_naive, "paged": k_paged}, "max_batch_ratio": ratio,
            "twins": {t: {"memory": r.memory, "scheduler": r.scheduler, "error": r.error,
                          "timeline": timeline_json(r.timeline, r.memory["bytes_per_token"]) if r.timeline else None}
-                     for t, r in runs.items()}}
+                     for t, r in runs.items()},
+           "systems": {name: {"label": system_label(configs[name]), "max_batch": limits[name][0],
+                              "max_batch_exhausted_dataset": limits[name][1], "error": r.error,
+                              "waste": waste_json(configs[name], r.waste) if r.waste else None}
+                       for name, r in systems.items()}}
     if not args.no_plots:
         model = args.simulate or ("demo model" if loaded.is_demo else args.model)
         shown, batch = timeline_runs(runs, setup, k_naive)
@@ -160,10 +186,25 @@ def compare(args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int:
         sweep = block_size_sweep(setup)
         sweep_png = plot_sweep(sweep, k_naive, setup.batch_size, args.plots_dir / "block_size_sweep.png")
         doc["block_size_sweep"] = sweep
-        print(f"plots: {timeline_png}, {sweep_png}")
+        breakdown_png = plot_breakdown(breakdowns, args.plots_dir / "kv_breakdown.png")
+        print(f"plots: {timeline_png}, {sweep_png}, {breakdown_png}")
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
+
+
+def policy_runs(args: argparse.Namespace, setup: Setup, runs: dict[str, TwinRun]) -> dict[str, TwinRun]:
+    """The naive twin reserving by `pow2` and `oracle` on the same requests. A model that stops by
+    itself gets the answer lengths of the twins' own run (the paged one's, or the naive one's)."""
+    batch, policies = setup.batch, [p for p in RESERVE_POLICIES if p != "max"]
+    stops = not (setup.planning or args.dry_run or setup.config.ignore_eos) and setup.config.stop_ids
+    if stops:
+        lens = next((r.output_lens for r in (runs["paged"], runs["naive"]) if r.output_lens), None)
+        if lens is None:
+            error = "neither twin ran the batch, so the answer lengths that pow2 and oracle reserve for are unknown"
+            return {f"naive-{p}": TwinRun("naive", error=error) for p in policies}
+        batch = [replace(r, output_len=lens[r.request_id]) for r in batch]
+    return {f"naive-{p}": run_twin("naive", args, setup, p, batch) for p in policies}
 
 
 def timeline_runs(runs: dict[str, TwinRun], setup: Setup, k_naive: int) -> tuple[dict[str, TwinRun], int]:

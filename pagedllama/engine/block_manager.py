@@ -5,6 +5,9 @@ Both twins use this one class and differ only in their `CacheLayout`:
 - naive: `block_size = max_seq_len`. Every request gets one block, i.e. a contiguous row of
   `max_seq_len` slots, reserved in full when it is admitted, as FasterTransformer-era systems
   allocate it.
+- naive with `--reserve pow2 | oracle`: 16-slot blocks in one contiguous region; a request
+  reserves its policy's slots as one run of consecutive blocks when it is admitted, first fit
+  (`ContiguousAllocator`), and waits while no hole holds its run. It never grows past it.
 - paged: a small `block_size` (16 by default). A request takes one block at a time as it
   grows, so at most `block_size - 1` of its slots are ever empty.
 
@@ -25,10 +28,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import UserError
 from .block_allocator import BlockAllocator
 from .config import CacheLayout
 from .prefix_cache import PrefixCache
-from .sequence import Sequence
+from .sequence import Sequence, SequenceGroup
+from .waste import WasteRecorder
 
 
 def cdiv(a: int, b: int) -> int:
@@ -60,13 +65,15 @@ class BlockOps:
 class BlockManager:
     """The allocator of the pool's blocks, the block tables, the prefix cache, and copy-on-write decisions."""
 
-    def __init__(self, layout: CacheLayout, max_seq_len: int, max_num_seqs: int):
-        """`max_num_seqs`: the block-table rows, one per sequence that may hold blocks at once."""
+    def __init__(self, layout: CacheLayout, max_seq_len: int, max_num_seqs: int,
+                 recorder: WasteRecorder | None = None):
+        """`max_num_seqs`: the block-table rows, one per sequence that may hold blocks at once.
+        `recorder`: the waste trace, told of every block (or run) taken and given back."""
         self.layout = layout
         self.block_size = layout.block_size
         self.max_seq_len = max_seq_len
         self.max_num_seqs = max_num_seqs
-        self.allocator = BlockAllocator(layout.num_blocks)
+        self.allocator = BlockAllocator(layout.num_blocks, layout.contiguous, layout.block_size, recorder)
         self.prefix_cache: PrefixCache | None = None
         self.max_blocks_per_seq = cdiv(max_seq_len, layout.block_size)
         self.block_tables = np.zeros((max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
@@ -100,7 +107,11 @@ class BlockManager:
         return len(self._free_rows) >= seqs and self.allocator.num_free - blocks >= watermark_blocks
 
     def can_allocate(self, *seqs: Sequence, watermark_blocks: int = 0) -> bool:
-        """Could `seqs`, the sequences of one request, be admitted together (in this order)?"""
+        """Could `seqs`, the sequences of one request, be admitted together (in this order)?
+        (A contiguous pool: is there a row and a hole for the request's one run?)"""
+        if self.layout.contiguous:
+            run = self.run_blocks(seqs[0].group)
+            return len(self._free_rows) >= len(seqs) and self.allocator.runs.largest_hole >= run
         blocks = sum(self._admission_blocks(s, seqs[:i]) for i, s in enumerate(seqs))
         return self.has_room(blocks, len(seqs), watermark_blocks)
 
@@ -139,6 +150,13 @@ class BlockManager:
         recomputed after preemption) or, with prefix caching, cached ones.
         """
         seq.row = self._free_rows.pop()
+        if self.layout.contiguous:
+            n = self.run_blocks(seq.group)
+            first = self.allocator.allocate_run(n)
+            assert first is not None, "allocate a reservation only after can_allocate"
+            seq.block_table = list(range(first, first + n))
+            self._sync_row(seq, 0)
+            return
         sibling, common = self._common_blocks(seq, siblings)
         for block in sibling.block_table[:common] if sibling else ():
             self.allocator.share(block)
@@ -152,6 +170,10 @@ class BlockManager:
         seq.num_cached_tokens = len(seq.block_table) * self.block_size
         self._sync_row(seq, 0)
         self.grow(seq, seq.num_tokens)
+
+    def run_blocks(self, group: SequenceGroup) -> int:
+        """The blocks of a contiguous reservation: the request's policy slots, rounded up to whole blocks."""
+        return cdiv(group.reserve_slots, self.block_size)
 
     def _take_cached(self, block: int) -> None:
         if self.allocator.ref_counts[block]:
@@ -194,6 +216,11 @@ class BlockManager:
         if self.allocator.num_refs == self.allocator.num_used:
             bs = self.block_size
             growing = [s for s in seqs if len(s.token_ids) > len(s.block_table) * bs]
+            if growing and self.layout.contiguous:
+                seq = growing[0]
+                raise UserError(f"request {seq.request_id} outgrew the {seq.group.reserve_slots} slots its "
+                                "reservation holds (the answer lengths given do not match this run's: "
+                                "give --oracle-lengths from a run of the same model and flags, or use --reserve max)")
         else:
             growing = [s for s in seqs if self._growth(s, len(s.token_ids)) != (0, None)]
         if self.blocks_to_grow(growing) > self.allocator.num_free:
@@ -262,11 +289,15 @@ class BlockManager:
 
     def release(self, seq: Sequence) -> None:
         """Let go of `seq`'s blocks and row; it keeps `num_cached_tokens` (swapping brings them back)."""
-        for i in reversed(range(len(seq.block_table))):
-            block = seq.block_table[i]
-            self.allocator.free(block)
-            if not self.allocator.ref_counts[block]:
-                self.num_cached_tokens -= self._fill(seq, i)
+        if self.layout.contiguous:
+            self.allocator.free_run(seq.block_table[0], len(seq.block_table))
+            self.num_cached_tokens -= seq.num_cached_tokens
+        else:
+            for i in reversed(range(len(seq.block_table))):
+                block = seq.block_table[i]
+                self.allocator.free(block)
+                if not self.allocator.ref_counts[block]:
+                    self.num_cached_tokens -= self._fill(seq, i)
         seq.block_table = []
         self._free_rows.append(seq.row)
         seq.row = -1
@@ -287,6 +318,30 @@ class BlockManager:
             self.num_cached_tokens += len(seqs)
             for s in seqs:
                 s.num_cached_tokens += 1
+
+    def units_written(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
+        """For the waste trace: every live allocation unit, named as the allocator told the recorder
+        (a run's first block, or a block, shared ones once), and the slots of each holding a token.
+        `seqs`: every sequence holding blocks (the running ones)."""
+        cached = np.array([s.num_cached_tokens for s in seqs], dtype=np.int64)
+        if self.layout.contiguous:
+            return np.array([s.block_table[0] for s in seqs], dtype=np.int64), cached
+        lengths = np.array([len(s.block_table) for s in seqs], dtype=np.int64)
+        cols = np.arange(lengths.max(initial=0))
+        held = cols < lengths[:, None]
+        blocks = self.block_tables[np.array([s.row for s in seqs], dtype=np.int64)[:, None], cols][held]
+        fill = np.clip(cached[:, None] - cols * self.block_size, 0, self.block_size)[held]
+        if self.allocator.num_refs == self.allocator.num_used:  # no block shared: each appears once
+            return blocks, fill
+        keys, first = np.unique(blocks, return_index=True)  # holders of a shared block agree on its fill
+        return keys, fill[first]
+
+    def external_fragmentation_slots(self, head: SequenceGroup | None) -> int:
+        """Free slots lost to external fragmentation now: all the contiguous pool's free slots when
+        the queue's head (FCFS: the request admission tries next) fits in them but in no hole."""
+        if not self.layout.contiguous or head is None:
+            return 0
+        return self.allocator.runs.external_fragmentation([self.run_blocks(head)]) * self.block_size
 
     def take_ops(self) -> BlockOps:
         """The copies and swaps decided since the last call, for the runner to apply; starts a new list."""

@@ -15,7 +15,7 @@ from ..errors import OutOfKVMemory, UsageError
 from ..model.config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, ModelArgs
 from ..model.parallel import check_divides
 from ..units import GB, human_bytes
-from .config import MAX_PREFILL_TOKENS, CacheLayout, EngineConfig
+from .config import MAX_PREFILL_TOKENS, PAGED_BLOCK_SIZE, CacheLayout, EngineConfig
 
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
@@ -124,15 +124,21 @@ def cache_layout(config: EngineConfig, budget_bytes: int, num_seqs: int | None =
     """The KV pool a twin cuts from the budget: the one place the twins differ, and the only one
     where the words naive and paged decide anything.
 
-    naive: blocks of max_seq_len slots, one per sequence, all reserved at admission; for a batch of
-    `num_seqs` sequences exactly that many, and a batch that does not fit is an error that names
-    the largest batch that does. paged: `block_size` blocks, as many as the budget holds (or
-    `config.num_blocks`), handed out as sequences grow; the pool must hold the `longest` request.
+    naive, `--reserve max`: blocks of max_seq_len slots, one per sequence, all reserved at admission;
+    for a batch of `num_seqs` sequences exactly that many, and a batch that does not fit is an error
+    that names the largest batch that does. naive, `--reserve pow2 | oracle`: one region the size of
+    the budget, cut into 16-slot blocks (the paged twin's default), from which each sequence reserves
+    a run of consecutive blocks at admission (rounding up to 16 slots is internal fragmentation);
+    consecutive ids are one contiguous range, so every attention backend reads it unchanged.
+    paged: `block_size` blocks, as many as the budget holds (or `config.num_blocks`), handed out as
+    sequences grow. A pool of blocks must hold the `longest` request.
     Without `num_seqs`: the whole pool the budget buys, unchecked (a budget of 0 still gives the
     block size, which choosing the attention backend needs before the budget is known).
     """
     bytes_per_token = config.bytes_per_slot
-    if config.twin == "naive":
+    if config.twin == "naive" and config.reserve != "max":
+        layout = CacheLayout(PAGED_BLOCK_SIZE, budget_bytes // (PAGED_BLOCK_SIZE * bytes_per_token), contiguous=True)
+    elif config.twin == "naive":
         row_bytes = config.max_seq_len * bytes_per_token
         rows = budget_bytes // row_bytes
         if num_seqs is None:
@@ -147,13 +153,15 @@ def cache_layout(config: EngineConfig, budget_bytes: int, num_seqs: int | None =
                                 f"{human_bytes(budget_bytes)}; the largest batch that fits is {rows} "
                                 "(or run llama3-paged.py)")
         return CacheLayout(config.max_seq_len, num_seqs, preallocated=True)
-    block_size = config.block_size
-    num_blocks = config.num_blocks or budget_bytes // (block_size * bytes_per_token)
-    if num_seqs is not None and num_blocks * block_size < longest:
-        raise OutOfKVMemory(f"the KV pool ({num_blocks} blocks x {block_size} slots = "
-                            f"{human_bytes(num_blocks * block_size * bytes_per_token)}) cannot hold even the "
-                            f"longest request ({longest} tokens); raise --kv-cache-gb or --num-blocks")
-    return CacheLayout(block_size, num_blocks)
+    else:
+        num_blocks = config.num_blocks or budget_bytes // (config.block_size * bytes_per_token)
+        layout = CacheLayout(config.block_size, num_blocks)
+    if num_seqs is not None and layout.capacity_tokens < longest:
+        raise OutOfKVMemory(f"the KV pool ({layout.num_blocks} blocks x {layout.block_size} slots = "
+                            f"{human_bytes(layout.capacity_tokens * bytes_per_token)}) cannot hold even the "
+                            f"longest request ({longest} tokens); raise --kv-cache-gb"
+                            + (" or --num-blocks" if config.twin == "paged" else ""))
+    return layout
 
 
 def check_host_memory(config: EngineConfig, layout: CacheLayout) -> None:

@@ -13,6 +13,7 @@ import torch
 from ..model.config import ModelArgs
 from ..model.parallel import SINGLE, TensorParallel
 from ..units import GB
+from .reservation import RESERVE_POLICIES
 from .sampling import SamplingParams
 
 TWINS = ("naive", "paged")
@@ -26,11 +27,19 @@ PREEMPTION_MODES = ("recompute", "swap")
 @dataclass(frozen=True)
 class CacheLayout:
     """The KV pool: `num_blocks` blocks of `block_size` slots. `preallocated`: each sequence's one
-    block is its whole context, reserved when it is admitted (the naive twin's rows)."""
+    block is its whole context, reserved when it is admitted (the naive twin's rows). `contiguous`:
+    each sequence's reservation, taken at admission, is one run of consecutive blocks, from a region
+    where holes form (the naive twin's `--reserve pow2 | oracle`)."""
 
     block_size: int
     num_blocks: int
     preallocated: bool = False
+    contiguous: bool = False
+
+    @property
+    def reserves_at_admission(self) -> bool:
+        """Sequences never grow: all their slots are reserved when they are admitted."""
+        return self.preallocated or self.contiguous
 
     @property
     def capacity_tokens(self) -> int:
@@ -56,12 +65,15 @@ class EngineConfig:
     sampling: SamplingParams = SamplingParams()
     stop_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    reserve: str = "max"  # the naive twin's reservation policy (reservation.py); read only by budget.cache_layout
     # This process's rank among the tensor-parallel ranks. Every rank builds the same scheduler and
     # block manager from the same config and so decides the same; budgets and `bytes_per_slot`
     # count all ranks together (each rank stores 1/N of every slot's KV heads).
     tensor_parallel: TensorParallel = SINGLE
 
     def __post_init__(self):
+        if self.reserve not in RESERVE_POLICIES:
+            raise ValueError(f"reserve must be one of {RESERVE_POLICIES}, not {self.reserve!r}")
         if self.twin not in TWINS:
             raise ValueError(f"twin must be one of {TWINS}, not {self.twin!r}")
         if self.preemption not in PREEMPTION_MODES:

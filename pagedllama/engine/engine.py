@@ -18,11 +18,13 @@ from .block_manager import BlockManager
 from .budget import cache_layout, check_host_memory
 from .config import CacheLayout, EngineConfig
 from .memory import MemoryTracker
+from .reservation import reservation_slots
 from .sampling import sample, sample_key
 from .scheduler import Scheduler
 from .sequence import Request, Sequence, SequenceGroup
 from .sharing import SharingTracker, one_per_sequence
 from .swap import SwapSpace
+from .waste import WasteBreakdown, WasteRecorder
 
 
 @dataclass
@@ -33,16 +35,18 @@ class RunResult:
 
 
 def build_engine(config: EngineConfig, budget_bytes: int, requests: list[Request], model: Transformer | None = None,
-                 backend: AttentionBackend | None = None) -> Engine:
+                 backend: AttentionBackend | None = None, record_waste: bool = True) -> Engine:
     """The engine a twin runs `requests` with within the KV budget: the composition root that the
-    command line, the comparison and the benchmarks share. No model: a dry run."""
+    command line, the comparison and the benchmarks share. No model: a dry run. `record_waste`:
+    keep the four-way breakdown's trace over the whole budget (`Engine.waste`)."""
     seqs = one_per_sequence(requests)
     layout = cache_layout(config, budget_bytes, len(seqs), max(len(r.prompt_ids) + r.max_new_tokens for r in seqs))
+    budget_slots = max(budget_bytes // config.bytes_per_slot, layout.capacity_tokens) if record_waste else None
     if model is None:
-        return Engine(config, layout, len(seqs))
+        return Engine(config, layout, len(seqs), budget_slots=budget_slots)
     check_host_memory(config, layout)
     try:
-        return Engine(config, layout, len(seqs), model, backend)
+        return Engine(config, layout, len(seqs), model, backend, budget_slots)
     except torch.cuda.OutOfMemoryError:
         raise OutOfKVMemory(f"CUDA could not allocate the {human_bytes(layout.capacity_tokens * config.bytes_per_slot)} "
                             "KV cache; lower --kv-cache-gb, the batch size or --gpu-memory-utilization") from None
@@ -57,10 +61,16 @@ class Engine:
     """
 
     def __init__(self, config: EngineConfig, layout: CacheLayout, max_num_seqs: int,
-                 model: Transformer | None = None, backend: AttentionBackend | None = None):
-        """`max_num_seqs`: block-table rows, one per sequence that may run at once."""
+                 model: Transformer | None = None, backend: AttentionBackend | None = None,
+                 budget_slots: int | None = None):
+        """`max_num_seqs`: block-table rows, one per sequence that may run at once. `budget_slots`:
+        record the waste trace over a KV budget of that many slots (at least the pool's)."""
         self.config = config
-        self.block_manager = BlockManager(layout, config.max_seq_len, max_num_seqs)
+        self.recorder = None
+        if budget_slots is not None:
+            assert budget_slots >= layout.capacity_tokens, "the pool is cut from the budget"
+            self.recorder = WasteRecorder(budget_slots, config.bytes_per_slot, layout.num_blocks)
+        self.block_manager = BlockManager(layout, config.max_seq_len, max_num_seqs, self.recorder)
         if config.prefix_caching:
             self.block_manager.enable_prefix_caching()
         swap = SwapSpace(self.block_manager, config.swap_blocks(layout)) if config.preemption == "swap" else None
@@ -115,9 +125,26 @@ class Engine:
                            num_prompt_tokens=len(r.prompt_ids), max_new_tokens=r.max_new_tokens,
                            sample_key=sample_key(r.request_id, r.sample_index))
             seq.group = SequenceGroup(r.request_id, [seq], r.n, r.beam_width, r.sample_index)
+            if self.block_manager.layout.contiguous:
+                seq.group.reserve_slots = self._reservation(r)
             self.scheduler.add(seq.group)
             groups.append(seq.group)
         return groups
+
+    def _reservation(self, r: Request) -> int:
+        """The slots the naive twin's policy reserves for `r`: its true answer length is given, or is
+        `max_new_tokens` when nothing stops it earlier (the demo; dry runs)."""
+        if r.width > 1:
+            raise ValueError(f"request {r.request_id}: --reserve {self.config.reserve} runs one sequence per request")
+        output_len = r.output_len
+        if output_len is None and not self.stop_ids:  # it generates exactly max_new_tokens
+            output_len = r.max_new_tokens
+        return reservation_slots(self.config.reserve, len(r.prompt_ids), output_len, self.config.max_seq_len)
+
+    @property
+    def waste(self) -> WasteBreakdown | None:
+        """Where the KV budget went, step by step, in the paper's four parts (None if not recorded)."""
+        return self.recorder.breakdown() if self.recorder else None
 
     def step(self) -> tuple[int, list[Sequence]]:
         """One forward pass: how many sequences it advanced, and the outputs it completed."""
@@ -135,6 +162,12 @@ class Engine:
         self.block_manager.commit(batch, is_prefill)
         scheduler = self.scheduler
         self.memory.record(len(scheduler.running_groups), len(scheduler.waiting) + len(scheduler.swapped))
+        if self.recorder:
+            manager = self.block_manager
+            keys, written = manager.units_written(scheduler.running)
+            free = self.recorder.budget_slots - manager.allocator.num_used * manager.block_size
+            head = scheduler.waiting[0] if scheduler.waiting else None
+            self.recorder.step(keys, written, free, manager.external_fragmentation_slots(head))
         self.sharing.record(self.block_manager.allocator.num_refs)  # only running sequences hold blocks
         finished = []
         for seq, token in self._next_tokens(batch, logits, positions):

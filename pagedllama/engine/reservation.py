@@ -10,9 +10,12 @@ Kwon et al., "Efficient Memory Management for Large Language Model Serving with 
   prompt is added on top (rounding prompt + output instead would reserve 128, not 72, for a 40-token
   prompt and that 25-token answer);
 - Orca (Oracle): "the system has the knowledge of the lengths of the outputs that will be actually
-  generated": it reserves prompt + output exactly.
+  generated": it reserves the slots the request will write, prompt + output - 1: the last sampled
+  token is never fed back, so its K/V is never written, and Oracle shows no internal
+  fragmentation, as in the paper's Figure 2.
 
-Every reservation is capped at `max_seq_len`, the most a request may ever hold.
+Every reservation is capped at `max_seq_len`, the most a request may ever hold. (The naive twin
+then rounds it up to whole 16-slot blocks: see `budget.cache_layout`.)
 """
 from __future__ import annotations
 
@@ -33,14 +36,16 @@ def reservation_slots(policy: str, prompt_len: int, output_len: int | None, max_
     """KV slots reserved, in one contiguous range, when a request is admitted under `policy`.
 
     `output_len` is the request's true answer length in tokens (known ahead only to an oracle: from
-    the dataset's reference answers, or from a first run); `max` does not need it.
+    the dataset's reference answers, or from a first run's --json); `max` does not need it.
     """
     if policy not in RESERVE_POLICIES:
         raise UsageError(f"unknown reservation policy {policy!r}; use one of: {', '.join(RESERVE_POLICIES)}")
     if policy == "max":
         return max_seq_len
     if output_len is None:
-        raise UserError(f"--reserve {policy} needs each request's true answer length; give requests with "
-                        "reference answers, or run once first to learn the lengths, or use --reserve max")
-    output = output_len if policy == "oracle" else next_power_of_two(output_len)
-    return min(prompt_len + output, max_seq_len)
+        raise UserError(f"--reserve {policy} needs each request's true answer length, and this model stops by "
+                        "itself; run once with --json FILE and give --oracle-lengths FILE, or add --ignore-eos, "
+                        "or use --reserve max")
+    if policy == "oracle":
+        return min(prompt_len + max(output_len - 1, 0), max_seq_len)
+    return min(prompt_len + next_power_of_two(output_len), max_seq_len)

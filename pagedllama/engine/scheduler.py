@@ -51,8 +51,8 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_prefill_tokens = max_prefill_tokens
         # The watermark keeps room for running sequences to grow into new blocks; a sequence whose
-        # one block holds max_seq_len slots (the naive twin) never does.
-        grows = block_manager.block_size < block_manager.max_seq_len
+        # slots are all reserved at admission (the naive twin) never does.
+        grows = not block_manager.layout.reserves_at_admission
         self.watermark_blocks = int(watermark * block_manager.num_blocks) if grows else 0
         self.swap = swap
         self.waiting: deque[SequenceGroup] = deque()
@@ -86,7 +86,8 @@ class Scheduler:
             return admitted, True
         if not self.running_groups:
             group = (self.swapped or self.waiting)[0]
-            raise MemoryError(f"request {group.request_id} needs {sum(s.num_tokens for s in group.seqs)} KV slots "
+            slots = group.reserve_slots or sum(s.num_tokens for s in group.seqs)
+            raise MemoryError(f"request {group.request_id} needs {slots} KV slots "
                               f"but the whole pool holds {self.block_manager.capacity_tokens}")
         return self._reserve_decode_slots(), False
 

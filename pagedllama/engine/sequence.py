@@ -17,6 +17,9 @@ class Request:
     # Sample j draws from random stream sample_index + j, so a request with n=1 and
     # sample_index=j reproduces sample j of a request with n > j on its own.
     sample_index: int = 0
+    # Its true answer length, when known ahead of generating it (--oracle-lengths): what the naive
+    # twin's pow2 and oracle policies reserve for. None: max_new_tokens when nothing stops it early.
+    output_len: int | None = None
 
     def __post_init__(self):
         if min(self.n, self.beam_width) < 1 or min(self.n, self.beam_width) > 1:
@@ -87,6 +90,7 @@ class SequenceGroup:
     beam_width: int = 1
     sample_index: int = 0  # sample j draws from stream sample_index + j
     finished: list[Sequence] = field(default_factory=list)
+    reserve_slots: int = 0  # a contiguous pool: the slots its reservation policy holds for it, once, at admission
     stalls_seen: int = 0  # the scheduler's memory_stalls when the request last joined the queue
     waited_for_memory: bool = False  # queued at some step when admission stopped for lack of KV blocks
 
