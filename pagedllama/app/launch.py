@@ -52,9 +52,9 @@ def run_ranks(size: int, device_type: str, timeout_s: float, main: RankMain, mai
         check_torchrun_world(size)
         if rank > 0:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the whole life of this rank
-        local = TensorParallel(rank, size, int(os.environ.get("LOCAL_WORLD_SIZE", size)))
-        return _as_rank(local, int(os.environ.get("LOCAL_RANK", 0)), backend, timeout_s, main, main_args)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        tp = TensorParallel(rank, size, int(os.environ.get("LOCAL_WORLD_SIZE", size)))
+        return _as_rank(tp, int(os.environ.get("LOCAL_RANK", 0)), backend, timeout_s, main, main_args)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"  # every rank on this machine
     os.environ["MASTER_PORT"] = str(_free_port())
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe(duplex=False) for _ in range(1, size)]  # each rank's one line, if it fails
@@ -63,7 +63,7 @@ def run_ranks(size: int, device_type: str, timeout_s: float, main: RankMain, mai
                 for rank, (_, sender) in enumerate(pipes, start=1)]
     for child in children:
         child.start()
-    watchdog = _Watchdog(children, [receiver for receiver, _ in pipes])
+    watchdog = _Watchdog(children, [receiver for receiver, _ in pipes], grace_s=timeout_s + 5)
     try:
         status = _as_rank(TensorParallel(0, size, size), 0, backend, timeout_s, main, main_args, watchdog.rank_failure)
         watchdog.stop()
@@ -126,13 +126,11 @@ def _exit_with_parent(parent: int) -> None:
 
 class _Watchdog:
     """Rank 0's watch over the ranks it spawned: when one fails or dies, print one line, kill the
-    other ranks, and end rank 0 too: it normally stops on its own, its collective failing now that
-    a peer is gone; if it has not within `GRACE_S` (blocked where nothing notices), at once."""
+    other ranks, and end rank 0 too: it stops on its own, its collective failing or timing out now
+    that a peer is gone (a clean exit); should it still run `grace_s` later, it is ended there."""
 
-    GRACE_S = 5.0
-
-    def __init__(self, children: list, failures: list):
-        self.children, self.failures = children, failures
+    def __init__(self, children: list, failures: list, grace_s: float):
+        self.children, self.failures, self.grace_s = children, failures, grace_s
         self.lock = threading.Lock()
         self.stopped = False
         self.reported = 0  # the exit status of the failure printed, once one is
@@ -176,7 +174,7 @@ class _Watchdog:
                 self.reported = failed[1] if failed[1] > 0 else 1
                 print(f"error: {failed[0]}", file=sys.stderr, flush=True)
                 _stop_children(self.children, wait_s=0)
-            time.sleep(self.GRACE_S)
+            time.sleep(self.grace_s)
             os._exit(self.reported)
 
 
