@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from pagedllama.io.checkpoint import SHARD_DIM, hf_name
+from pagedllama.io.checkpoint import hf_name
+from pagedllama.model.parallel import SHARD_DIM
 from pagedllama.model.config import ModelArgs, from_meta_params
 
 

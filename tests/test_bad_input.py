@@ -284,8 +284,10 @@ CASES = [
     Case("tensor-parallel-budget-per-gpu-negative", "paged",
          lambda e: ["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "24", "--tensor-parallel-size", "2"], 1,
          ["no memory left for the KV cache on each GPU", "more GPUs (--tensor-parallel-size)"]),
-    Case("tensor-parallel-without-simulate", "paged", lambda e: ["2", "--tensor-parallel-size", "2"], 2,
-         ["--tensor-parallel-size", "--simulate CONFIG", "running tensor parallel is not supported"]),
+    Case("tensor-parallel-not-dividing-the-demo-heads", "paged", lambda e: ["2", "--tensor-parallel-size", "4"], 2,
+         ["--tensor-parallel-size 4 does not divide", "2 KV heads", "use one of 1, 2"]),
+    Case("tensor-parallel-nccl-without-cuda", "naive",
+         lambda e: ["2", "--tensor-parallel-size", "2", "--device", "cuda"], 2, ["no CUDA GPU is visible"]),
     Case("max-seq-len-absurd", "paged", lambda e: ["2", "--max-seq-len", "1000000000"], 2,
          ["--max-seq-len 1000000000", "at most 1048576"]),
     # the tiny model's prefill activations are allowed 13 MiB: 16 MiB holds them, not a 10 MiB pool beside them

@@ -366,8 +366,8 @@ def test_cli_simulate_from_a_config_file(tmp_path, capsys):
      "does not divide the model's 8 KV heads; use one of 1, 2, 4, 8"),
     (["2", "--simulate", "llama3-70b", "--gpu-memory-gb", "24", "--tensor-parallel-size", "2"],
      "no memory left for the KV cache on each GPU"),
-    (["2", "--tensor-parallel-size", "2"], "running tensor parallel is not supported"),
-    (["2", "--simulate", "llama3-8b", "--kv-cache-gb", "4", "--tensor-parallel-size", "2"], "not with --kv-cache-gb"),
+    (["2", "--tensor-parallel-size", "3"], "does not divide the model's 2 KV heads; use one of 1, 2"),
+    (["2", "--tensor-parallel-size", "2", "--dist-timeout", "0"], "--dist-timeout 0.0 must be a positive"),
 ])
 def test_cli_budget_errors(argv, pattern, capsys):
     code, _, err = run_cli("naive", argv, capsys)

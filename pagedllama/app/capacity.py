@@ -17,6 +17,7 @@ from ..engine.scheduler import SchedulerStats
 from ..engine.sequence import Request
 from ..engine.waste import WasteBreakdown
 from ..errors import OutOfKVMemory
+from ..model.parallel import SINGLE
 
 
 @dataclass
@@ -41,7 +42,7 @@ def dry_run(config: EngineConfig, budget_bytes: int, requests: list[Request], re
     tokens to each request's length, recomputing what is preempted, no prefix caching.
     `record_waste`: also the four-way breakdown (a search for the largest batch needs none)."""
     config = replace(config, sampling=SamplingParams(), stop_ids=frozenset(), ignore_eos=True, preemption="recompute",
-                     prefix_caching=False, cuda_graphs=False)
+                     prefix_caching=False, cuda_graphs=False, tensor_parallel=SINGLE)
     try:
         engine = build_engine(config, budget_bytes, requests, record_waste=record_waste)
         engine.run(requests, progress=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..args import ArgumentParser, positive_int
-from ..engine.budget import (DEFAULT_GPU_MEMORY_UTILIZATION, Budget, cache_layout, cpu_default_budget,
+from ..engine.budget import (DEFAULT_GPU_MEMORY_UTILIZATION, Budget, cache_layout, cpu_default_budget, per_rank_budget,
                              cuda_default_budget, simulated_budget, user_budget)
 from ..engine.config import PAGED_BLOCK_SIZE, PREEMPTION_MODES, TWINS, EngineConfig
 from ..engine.reservation import RESERVE_POLICIES
@@ -31,15 +32,18 @@ from ..engine.sequence import Request, Sequence
 from ..engine.sharing import format_sharing
 from ..errors import OutOfKVMemory, UsageError, UserError
 from ..host_memory import keep_freed_memory
+from ..io.checkpoint import read_config
 from ..io.data import default_data_path, load_sharegpt
 from ..io.loading import (DEMO, LLAMA3_VOCAB_SIZE, LLAMA_MODELS_INSTALL, Loaded, installed_llama3_tokenizer, load,
                           resolve_device, resolve_dtype)
 from ..io.tokenizer import demo_tokenizer, load_tokenizer
 from ..model.attention import BACKENDS, AttentionBackend, select_backend
-from ..model.config import DEFAULT_MAX_SEQ_LEN, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
+from ..model.config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
 from ..model.model_runner import warmup_peak_bytes
+from ..model.parallel import SINGLE, TensorParallel, check_divides
 from ..units import GB, human_bytes
 from .capacity import dry_run, find_max_batch
+from .launch import DEFAULT_TIMEOUT_S, check_torchrun_world, run_ranks, under_torchrun
 from .report import format_memory_report, timeline_json
 from .threads import choose_threads
 from .waste import format_waste_report, system_name, waste_json
@@ -118,9 +122,13 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g.add_argument("--simulate", metavar="CONFIG", help=f"plan for a model that is not here: {', '.join(NAMED_SHAPES)} "
                                                         "or a params.json / config.json")
     g.add_argument("--gpu-memory-gb", type=float, help="with --simulate: the GPU's memory in GB")
+    g = p.add_argument_group("tensor parallelism (docs/tensor-parallel.md)")
     g.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
-                   help="with --simulate: plan for N GPUs of --gpu-memory-gb each, weights and KV heads split "
-                        "across them (default 1; running tensor parallel is not supported)")
+                   help="split weights and KV heads across N GPUs (N processes, NCCL; gloo on CPU), spawned "
+                        "here or started by torchrun; with --simulate: plan for N GPUs of --gpu-memory-gb each "
+                        "(default 1)")
+    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help=f"seconds a rank waits for the others before the run is stopped (default {DEFAULT_TIMEOUT_S:g})")
     g = p.add_argument_group("output")
     g.add_argument("--json", type=Path, help="write answers and the report as one JSON object")
     g.add_argument("--output", type=Path, help="stream each finished request as a JSON line the moment it ends")
@@ -134,7 +142,46 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
 
 def main(twin: str, argv: list[str] | None = None) -> int:
     args = build_parser(twin).parse_args(argv)
-    return run_reporting_errors(lambda: run(twin, args), args.debug)
+    return run_reporting_errors(lambda: one_or_many_ranks(args, run_rank, twin), args.debug)
+
+
+def one_or_many_ranks(args: argparse.Namespace, rank_main: Callable[..., int], *rank_args) -> int:
+    """`rank_main(tp, *rank_args, args)` in this process, or on --tensor-parallel-size ranks when the
+    run computes (plans and dry runs need no ranks)."""
+    check_torchrun_world(args.tensor_parallel_size)
+    if args.tensor_parallel_size > 1 and not (args.simulate or getattr(args, "dry_run", False)):
+        return run_tensor_parallel(args, rank_main, *rank_args)
+    return rank_main(SINGLE, *rank_args, args)
+
+
+def run_tensor_parallel(args: argparse.Namespace, rank_main: Callable[..., int], *rank_args) -> int:
+    """`rank_main(tp, *rank_args, args)` on --tensor-parallel-size ranks (app/launch.py), after the
+    checks that need no rank (one line each)."""
+    size = args.tensor_parallel_size
+    device = resolve_device(args.device)
+    if args.dist_timeout <= 0:
+        raise UsageError(f"--dist-timeout {args.dist_timeout} must be a positive number of seconds")
+    if device.type == "cuda":
+        visible = torch.cuda.device_count()
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", size)) if under_torchrun() else size
+        if per_node > visible:
+            raise UsageError(f"--tensor-parallel-size {size} needs {per_node} GPUs on this machine but {visible} "
+                             "are visible; lower it, or spread the ranks over machines with torchrun")
+    check_divides(DEMO_ARGS if args.model == DEMO else read_config(args.model), size)
+    return run_ranks(size, device.type, args.dist_timeout, rank_main, (*rank_args, args), describe_error)
+
+
+def silent_rank(args: argparse.Namespace, tp: TensorParallel) -> argparse.Namespace:
+    """The flags for rank `tp.rank`: rank 0 prints and writes the files; the others compute in silence."""
+    if tp.rank == 0:
+        return args
+    return argparse.Namespace(**{**vars(args), "json": None, "output": None, "no_progress": True, "answers": False,
+                                 "no_plots": True})
+
+
+def run_rank(tp: TensorParallel, twin: str, args: argparse.Namespace) -> int:
+    """One rank's run of a twin."""
+    return run(twin, silent_rank(args, tp), tp)
 
 
 def run_reporting_errors(job: Callable[[], int], debug: bool) -> int:
@@ -206,8 +253,9 @@ def check_writable(flag: str, path: Path) -> None:
         path.unlink()
 
 
-def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) -> Setup:
-    """Resolve the flags; `whole_dataset` tokenizes every conversation (for max-batch searches)."""
+def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False, tp: TensorParallel = SINGLE) -> Setup:
+    """Resolve the flags; `whole_dataset` tokenizes every conversation (for max-batch searches);
+    `tp`: this process is one of several tensor-parallel ranks."""
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UsageError("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.batch_size is None and not args.find_max_batch:
@@ -217,9 +265,6 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
                          f"{MAX_SEQ_LEN_LIMIT} (Llama 3.1 is trained to 131072)")
     if args.gpu_memory_gb is not None and not args.simulate:
         raise UsageError("--gpu-memory-gb only applies with --simulate CONFIG")
-    if args.tensor_parallel_size > 1 and (not args.simulate or args.kv_cache_gb is not None):
-        raise UsageError("--tensor-parallel-size plans for several GPUs with --simulate CONFIG --gpu-memory-gb G "
-                         "(not with --kv-cache-gb); running tensor parallel is not supported")
     check_reserve(twin, args)
     for flag, path in (("--output", args.output), ("--json", args.json)):
         if path:
@@ -233,6 +278,8 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
         raise UsageError("--n, --beam-width, --preemption swap and --enable-prefix-caching apply to generation, "
                          "not to --simulate or --find-max-batch")
     device = resolve_device("cpu" if args.simulate else args.device)
+    if device.type == "cuda" and tp.size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())  # launch.py set this rank's GPU
     if args.cuda_graphs and (device.type != "cuda" or args.attention not in ("auto", "triton")):
         raise UsageError("--cuda-graphs needs a CUDA GPU and the triton attention backend; drop it, or run on "
                          "CUDA with --attention triton")
@@ -241,8 +288,9 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
     dtype = resolve_dtype("bfloat16" if args.simulate and args.dtype == "auto" else args.dtype, device)
     data_path = args.data or default_data_path()
     conversations, skipped = load_sharegpt(data_path)
-    loaded = shape_only(args) if args.simulate else load(args.model, args.tokenizer, device, dtype, args.max_seq_len)
-    config = engine_config(twin, args, loaded, device, dtype)
+    loaded = (shape_only(args) if args.simulate
+              else load(args.model, args.tokenizer, device, dtype, args.max_seq_len, tp))
+    config = engine_config(twin, args, loaded, device, dtype, tp)
     block = cache_layout(config, 0).block_size  # a budget of 0: only the block size is wanted
     if block > loaded.max_seq_len:
         raise UsageError(f"--block-size {block} is larger than --max-seq-len {loaded.max_seq_len}; "
@@ -272,14 +320,14 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False) ->
 
 
 def engine_config(twin: str, args: argparse.Namespace, loaded: Loaded, device: torch.device,
-                  dtype: torch.dtype) -> EngineConfig:
+                  dtype: torch.dtype, tp: TensorParallel = SINGLE) -> EngineConfig:
     """The one EngineConfig a run is built from, out of the flags and the loaded model."""
     return EngineConfig(twin, loaded.args, loaded.max_seq_len, dtype, device, block_size=args.block_size,
                         num_blocks=args.num_blocks, preemption=args.preemption,
                         swap_space_bytes=int(args.swap_space_gb * GB), prefix_caching=args.enable_prefix_caching,
                         cuda_graphs=args.cuda_graphs, sampling=SamplingParams(args.temperature, args.top_p, args.seed),
                         stop_ids=loaded.tokenizer.stop_ids, ignore_eos=args.ignore_eos or loaded.is_demo,
-                        reserve=args.reserve or "max")
+                        reserve=args.reserve or "max", tensor_parallel=tp)
 
 
 def check_reserve(twin: str, args: argparse.Namespace) -> None:
@@ -321,20 +369,23 @@ def with_oracle_lengths(requests: list[Request], path: Path) -> list[Request]:
     return [replace(r, output_len=lengths[r.request_id]) for r in requests]
 
 
-def run(twin: str, args: argparse.Namespace) -> int:
-    setup = prepare(twin, args)
+def run(twin: str, args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int:
+    setup = prepare(twin, args, tp=tp)
     loaded, config, budget, backend = setup.loaded, setup.config, setup.budget, setup.backend
     dtype = config.dtype
     mode = "dry run, no forward pass" if setup.planning else "generation"
     print(f"llama3-{twin}.py ({mode}): {setup.header}")
     print(f"KV cache: {DESCRIPTIONS[twin]}" + (f"; attention backend: {backend.name}" if backend else "")
           + ("; decode steps replay CUDA graphs" if args.cuda_graphs and backend else ""))
-    print(capacity_line(config, budget.kv_bytes))
+    print(capacity_line(config, budget.kv_bytes, args.tensor_parallel_size))
     doc: dict = {"twin": twin, "model": args.simulate or args.model, "planning": setup.planning,
                  "device": setup.device.type, "dtype": str(dtype).removeprefix("torch."),
                  "attention": backend.name if backend else None, "threads": torch.get_num_threads(),
                  "max_seq_len": loaded.max_seq_len,
                  "kv_budget_bytes": budget.kv_bytes}
+    if config.tensor_parallel.size > 1:  # budgets and pools count all ranks; each holds 1/N of every block
+        doc.update(tensor_parallel_size=args.tensor_parallel_size,
+                   kv_budget_bytes_per_rank=budget.kv_bytes // args.tensor_parallel_size)
     status = 0
     if setup.batch and setup.planning:
         run_ = dry_run(config, budget.kv_bytes, setup.batch)
@@ -342,7 +393,7 @@ def run(twin: str, args: argparse.Namespace) -> int:
             raise OutOfKVMemory(run_.error)
         print()
         print(format_memory_report(run_.memory, f"KV memory report (dry run): {DESCRIPTIONS[twin]}, "
-                                                f"{setup.batch_size} requests"))
+                                                f"{setup.batch_size} requests", ranks=args.tensor_parallel_size))
         print(scheduler_line(run_.stats))
         print(format_waste_report(config, run_.waste))
         doc.update(batch_size=setup.batch_size, memory=run_.memory, scheduler=scheduler_json(run_.stats),
@@ -354,7 +405,7 @@ def run(twin: str, args: argparse.Namespace) -> int:
         result["timeline"] = timeline_json(result["timeline"], config.bytes_per_slot)
         print()
         print(format_memory_report(result["memory"], f"KV memory report: {DESCRIPTIONS[twin]}, {setup.batch_size} requests",
-                                   interrupted=result["interrupted"]))
+                                   interrupted=result["interrupted"], ranks=args.tensor_parallel_size))
         print(f"  run: {result['steps']} steps, {result['output_tokens']} tokens generated in "
               f"{result['elapsed_s']:.1f} s ({result['output_tokens_per_s']:.1f} tok/s)")
         print(scheduler_line(result["stats"]))
@@ -417,13 +468,18 @@ def generate(args: argparse.Namespace, loaded: Loaded, engine: Engine, requests:
             "stats": engine.scheduler.stats, "timeline": engine.memory.timeline, "waste": engine.waste}
 
 
-def capacity_line(config: EngineConfig, budget_bytes: int) -> str:
+def capacity_line(config: EngineConfig, budget_bytes: int, tensor_parallel_size: int = 1) -> str:
     layout, max_seq_len = cache_layout(config, budget_bytes), config.max_seq_len
+    per_rank = ""
+    if tensor_parallel_size > 1:
+        heads = config.model_args.n_kv_heads // tensor_parallel_size
+        per_rank = (f"; per rank: {human_bytes(layout.capacity_tokens * config.bytes_per_slot // tensor_parallel_size)}"
+                    f" ({heads} of the {config.model_args.n_kv_heads} KV heads of every block)")
     what = (f"{layout.num_blocks} rows of {layout.block_size} slots" if layout.preallocated
             else f"{layout.num_blocks} blocks of {layout.block_size}")
     tokens = layout.capacity_tokens
     return (f"KV capacity: {tokens} tokens ({what}); maximum concurrency for {max_seq_len}-token requests: "
-            f"{tokens / max_seq_len:.2f}x")
+            f"{tokens / max_seq_len:.2f}x{per_rank}")
 
 
 def scheduler_line(stats: SchedulerStats) -> str:
@@ -461,8 +517,9 @@ def shape_only(args: argparse.Namespace) -> Loaded:
 
 def resolve_budget(args: argparse.Namespace, loaded: Loaded, config: EngineConfig, backend: AttentionBackend | None,
                    block_size: int) -> Budget:
+    tp = config.tensor_parallel
     if args.kv_cache_gb is not None:
-        return user_budget(args.kv_cache_gb)
+        return per_rank_budget(user_budget(args.kv_cache_gb), args.tensor_parallel_size)
     if args.simulate:
         if args.gpu_memory_gb is None:
             raise UsageError("--simulate needs --gpu-memory-gb G (the GPU to plan for) or --kv-cache-gb")
@@ -471,7 +528,14 @@ def resolve_budget(args: argparse.Namespace, loaded: Loaded, config: EngineConfi
     if config.device.type == "cuda":
         total = torch.cuda.mem_get_info(config.device)[1]
         peak = warmup_peak_bytes(config, loaded.model, backend, block_size)
-        return cuda_default_budget(args.gpu_memory_utilization, peak, total)
+        budget = cuda_default_budget(args.gpu_memory_utilization, peak, total)
+        if tp.size == 1:
+            return budget
+        # Every rank must cut the same pool (identical decisions): the rank with the least left sets it.
+        least = torch.tensor([budget.kv_bytes], device=config.device)
+        torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+        return per_rank_budget(Budget(int(least.item()), f"the least of the ranks; rank 0: {budget.explanation}"),
+                               tp.size)
     return cpu_default_budget(config.bytes_per_slot, loaded.max_seq_len)
 
 

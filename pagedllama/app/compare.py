@@ -33,7 +33,9 @@ from ..errors import OutOfKVMemory, UsageError, UserError  # noqa: E402
 from ..model.attention import select_backend  # noqa: E402
 from ..units import GB  # noqa: E402
 from .capacity import dry_run, find_max_batch  # noqa: E402
-from .cli import Setup, build_parser, generate, prepare, run_reporting_errors, scheduler_json  # noqa: E402
+from ..model.parallel import SINGLE, TensorParallel  # noqa: E402
+from .cli import (Setup, build_parser, generate, one_or_many_ranks, prepare, run_reporting_errors,  # noqa: E402
+                  scheduler_json, silent_rank)
 from .report import format_memory_report, timeline_json  # noqa: E402
 from .waste import format_waste_table, plot_breakdown, system_label, system_name, waste_json  # noqa: E402
 
@@ -63,7 +65,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return run_reporting_errors(lambda: compare(args), args.debug)
+    return run_reporting_errors(lambda: one_or_many_ranks(args, compare_rank), args.debug)
+
+
+def compare_rank(tp: TensorParallel, args: argparse.Namespace) -> int:
+    """One rank's comparison (rank 0 reports, plots and writes --json)."""
+    return compare(silent_rank(args, tp), tp)
 
 
 def twin_config(setup: Setup, twin: str, **changes) -> EngineConfig:
@@ -122,10 +129,10 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [line]
 
 
-def compare(args: argparse.Namespace) -> int:
+def compare(args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int:
     if args.batch_size is None:
         raise UsageError("give BATCH_SIZE, the number of prompts both twins run")
-    setup = prepare("paged", args, whole_dataset=True)
+    setup = prepare("paged", args, whole_dataset=True, tp=tp)
     if not args.no_plots:  # before the runs, so a bad path fails at once
         try:
             args.plots_dir.mkdir(parents=True, exist_ok=True)

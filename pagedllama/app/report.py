@@ -16,9 +16,10 @@ def timeline_json(timeline: list[MemorySample], bytes_per_slot: int) -> dict:
             "running": [s.running for s in timeline], "waiting": [s.waiting for s in timeline]}
 
 
-def format_memory_report(m: dict, title: str, interrupted: bool = False) -> str:
+def format_memory_report(m: dict, title: str, interrupted: bool = False, ranks: int = 1) -> str:
     """A readable table, ending with the classic `Fragmented Memory:` line (with the size in MB too
-    when it is under 0.01 GB, which that line would print as 0.00 GB)."""
+    when it is under 0.01 GB, which that line would print as 0.00 GB). Figures count all `ranks`
+    together; with tensor parallelism a row gives one rank's share (1/N of every block's KV heads)."""
     budget = m["budget_bytes"]
 
     def pct(n: float) -> str:
@@ -28,6 +29,9 @@ def format_memory_report(m: dict, title: str, interrupted: bool = False) -> str:
         ("KV budget", human_bytes(budget), ""),
         ("pool", human_bytes(m["pool_bytes"]),
          f"{m['num_blocks']} blocks x {m['block_size']} slots x {human_bytes(m['bytes_per_token'])}/slot"),
+        *([("pool per rank", human_bytes(m["pool_bytes"] // ranks),
+            f"{ranks} ranks, each 1/{ranks} of every block's KV heads; reserved at peak "
+            f"{human_bytes(m['peak_reserved_bytes'] // ranks)} each")] if ranks > 1 else []),
         ("blocks in use at peak", f"{m['peak_blocks_in_use']}", f"of {m['num_blocks']}"),
         ("reserved at peak", human_bytes(m["peak_reserved_bytes"]), pct(m["peak_reserved_bytes"])),
         ("holding tokens at peak", human_bytes(m["peak_used_bytes"]), pct(m["peak_used_bytes"])),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .. import host_memory
 from ..errors import OutOfKVMemory, UsageError
 from ..model.config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES, ModelArgs
+from ..model.parallel import check_divides
 from ..units import GB, human_bytes
 from .config import MAX_PREFILL_TOKENS, PAGED_BLOCK_SIZE, CacheLayout, EngineConfig
 
@@ -30,8 +31,7 @@ class Budget:
 def weights_bytes(args: ModelArgs, dtype_bytes: int, tensor_parallel_size: int = 1) -> int:
     """The weights one GPU holds: Megatron-style tensor parallelism splits every matrix (and the
     embedding and output layer by vocabulary) across the GPUs and copies only the norms."""
-    norms = (2 * args.n_layers + 1) * args.dim
-    return (norms + -(-(args.num_params() - norms) // tensor_parallel_size)) * dtype_bytes
+    return args.params_per_rank(tensor_parallel_size) * dtype_bytes
 
 
 def activation_allowance(args: ModelArgs, dtype_bytes: int, tokens: int = MAX_PREFILL_TOKENS,
@@ -40,14 +40,6 @@ def activation_allowance(args: ModelArgs, dtype_bytes: int, tokens: int = MAX_PR
     attention's q/k/v/o (~2 x dim) and SwiGLU's (3 x hidden) split across the GPUs."""
     split = (2 * args.dim + 3 * args.hidden_dim) // tensor_parallel_size
     return tokens * (2 * args.dim + split) * dtype_bytes
-
-
-def check_tensor_parallel_size(args: ModelArgs, tensor_parallel_size: int) -> None:
-    """Each GPU holds whole KV heads (and the query heads that use them)."""
-    if args.n_kv_heads % tensor_parallel_size:
-        sizes = ", ".join(str(n) for n in range(1, args.n_kv_heads + 1) if args.n_kv_heads % n == 0)
-        raise UsageError(f"--tensor-parallel-size {tensor_parallel_size} does not divide the model's "
-                         f"{args.n_kv_heads} KV heads; use one of {sizes}")
 
 
 def simulated_budget(args: ModelArgs, gpu_memory_gb: float, utilization: float, dtype_bytes: int,
@@ -61,7 +53,7 @@ def simulated_budget(args: ModelArgs, gpu_memory_gb: float, utilization: float, 
     check_utilization(utilization)
     if not 0 < gpu_memory_gb <= 100_000:
         raise UsageError(f"--gpu-memory-gb {gpu_memory_gb} is not a plausible GPU size; give it in GB, e.g. 24")
-    check_tensor_parallel_size(args, tensor_parallel_size)
+    check_divides(args, tensor_parallel_size)
     tp = tensor_parallel_size
     usable = int(gpu_memory_gb * GB * utilization)
     weights = weights_bytes(args, dtype_bytes, tp)
@@ -105,6 +97,15 @@ def cuda_default_budget(utilization: float, peak_after_warmup: int, total: int) 
         raise OutOfKVMemory(f"no GPU memory left for the KV cache: {explanation}; raise "
                             "--gpu-memory-utilization or use a smaller model")
     return Budget(kv, explanation)
+
+
+def per_rank_budget(budget: Budget, tensor_parallel_size: int) -> Budget:
+    """`budget` on each of `tensor_parallel_size` GPUs: as with `simulated_budget`, N ranks holding 1/N
+    of every block each hold as many blocks as one cache N times as large, the total returned."""
+    if tensor_parallel_size == 1:
+        return budget
+    return Budget(budget.kv_bytes * tensor_parallel_size,
+                  f"{tensor_parallel_size} ranks x {human_bytes(budget.kv_bytes)} each: {budget.explanation}")
 
 
 def user_budget(kv_cache_gb: float) -> Budget:

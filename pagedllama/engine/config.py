@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.config import ModelArgs
+from ..model.parallel import SINGLE, TensorParallel
 from ..units import GB
 from .reservation import RESERVE_POLICIES
 from .sampling import SamplingParams
@@ -65,6 +66,10 @@ class EngineConfig:
     stop_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     reserve: str = "max"  # the naive twin's reservation policy (reservation.py); read only by budget.cache_layout
+    # This process's rank among the tensor-parallel ranks. Every rank builds the same scheduler and
+    # block manager from the same config and so decides the same; budgets and `bytes_per_slot`
+    # count all ranks together (each rank stores 1/N of every slot's KV heads).
+    tensor_parallel: TensorParallel = SINGLE
 
     def __post_init__(self):
         if self.reserve not in RESERVE_POLICIES:

@@ -76,6 +76,7 @@ class Engine:
         swap = SwapSpace(self.block_manager, config.swap_blocks(layout)) if config.preemption == "swap" else None
         self.scheduler = Scheduler(self.block_manager, config.max_prefill_tokens, swap=swap)
         self.runner = None if model is None else ModelRunner(config, model, layout, max_num_seqs, backend)
+        self.tp = config.tensor_parallel
         self.sampling = config.sampling
         self.stop_ids = frozenset() if config.ignore_eos else config.stop_ids
         self.memory = MemoryTracker(self.block_manager, config.bytes_per_slot)
@@ -209,14 +210,15 @@ class Engine:
                 rows_logits, rows_positions = logits[index], positions[index]
             picks = self._sample(targets, rows_logits, rows_positions)
         for idx in beams.values():
-            picks += advance_beams(self.scheduler, [batch[i] for i in idx], logits[idx])
+            picks += advance_beams(self.scheduler, [batch[i] for i in idx], self.tp.from_rank0(logits[idx]))
         return picks
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
                 positions: torch.Tensor) -> list[tuple[Sequence, int]]:
         """The next token of each of `seqs`, from its row of `logits`."""
         keys = None if self.sampling.greedy else torch.tensor([s.sample_key for s in seqs], device=logits.device)
-        return list(zip(seqs, sample(logits, self.sampling, keys, positions).tolist()))
+        tokens = self.tp.from_rank0(sample(logits, self.sampling, keys, positions))
+        return list(zip(seqs, tokens.tolist()))
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in self.stop_ids:

@@ -22,10 +22,8 @@ from safetensors import SafetensorError, safe_open
 from ..errors import UserError
 from ..model.config import ModelArgs, from_hf_config, from_meta_params
 from ..model.model import Transformer
+from ..model.parallel import SHARD_DIM, SINGLE, TensorParallel
 from . import gguf_checkpoint
-
-# Meta shards split these along dim 0 (output rows) or dim 1 (input columns); the rest are copies.
-SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0, "wo": 1, "w2": 1}
 
 # Meta name -> Hugging Face name, inside a layer and at the top level.
 _LAYER_TO_HF = {
@@ -137,22 +135,39 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path, tp: TensorParallel) -> dict[str, torch.Tensor]:
+    """The file's tensors; with several ranks, only this rank's slice of each is read."""
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            if tp.size == 1:
+                return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: _read_slice(f.get_slice(k), _meta_name(k) or k, tp) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot read {path}: the file is truncated or corrupt ({type(e).__name__}); "
                         "re-download it") from None
 
 
-def _load_meta(root: Path) -> dict[str, torch.Tensor]:
-    """Merge model-parallel shards back into one state dict, in file order."""
+def _read_slice(sl: Any, key: str, tp: TensorParallel) -> torch.Tensor:
+    """This rank's rows or columns of a safetensors tensor, read without the rest."""
+    dim = SHARD_DIM.get(key.split(".")[-2]) if key.endswith(".weight") else None
+    if dim is None:
+        return sl[:]
+    part = tp.part(sl.get_shape()[dim])
+    return sl[part] if dim == 0 else sl[:, part]
+
+
+def _meta_files(root: Path) -> list[Path]:
     files = sorted(root.glob("consolidated.*.pth"))
     expected = [f"consolidated.{i:02d}.pth" for i in range(len(files))]
     if [f.name for f in files] != expected:
         raise UserError(f"{root} holds {[f.name for f in files]}, expected {expected[0]} .. {expected[-1]}; "
                         "a shard is missing or misnamed: re-download it")
+    return files
+
+
+def _load_meta(root: Path) -> dict[str, torch.Tensor]:
+    """Merge model-parallel shards back into one state dict, in file order."""
+    files = _meta_files(root)
     shards = [_load_pth(f) for f in files]
     for shard in shards:
         shard.pop("rope.freqs", None)  # Meta's precomputed RoPE table; the model computes its own
@@ -206,18 +221,18 @@ def _tie_output(sd: dict[str, torch.Tensor], tied: bool) -> None:
         sd["output.weight"] = sd["tok_embeddings.weight"]
 
 
-def _from_hf(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+def _from_hf(tensors: dict[str, torch.Tensor], args: ModelArgs, parts: int = 1) -> dict[str, torch.Tensor]:
     sd = {}
     for key, t in tensors.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue
         sd[_meta_name(key) or key] = t  # unknown names stay as they are, for check_state_dict to report
     _tie_output(sd, args.tie_word_embeddings)
-    check_state_dict(args, sd, hf_name)  # before the permutation, which needs the right shapes
+    check_state_dict(args, sd, hf_name, parts)  # before the permutation, which needs the right shapes
     for i in range(args.n_layers):
         for name, n in (("wq", args.n_heads), ("wk", args.n_kv_heads)):
             key = f"layers.{i}.attention.{name}.weight"
-            sd[key] = _hf_to_meta_rows(sd[key], n)
+            sd[key] = _hf_to_meta_rows(sd[key], n // parts)  # a rank's rows are whole heads
     return sd
 
 
@@ -260,36 +275,62 @@ def load_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32) -
     return args, load_weights(model_dir, args, dtype)
 
 
-def load_weights(model_dir: str | Path, args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def load_weights(model_dir: str | Path, args: ModelArgs, dtype: torch.dtype = torch.float32,
+                 tp: TensorParallel = SINGLE) -> dict[str, torch.Tensor]:
     """The state dict (Meta names and RoPE layout, CPU) of a checkpoint whose config `read_config`
-    gave as `args`: in the stored dtype, except a GGUF's, which is dequantized to `dtype`."""
+    gave as `args`: in the stored dtype, except a GGUF's, which is dequantized to `dtype`. With
+    several ranks, this rank's slices (`TensorParallel.shard`), read alone where the format allows:
+    a Meta checkpoint of exactly N files gives each rank its own file; safetensors are read slice by
+    slice; other Meta shard counts are merged and re-split, a GGUF dequantized and then sliced."""
     model_dir = Path(model_dir)
     fmt = detect_format(model_dir)
     if fmt == "gguf":
         check_gguf_tensors(model_dir, args)
         sd = gguf_checkpoint.dequantized_state_dict(gguf_path(model_dir), dtype)
         _tie_output(sd, args.tie_word_embeddings)
-        return sd
+        return shard_state_dict(sd, tp)
     if fmt == "meta":
         root = _meta_root(model_dir)
         assert root is not None
-        sd = _load_meta(root)
+        own_file = tp.size > 1 and len(_meta_files(root)) == tp.size
+        sd = _own_meta_shard(root, tp) if own_file else _load_meta(root)
         # params.json cannot say whether the embedding is tied: a checkpoint without an output matrix is
         _tie_output(sd, "output.weight" not in sd)
-        check_state_dict(args, sd)
-        return sd
+        check_state_dict(args, sd, parts=tp.size if own_file else 1)
+        return sd if own_file else shard_state_dict(sd, tp)
     tensors: dict[str, torch.Tensor] = {}
     for f in _hf_weight_files(model_dir):
-        tensors.update(_load_pth(f) if f.suffix == ".bin" else _load_safetensors(f))
-    return _from_hf(tensors, args)
+        tensors.update(shard_state_dict(_load_pth(f), tp, _meta_name) if f.suffix == ".bin"
+                       else _load_safetensors(f, tp))
+    return _from_hf(tensors, args, tp.size)
+
+
+def _own_meta_shard(root: Path, tp: TensorParallel) -> dict[str, torch.Tensor]:
+    """`consolidated.NN.pth` for this rank: Meta's model-parallel shard is its tensor-parallel slice."""
+    sd = _load_pth(root / f"consolidated.{tp.rank:02d}.pth")
+    sd.pop("rope.freqs", None)
+    return sd
+
+
+def shard_state_dict(sd: dict[str, torch.Tensor], tp: TensorParallel,
+                     meta_name: Callable[[str], str | None] = lambda k: k) -> dict[str, torch.Tensor]:
+    """This rank's slices of a full state dict (whose keys `meta_name` gives Meta's names of), copied
+    so that the full tensors can be freed."""
+    if tp.size == 1:
+        return sd
+    out = {k: tp.shard(meta_name(k) or k, t).clone() for k, t in sd.items()}
+    if "output.weight" in sd and sd["output.weight"] is sd.get("tok_embeddings.weight"):  # tied: still one tensor
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Checking and building
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Meta-named state dict and its shape, in a fixed order."""
+def expected_shapes(args: ModelArgs, parts: int = 1) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Meta-named state dict and its shape, in a fixed order; `parts` > 1: the shapes
+    of one rank's slices when the ranks are that many."""
     q, kv, d, h = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.dim, args.hidden_dim
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
     for i in range(args.n_layers):
@@ -302,12 +343,18 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,),
         }
     shapes |= {"norm.weight": (d,), "output.weight": (args.vocab_size, d)}
+    if parts > 1:
+        for key, shape in shapes.items():
+            dim = SHARD_DIM.get(key.split(".")[-2])
+            if dim is not None:
+                shapes[key] = tuple(n // parts if i == dim else n for i, n in enumerate(shape))
     return shapes
 
 
 def check_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor],
-                     name_in_file: Callable[[str], str] | None = None) -> None:
-    """Fail with a one-line UserError unless `state_dict` is exactly the model `args` describes.
+                     name_in_file: Callable[[str], str] | None = None, parts: int = 1) -> None:
+    """Fail with a one-line UserError unless `state_dict` is exactly the model `args` describes
+    (one rank's slices of it, with `parts` ranks).
 
     `name_in_file`: the tensors came from files that name them otherwise (HF, GGUF), so messages also
     give that name.
@@ -315,7 +362,7 @@ def check_state_dict(args: ModelArgs, state_dict: dict[str, torch.Tensor],
     def show(name: str) -> str:
         return f"{name_in_file(name)} ({name})" if name_in_file else name
 
-    expected = expected_shapes(args)
+    expected = expected_shapes(args, parts)
     missing = [k for k in expected if k not in state_dict]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -358,11 +405,12 @@ def random_state_dict(args: ModelArgs, seed: int, device: torch.device | str = "
 
 
 def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: torch.device,
-                dtype: torch.dtype, max_positions: int) -> Transformer:
-    """The model in eval mode on `device`, its weights in `dtype` and its RoPE table in float32."""
-    check_state_dict(args, state_dict)
+                dtype: torch.dtype, max_positions: int, tp: TensorParallel = SINGLE) -> Transformer:
+    """The model in eval mode on `device`, its weights in `dtype` and its RoPE table in float32;
+    `state_dict` holds rank `tp.rank`'s slices when there are several ranks."""
+    check_state_dict(args, state_dict, parts=tp.size)
     with torch.device("meta"):  # no memory for weights that load_state_dict replaces at once
-        model = Transformer(args, max_positions)
+        model = Transformer(args, max_positions, tp)
     model.load_state_dict(state_dict, strict=True, assign=True)
     if state_dict["output.weight"] is state_dict["tok_embeddings.weight"]:
         model.output.weight = model.tok_embeddings.weight  # one Parameter, so .to() converts it once

@@ -13,9 +13,10 @@ from .. import host_memory
 from ..errors import UserError, UsageError
 from ..model.config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs
 from ..model.model import Transformer
+from ..model.parallel import SINGLE, TensorParallel
 from ..units import human_bytes
 from .checkpoint import (build_model, check_gguf_tensors, detect_format, gguf_path, load_weights, random_state_dict,
-                         read_config, read_json)
+                         read_config, read_json, shard_state_dict)
 from .tokenizer import Tokenizer, demo_tokenizer, find_tokenizer, load_tokenizer
 
 DEMO = "demo"
@@ -56,13 +57,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_weights_fit(need: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Fail with the fix before loading `need` bytes of weights, not halfway through it: on CPU,
-    Linux kills a process that outgrows the memory with no message at all."""
+def check_weights_fit(need: int, device: torch.device, dtype: torch.dtype, tp: TensorParallel = SINGLE) -> None:
+    """Fail with the fix before loading `need` bytes of weights (this rank's), not halfway through it:
+    on CPU, Linux kills a process that outgrows the memory with no message at all. On CPU the ranks
+    of this machine share its memory: all their shares must fit."""
     if device.type == "cuda":
         room, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
     else:
+        need *= tp.local_size
         room, where = host_memory.available_bytes(), "of memory available"
+        if tp.local_size > 1:
+            where += f" for the {tp.local_size} ranks on it"
     if room is None or need <= room:
         return
     fix = (f"use --dtype bfloat16 ({human_bytes(need // 2)}) or a smaller model" if dtype == torch.float32
@@ -104,10 +109,11 @@ def checkpoint_tokenizer(model: Path, explicit: str | None) -> Tokenizer:
 
 
 def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.dtype,
-         max_seq_len: int | None) -> Loaded:
-    """The demo model (random weights, made here) or a checkpoint: a directory or a GGUF file."""
+         max_seq_len: int | None, tp: TensorParallel = SINGLE) -> Loaded:
+    """The demo model (random weights, made here) or a checkpoint: a directory or a GGUF file; with
+    several ranks, this rank's slices of it (model/parallel.py)."""
     if model == DEMO:
-        args, state = DEMO_ARGS, random_state_dict(DEMO_ARGS, seed=0)
+        args, state = DEMO_ARGS, shard_state_dict(random_state_dict(DEMO_ARGS, seed=0), tp)
         tok = load_tokenizer(Path(tokenizer)) if tokenizer else demo_tokenizer()
         check_tokenizer_fits(tok, args)
         max_len = max_seq_len or DEMO_MAX_SEQ_LEN
@@ -117,21 +123,22 @@ def load(model: str, tokenizer: str | None, device: torch.device, dtype: torch.d
         tok = checkpoint_tokenizer(Path(model), tokenizer)  # before the weights: its errors come first
         check_tokenizer_fits(tok, args)
         tok.check_chat()
-        weight_bytes = args.num_params() * dtype.itemsize
-        check_weights_fit(weight_bytes, device, dtype)
+        weight_bytes = args.params_per_rank(tp.size) * dtype.itemsize
+        check_weights_fit(weight_bytes, device, dtype, tp)
         name = str(dtype).removeprefix("torch.")
         stored = ""
         if detect_format(Path(model)) == "gguf":
             check_gguf_tensors(Path(model), args)
             stored = (f"; GGUF {gguf_checkpoint.quantization(gguf_path(Path(model)))}, dequantized to {name}: "
                       f"the KV cache and matmuls run in {name}")
-        print(f"loading {model}: {args.num_params() / 1e9:.2f}B parameters, {human_bytes(weight_bytes)} in "
-              f"{name}{stored} ...", flush=True)
-        state = load_weights(model, args, dtype)
+        per_rank = f" per rank ({tp.size} ranks)" if tp.size > 1 else ""
+        print(f"loading {model}: {args.num_params() / 1e9:.2f}B parameters, {human_bytes(weight_bytes)}{per_rank} "
+              f"in {name}{stored} ...", flush=True)
+        state = load_weights(model, args, dtype, tp)
         max_len = max_seq_len or DEFAULT_MAX_SEQ_LEN
         description = (f"{model} ({args.num_params() / 1e9:.2f}B parameters{stored}); prompts in "
                        f"{tok.describe_chat()}")
     if max_len < 2:
         raise UsageError(f"--max-seq-len {max_len} is too small; it must hold a prompt and an answer")
-    net = build_model(args, state, device, dtype, max_positions=max_len)
+    net = build_model(args, state, device, dtype, max_positions=max_len, tp=tp)
     return Loaded(net, tok, args, model == DEMO, max_len, description)

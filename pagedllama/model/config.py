@@ -50,6 +50,12 @@ class ModelArgs:
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.dim
         return self.n_layers * per_layer + self.vocab_size * self.dim + head + self.dim
 
+    def params_per_rank(self, tensor_parallel_size: int) -> int:
+        """The parameters one of `tensor_parallel_size` ranks holds: every matrix split (the embedding
+        and the output layer by vocabulary), the norms copied (model/parallel.py)."""
+        norms = (2 * self.n_layers + 1) * self.dim
+        return norms + -(-(self.num_params() - norms) // tensor_parallel_size)
+
     def validate(self) -> None:
         if min(self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.vocab_size, self.hidden_dim) <= 0:
             raise UserError(f"model config has a non-positive size: {self}; check the config file")

@@ -12,6 +12,7 @@ import torch
 from ..engine.block_manager import COPY, SWAP_IN, SWAP_OUT
 from .attention import AttentionBackend, StepMetadata
 from .config import ModelArgs
+from .parallel import SINGLE, TensorParallel
 
 if TYPE_CHECKING:
     from ..engine.block_manager import BlockCopy, BlockOps
@@ -19,15 +20,16 @@ if TYPE_CHECKING:
 
 
 class KVCache:
-    """K/V of all layers in `layout.num_blocks` blocks on `device`, and `swap_blocks` blocks in CPU memory."""
+    """K/V of all layers in `layout.num_blocks` blocks on `device`, and `swap_blocks` blocks in CPU memory;
+    with tensor parallelism, this rank's KV heads of every block (the block ids are every rank's)."""
 
     def __init__(self, args: ModelArgs, layout: CacheLayout, backend: AttentionBackend | None,
-                 device: torch.device, dtype: torch.dtype, swap_blocks: int = 0):
+                 device: torch.device, dtype: torch.dtype, swap_blocks: int = 0, tp: TensorParallel = SINGLE):
         self.backend = backend
         self.device = device
         self.scale = args.head_dim ** -0.5
         # One tensor, so that copying a block (copy on write, swapping) is one op over all layers.
-        shape = (2, args.n_layers, layout.num_blocks, layout.block_size, args.n_kv_heads, args.head_dim)
+        shape = (2, args.n_layers, layout.num_blocks, layout.block_size, args.n_kv_heads // tp.size, args.head_dim)
         self.kv = torch.zeros(shape, device=device, dtype=dtype)
         self.k, self.v = list(self.kv[0]), list(self.kv[1])
         # Pinned on CUDA, so that swaps are DMA copies; left unwritten until a swap writes it.

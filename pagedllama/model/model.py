@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs, RopeScaling
+from .parallel import SINGLE, TensorParallel
 
 if TYPE_CHECKING:
     from .attention import StepMetadata
@@ -67,14 +68,17 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    """This rank's query and KV heads (all of them with one rank); `wo` sums the ranks' outputs."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, tp: TensorParallel):
         super().__init__()
-        self.layer_id = layer_id
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.layer_id, self.tp = layer_id, tp
+        self.n_heads, self.n_kv_heads = args.n_heads // tp.size, args.n_kv_heads // tp.size
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: KVCache, meta: StepMetadata) -> torch.Tensor:
         q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
@@ -82,27 +86,29 @@ class Attention(nn.Module):
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         out = cache.attend(self.layer_id, q, k, v, meta)
-        return self.wo(out.flatten(-2))
+        return self.tp.all_reduce(self.wo(out.flatten(-2)))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), over this rank's share of the hidden units."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, tp: TensorParallel):
         super().__init__()
+        self.tp = tp
+        hidden_dim //= tp.size
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.tp.all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    def __init__(self, args: ModelArgs, layer_id: int, tp: TensorParallel):
         super().__init__()
-        self.attention = Attention(args, layer_id)
-        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention = Attention(args, layer_id, tp)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, tp)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -112,15 +118,17 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Llama 3 with Meta's parameter names, so a `consolidated.pth` state dict loads as is."""
+    """Llama 3 with Meta's parameter names, so a `consolidated.pth` state dict loads as is (with `tp`,
+    a `consolidated.NN.pth` shard: this rank's slice of every matrix, model/parallel.py)."""
 
-    def __init__(self, args: ModelArgs, max_positions: int):
+    def __init__(self, args: ModelArgs, max_positions: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.args, self.tp = args, tp
+        self.vocab = tp.part(args.vocab_size)  # the ids this rank embeds and scores
+        self.tok_embeddings = nn.Embedding(args.vocab_size // tp.size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i, tp) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = nn.Linear(args.dim, args.vocab_size // tp.size, bias=False)
         # A plain attribute, not a buffer: it must stay complex64 when the weights go to bf16.
         # The loader puts it on the model's device (checkpoint.build_model).
         self.rope = rope_freqs_cis(args, max_positions, "cpu")
@@ -129,9 +137,16 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 meta: StepMetadata) -> torch.Tensor:
         """Logits (float32) at `meta.logits_indices`: one row per sequence, its last token."""
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if self.tp.size == 1 else self._embed_vocab_slice(tokens)
         freqs_cis = self.rope[positions]
         for layer in self.layers:
             h = layer(h, freqs_cis, cache, meta)
         h = self.norm(h[meta.logits_indices])
-        return self.output(h).float()
+        return self.tp.gather_columns(self.output(h).float())
+
+    def _embed_vocab_slice(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the ids in this rank's range, zeros for the others, summed over the ranks."""
+        local = tokens - self.vocab.start
+        outside = (local < 0) | (local >= self.vocab.stop - self.vocab.start)
+        h = self.tok_embeddings(local.masked_fill(outside, 0)).masked_fill(outside[:, None], 0)
+        return self.tp.all_reduce(h)

@@ -40,7 +40,7 @@ class ModelRunner:
         self.device = config.device
         self.block_size, self.max_seq_len = layout.block_size, config.max_seq_len
         self.cache = KVCache(config.model_args, layout, backend, config.device, config.dtype,
-                             config.swap_blocks(layout))
+                             config.swap_blocks(layout), config.tensor_parallel)
         self.max_blocks_per_seq = cdiv(config.max_seq_len, layout.block_size)
         self.decode_buffers = StepBuffers(max_num_seqs, max_num_seqs, self.max_blocks_per_seq, config.device)
         # Decode rows past a step's batch (CUDA graphs run a batch in a larger bucket) are one query each.
