@@ -21,6 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tqdm import tqdm
 
 from ..errors import UsageError, UserError
 from ..model.parallel import TensorParallel
@@ -108,6 +109,9 @@ def _spawned_rank(rank: int, size: int, backend: str, timeout_s: float, main: Ra
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the whole life of this rank
     # Ctrl-C is rank 0's: it stops within a step and reports; the other ranks are stopped after it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing semaphore, which a rank killed outright would leak (and
+    # the resource tracker would say so on rank 0's stderr); this rank shows no progress bar anyway.
+    tqdm.set_lock(threading.RLock())
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     try:
         status = _as_rank(TensorParallel(rank, size, size), rank, backend, timeout_s, main, main_args)
