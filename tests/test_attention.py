@@ -9,7 +9,7 @@ import torch
 
 import flash_attn_standin
 from conftest import CPU
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from pagedllama.engine.block_manager import BlockManager
 from pagedllama.engine.config import CacheLayout, EngineConfig
@@ -118,6 +118,7 @@ def test_torch_backend_chunk_after_one_cached_token():
 
 
 @given(st.lists(st.integers(1, 3000), min_size=1, max_size=80), st.sampled_from([0.5, DECODE_MIN_FILL, 1.0]))
+@example([163, 326, 326, 326, 326], 0.9)  # exactly 90% full: 0.9 * 326 * 5 rounds above 1467, 0.9 * 5 * 326 not
 def test_decode_groups_cover_the_batch_and_stay_full(lengths, min_fill):
     tables = torch.arange(len(lengths) * 3, dtype=torch.int32).view(len(lengths), 3)
     groups = plan_decode_groups(lengths, tables, min_fill)
@@ -140,7 +141,7 @@ def test_decode_groups_cover_the_batch_and_stay_full(lengths, min_fill):
     for earlier, later in zip(members, members[1:]):  # longest first, and a group stops only when it must
         assert min(lengths[i] for i in earlier) >= max(lengths[i] for i in later)
         grown = [lengths[i] for i in earlier] + [lengths[later[0]]]
-        assert sum(grown) < min_fill * len(grown) * max(grown)
+        assert sum(grown) < min_fill * len(grown) * max(grown) * (1 + 1e-12)  # rounding, as above
 
 
 def test_torch_backend_reuses_its_scratch_buffers_across_steps_of_any_size():
