@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 
-BACKENDS = ("auto", "flash-attn", "triton", "torch")
+BACKENDS = ("auto", "flash-attn", "triton", "flex", "torch")
 FLASH_ATTN_PAGE_MULTIPLE = 256  # flash_api.cpp rejects other page sizes in every 2.x release
 # The torch backend's decode pads each group of sequences to its longest context; a group takes
 # in the next (shorter) sequence while its K/V stay at least this fraction real context.
@@ -213,8 +213,7 @@ class TorchAttention:
             return sdpa_query_rows(q, keys, values, mask, scale)
         return sdpa_per_head(q, keys, values, mask, scale)
 
-    @staticmethod
-    def _prefill(q, k, v, k_cache, v_cache, meta, scale):
+    def _prefill(self, q, k, v, k_cache, v_cache, meta, scale):
         """One SDPA call per sequence: prompt lengths vary too much for padding to pay.
 
         Tensors go in as (1, H, L, D): with a batch dimension PyTorch's CPU SDPA takes its
@@ -228,15 +227,22 @@ class TorchAttention:
             if cached == 0:  # nothing earlier in the cache: attend to the fresh K/V directly
                 ki, vi = k[None, start:end].transpose(1, 2), v[None, start:end].transpose(1, 2)
                 oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
-            else:  # a chunk after earlier context: SDPA's is_causal is top-left, so build the mask
-                ctx = cached + q_len
-                ki = gather_kv(k_cache, meta.block_tables[i:i + 1], ctx).transpose(1, 2)
-                vi = gather_kv(v_cache, meta.block_tables[i:i + 1], ctx).transpose(1, 2)
-                mask = torch.ones(q_len, ctx, dtype=torch.bool, device=q.device).tril(diagonal=cached)
-                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+            else:
+                oi = self._prefill_after_cache(qi, k_cache, v_cache, meta, i, scale)
             out[start:end] = oi[0].transpose(0, 1)
             start = end
         return out
+
+    @staticmethod
+    def _prefill_after_cache(qi, k_cache, v_cache, meta: StepMetadata, i: int, scale: float) -> torch.Tensor:
+        """Sequence `i`'s chunk of queries (1, H, L, D) after its cached context: the context gathered,
+        and the causal mask built (SDPA's is_causal is top-left, this one is bottom-right)."""
+        cached, q_len = meta.cached_lens[i], meta.query_lens[i]
+        ctx = cached + q_len
+        ki = gather_kv(k_cache, meta.block_tables[i:i + 1], ctx).transpose(1, 2)
+        vi = gather_kv(v_cache, meta.block_tables[i:i + 1], ctx).transpose(1, 2)
+        mask = torch.ones(q_len, ctx, dtype=torch.bool, device=qi.device).tril(diagonal=cached)
+        return F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 class TritonAttention:
@@ -327,6 +333,9 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_si
             raise UsageError("--attention triton needs a CUDA GPU (or TRITON_INTERPRET=1, very slow); "
                              "use --attention torch here")
         return TritonAttention()
+    if name == "flex":
+        from .flex_attention import FlexAttention
+        return FlexAttention()
     if name == "torch":
         return TorchAttention()
     raise UsageError(f"unknown --attention {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,144 @@
+"""Paged attention that reads K/V blocks where they lie: PyTorch's FlexAttention with a block table.
+
+The torch backend copies each sequence's blocks into scratch before SDPA reads them again. Here
+the cache is one long key sequence, (1, Hkv, num_blocks * block_size, D), and a `BlockMask` built
+from the block tables tells the compiled kernel which blocks each query visits: its
+`full_kv_indices` are a sequence's whole blocks, its `kv_indices` the partly written last block,
+where `mask_mod` hides the slots past the context. Only the blocks named are read, in place.
+That is PagedAttention. `torch.compile` turns it into a C++ kernel on CPU (inductor) and a
+Triton one on CUDA.
+
+Compilation: the first step of each kind (decode, prefill after cached context) compiles for its
+shapes, and the first change of shape compiles once more with dynamic sizes; after that every
+batch size and context length reuses that kernel. Tensors that `mask_mod` reads have sizes fixed
+for the cache's life (one entry per kernel block, plus one), since torch 2.13's CPU template
+miscompiles a bounds check on a tensor of dynamic size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ..errors import UsageError
+from .attention import StepMetadata, TorchAttention, Workspace, write_kv
+
+FLEX_BLOCK_MULTIPLE = 16
+_compiled_flex = None  # one compiled kernel for every backend instance: compiling costs seconds
+
+
+def _flex(*args, **kwargs) -> torch.Tensor:
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(*args, **kwargs)
+
+
+def kernel_block_size(block_size: int) -> int:
+    """The kernel's K/V tile: 16, 32 or 64 slots, the largest that divides the block size (the naive
+    twin's blocks are whole max_seq_len rows, far too long for one tile). Torch 2.13's CPU kernel
+    gave wrong results with 8-slot tiles, so block sizes that are not multiples of 16 are refused."""
+    if block_size % FLEX_BLOCK_MULTIPLE:
+        raise UsageError(f"--attention flex needs a block size that is a multiple of {FLEX_BLOCK_MULTIPLE}, "
+                         f"not {block_size} (the naive twin's block is --max-seq-len); use --attention torch")
+    return math.gcd(block_size, 64)
+
+
+def expand_block_tables(block_tables: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Block tables in units of `block_size / ratio`-slot tiles: tile j of a sequence is tile
+    j % ratio of its cache block j // ratio."""
+    if ratio == 1:
+        return block_tables
+    tiles = torch.arange(ratio, device=block_tables.device, dtype=block_tables.dtype)
+    return (block_tables[:, :, None] * ratio + tiles).flatten(1)
+
+
+class FlexAttention(TorchAttention):
+    """Decode, and prefill after cached context, read the cache in place through a block mask;
+    a prompt with nothing cached before it attends to its own fresh K/V, as in the torch backend."""
+
+    name = "flex"
+
+    def __init__(self):
+        super().__init__()
+        self._indices = Workspace()  # (B, tiles in the cache) block-mask index rows, reused step to step
+        self._decode_mask: tuple[StepMetadata, BlockMask] | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
+        if meta.is_prefill:
+            return super().forward(q, k, v, k_cache, v_cache, meta, scale)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if self._decode_mask is None or self._decode_mask[0] is not meta:  # built by the first layer
+            self._decode_mask = meta, self._decode_block_mask(meta, k_cache.shape[0], k_cache.shape[1], q.device)
+        keys, values = _as_one_sequence(k_cache), _as_one_sequence(v_cache)
+        out = _flex(q.unsqueeze(2), keys, values, block_mask=self._decode_mask[1], scale=scale, enable_gqa=True)
+        return out.squeeze(2)
+
+    def _decode_block_mask(self, meta: StepMetadata, num_blocks: int, block_size: int,
+                           device: torch.device) -> BlockMask:
+        """One query per sequence; sequence b reads its whole blocks unmasked and its last, partly
+        written block through `mask_mod`, which keeps the slots below that block's fill."""
+        tile = kernel_block_size(block_size)
+        num_tiles = num_blocks * (block_size // tile)
+        tables = expand_block_tables(meta.block_tables, block_size // tile)
+        b = len(tables)
+        lens = meta.context_lens.long()
+        num_full = lens // tile
+        fill = lens % tile
+        partial = (fill > 0).to(torch.int32)
+        width = max(num_tiles, tables.shape[1])  # the kernel wants a column per tile of the cache
+        full_indices = self._indices.get("full", (b, width), torch.int32, device)
+        full_indices[:, :tables.shape[1]] = tables
+        last = tables.gather(1, num_full.clamp(max=tables.shape[1] - 1)[:, None])
+        partial_indices = self._indices.get("partial", (b, width), torch.int32, device)
+        partial_indices[:, :1] = last
+        # The fill of each partly written tile; sequences without one write to the spare last entry.
+        # Two sequences share a partly written block only while both hold the same tokens in it
+        # (a fork before either writes: the next write copies it), so one fill per tile is exact.
+        tile_fill = torch.zeros(num_tiles + 1, dtype=torch.int64, device=device)
+        tile_fill[torch.where(partial.bool(), last[:, 0].long(), num_tiles)] = fill
+
+        def below_fill(batch, head, q_idx, kv_idx):
+            return kv_idx % tile < tile_fill[kv_idx // tile]
+
+        return BlockMask.from_kv_blocks(partial[:, None, None], partial_indices[:, None, None],
+                                        num_full.to(torch.int32)[:, None, None], full_indices[:, None, None],
+                                        BLOCK_SIZE=(1, tile), mask_mod=below_fill, seq_lengths=(1, num_tiles * tile),
+                                        compute_q_blocks=False)
+
+    def _prefill_after_cache(self, qi, k_cache, v_cache, meta: StepMetadata, i: int, scale: float) -> torch.Tensor:
+        """Sequence `i`'s queries after its cached context, causal bottom-right, in place: query row r
+        sees logical positions up to cached + r, found from a physical slot through the tile's place
+        in the block table."""
+        num_blocks, block_size = k_cache.shape[:2]
+        tile = kernel_block_size(block_size)
+        num_tiles = num_blocks * (block_size // tile)
+        cached, q_len = meta.cached_lens[i], meta.query_lens[i]
+        table = expand_block_tables(meta.block_tables[i:i + 1], block_size // tile)[0]
+        used = -(-(cached + q_len) // tile)
+        tile_pos = torch.full((num_tiles + 1,), -1, dtype=torch.int64, device=qi.device)
+        tile_pos[table[:used].long()] = torch.arange(used, device=qi.device) * tile
+        offset = torch.tensor([cached], device=qi.device)
+
+        def causal(batch, head, q_idx, kv_idx):
+            pos = tile_pos[kv_idx // tile]
+            return (pos >= 0) & (pos + kv_idx % tile <= offset[0] + q_idx)
+
+        q_tiles = -(-q_len // tile)
+        indices = self._indices.get("prefill", (q_tiles, max(num_tiles, used)), torch.int32, qi.device)
+        indices[:, :used] = table[:used]
+        # query tile r reaches up to the tile holding position cached + its last row
+        last_row = torch.clamp(torch.arange(1, q_tiles + 1, device=qi.device) * tile, max=q_len) - 1
+        num_kv = ((cached + last_row) // tile + 1).to(torch.int32)
+        mask = BlockMask.from_kv_blocks(num_kv[None, None], indices[None, None], BLOCK_SIZE=(tile, tile),
+                                        mask_mod=causal, seq_lengths=(q_len, num_tiles * tile),
+                                        compute_q_blocks=False)
+        return _flex(qi, _as_one_sequence(k_cache), _as_one_sequence(v_cache), block_mask=mask, scale=scale,
+                     enable_gqa=True)
+
+
+def _as_one_sequence(cache: torch.Tensor) -> torch.Tensor:
+    """(num_blocks, block_size, Hkv, D) as one sequence of every slot, (1, Hkv, slots, D): a view."""
+    return cache.view(1, -1, *cache.shape[2:]).transpose(1, 2)

@@ -1,0 +1,97 @@
+"""The FlexAttention backend: reads K/V blocks in place, and gives what the others give.
+
+Against the dense float64 reference at the kernel level (test_attention.run_steps), and both twins
+end to end against the float64 formulas (llama_reference.py) and the torch backend's tokens.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import REFERENCE_SHAPES, generate, random_requests, run_against_reference
+from test_attention import run_steps
+from test_engine_reference import MAX_SEQ_LEN, engine_for, requests_for
+
+from pagedllama.errors import UsageError
+from pagedllama.model import attention
+from pagedllama.model.attention import select_backend
+from pagedllama.model.flex_attention import FlexAttention, expand_block_tables, kernel_block_size
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def compile_without_limit():
+    """One run of the engine compiles a handful of kernels (decode and prefill, static then dynamic
+    shapes); this file's many caches, tile sizes and dtypes need more than torch.compile's default
+    limit of 8, past which it would fall back to an unfused eager flex_attention."""
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+
+
+@pytest.mark.parametrize("block_size, dtype", [(16, torch.float32), (48, torch.bfloat16), (512, torch.float32)])
+def test_flex_backend(block_size, dtype):
+    """Prefill, a decode step and a chunk after cached context, through shuffled block tables: blocks
+    of one kernel tile (16), of three (48) and of eight (512, a naive-twin row)."""
+    run_steps(FlexAttention(), block_size, dtype)
+
+
+def test_flex_backend_with_a_scale_and_equal_contexts():
+    run_steps(FlexAttention(), 16, torch.float32, (64, 64, 64), scale=0.3)
+    run_steps(FlexAttention(), 16, torch.float32, (16, 32, 5), steps=("prefill", "chunk", "decode", "chunk"))
+
+
+def test_flex_decode_reads_the_cache_in_place(monkeypatch):
+    """Decode and chunks after cached context gather nothing: the kernel reads the blocks."""
+    def no_gather(*args, **kwargs):
+        raise AssertionError("gathered K/V")
+
+    monkeypatch.setattr(attention, "gather_kv", no_gather)
+    run_steps(FlexAttention(), 16, torch.float32)
+
+
+def test_tiles_follow_the_block_table():
+    tables = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32)
+    assert expand_block_tables(tables, 1) is tables
+    assert expand_block_tables(tables, 4).tolist() == [[12, 13, 14, 15, 0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]
+    assert [kernel_block_size(b) for b in (16, 48, 96, 512, 2048)] == [16, 16, 32, 64, 64]
+
+
+@pytest.mark.parametrize("block_size", [8, 100])
+def test_flex_refuses_blocks_it_cannot_tile(block_size):
+    with pytest.raises(UsageError, match="multiple of 16.*--attention torch"):
+        run_steps(FlexAttention(), block_size, torch.float32)
+
+
+def test_flex_is_selectable_by_name():
+    assert select_backend("flex", CPU, torch.float32, 16, 512).name == "flex"
+
+
+@pytest.mark.parametrize("name, twin", [(list(REFERENCE_SHAPES)[0], "naive"), (list(REFERENCE_SHAPES)[1], "paged")])
+def test_both_twins_through_flex_equal_the_formulas(name, twin):
+    """As test_engine_reference's twins, through the flex backend: the naive twin's rows are one
+    block each (two rows for three requests: one waits), the paged twin's blocks are shuffled."""
+    if twin == "naive":
+        engine, sd = engine_for(name, MAX_SEQ_LEN, 2, backend=FlexAttention())
+    else:
+        engine, sd = engine_for(name, 16, 24, backend=FlexAttention())
+        order = torch.randperm(24, generator=torch.Generator().manual_seed(3)).tolist()
+        engine.block_manager.allocator._free.clear()
+        engine.block_manager.allocator._free.extend(order)
+    run_against_reference(engine, requests_for(name), sd)
+
+
+def test_flex_tokens_equal_the_torch_backends_with_preemption_and_prefix_caching():
+    """A tight pool (requests are preempted and recomputed) and prefix caching (a shared prompt is
+    prefilled after its cached blocks: the in-place chunk path), greedy tokens as the torch backend's."""
+    name = list(REFERENCE_SHAPES)[0]
+    shared = random_requests([(32, 1)], REFERENCE_SHAPES[name].vocab_size, seed=5)[0].prompt_ids
+    requests = [r.__class__(r.request_id, shared + r.prompt_ids, r.max_new_tokens)
+                for r in random_requests([(20, 30), (5, 40), (33, 20)], REFERENCE_SHAPES[name].vocab_size, seed=6)]
+    tokens = {}
+    for backend in (FlexAttention(), attention.TorchAttention()):
+        engine, _ = engine_for(name, 16, 8, backend=backend, prefix_caching=True)
+        tokens[backend.name], _ = generate(engine, requests)
+        assert engine.scheduler.stats.preemptions > 0
+        assert engine.block_manager.prefix_cache.summary()["cached_tokens"] > 0
+    assert tokens["flex"] == tokens["torch"]
