@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint_writers import meta_params, save_hf, save_meta  # noqa: E402
 from full_forward import full_forward  # noqa: E402
 from llama_reference import reference_logits  # noqa: E402
+from pagedllama.app import dtype_choice  # noqa: E402
 from pagedllama.engine.config import CacheLayout, EngineConfig  # noqa: E402
 from pagedllama.engine.engine import Engine, RunResult  # noqa: E402
 from pagedllama.engine.scheduler import Scheduler  # noqa: E402
@@ -45,6 +46,16 @@ REFERENCE_SHAPES = {
     "gqa4-hd64-tied-theta1e4": ModelArgs(dim=256, n_heads=4, n_kv_heads=1, rope_theta=10000.0,
                                          tie_word_embeddings=True, **_SMALL),
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_amx():
+    """`--dtype auto` on CPU picks float32 here as on this project's machine, whatever the CPU: the tests
+    that run the CLI expect float32 runs, and a CPU with AMX would time its way to bfloat16 at some
+    batches. test_dtype_choice.py patches it back per test to cover the AMX path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dtype_choice, "has_amx_bf16", lambda: False)
+        yield
 
 
 @pytest.fixture(scope="session")

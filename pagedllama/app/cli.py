@@ -35,7 +35,7 @@ from ..host_memory import keep_freed_memory
 from ..io.checkpoint import read_config
 from ..io.data import default_data_path, load_sharegpt
 from ..io.loading import (DEMO, LLAMA3_VOCAB_SIZE, LLAMA_MODELS_INSTALL, Loaded, installed_llama3_tokenizer, load,
-                          resolve_device, resolve_dtype)
+                          resolve_device)
 from ..io.tokenizer import demo_tokenizer, load_tokenizer
 from ..model.attention import BACKENDS, AttentionBackend, select_backend
 from ..model.config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
@@ -43,6 +43,7 @@ from ..model.model_runner import warmup_peak_bytes
 from ..model.parallel import SINGLE, TensorParallel, check_divides
 from ..units import GB, human_bytes
 from .capacity import dry_run, find_max_batch
+from .dtype_choice import DtypeChoice, resolve_dtype
 from .launch import DEFAULT_TIMEOUT_S, check_torchrun_world, run_ranks, under_torchrun
 from .report import format_memory_report, timeline_json
 from .threads import choose_threads
@@ -68,8 +69,9 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads for PyTorch's ops (default: one per core idle at start, so a core another "
                         "process keeps busy does not stall every op; OMP_NUM_THREADS is respected)")
-    g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 "
-                                                   "(auto: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32 (auto: bfloat16 on GPU; "
+                   "on CPU bfloat16 only where the CPU has AMX and a matmul of the model's shape timed at "
+                   "BATCH_SIZE runs faster in it than in float32, else float32; the startup lines say why)")
     g.add_argument("--attention", default="auto", help=f"attention backend: {', '.join(BACKENDS)} (default auto: "
                                                        "one that both twins' block sizes allow: flash-attn, else "
                                                        "triton on CUDA, else torch)")
@@ -224,6 +226,7 @@ class Setup:
     batch_size: int
     planning: bool
     header: str
+    dtype_reason: str  # what --dtype gave, and why (app/dtype_choice.py)
 
     @property
     def batch(self) -> list[Request]:
@@ -285,7 +288,11 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False, tp
                          "CUDA with --attention triton")
     if device.type == "cpu":
         keep_freed_memory()  # prefill activations reused, not faulted in again each step (host_memory.py)
-    dtype = resolve_dtype("bfloat16" if args.simulate and args.dtype == "auto" else args.dtype, device)
+    # Dry runs compute nothing: no need to watch the cores for them. Chosen before the dtype, whose
+    # measurement runs on these threads.
+    threads = f"; threads: {choose_threads(args.threads)}" if not planning or args.threads else ""
+    choice = run_dtype(args, device, tp)
+    dtype = choice.dtype
     data_path = args.data or default_data_path()
     conversations, skipped = load_sharegpt(data_path)
     loaded = (shape_only(args) if args.simulate
@@ -310,13 +317,21 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False, tp
     if args.cuda_graphs and backend and backend.name != "triton":
         raise UsageError(f"--cuda-graphs captures the triton backend, not {backend.name}; add --attention triton")
     budget = resolve_budget(args, loaded, config, backend, block)
-    # Dry runs compute nothing: no need to watch the cores for them.
-    threads = f"; threads: {choose_threads(args.threads)}" if not planning or args.threads else ""
     header = (f"{args.batch_size or 0} requests from {data_path} ({len(conversations)} usable conversations, "
               f"{skipped} skipped: no usable human turn)\n"
-              f"model: {loaded.description}; {device.type}, {str(dtype).removeprefix('torch.')}{threads}\n"
+              f"model: {loaded.description}; {device.type}, {choice.reason}{threads}\n"
               f"KV budget: {human_bytes(budget.kv_bytes)} ({budget.explanation})")
-    return Setup(loaded, config, budget, backend, requests, args.batch_size or 0, planning, header)
+    return Setup(loaded, config, budget, backend, requests, args.batch_size or 0, planning, header, choice.reason)
+
+
+def run_dtype(args: argparse.Namespace, device: torch.device, tp: TensorParallel = SINGLE) -> DtypeChoice:
+    """--dtype for this run, before the weights load. `auto` with --simulate plans for a GPU's bfloat16;
+    on CPU it times a matmul at BATCH_SIZE (batch 1 for --find-max-batch without one): `compare`
+    prepares once, so both twins run the dtype chosen at the batch they share."""
+    if args.simulate and args.dtype == "auto":
+        return DtypeChoice(torch.bfloat16, "bfloat16 (auto: --simulate plans for a GPU)")
+    return resolve_dtype(args.dtype, device, lambda: DEMO_ARGS if args.model == DEMO else read_config(args.model),
+                         args.batch_size or 1, tp)
 
 
 def engine_config(twin: str, args: argparse.Namespace, loaded: Loaded, device: torch.device,
@@ -380,6 +395,7 @@ def run(twin: str, args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int
     print(capacity_line(config, budget.kv_bytes, args.tensor_parallel_size))
     doc: dict = {"twin": twin, "model": args.simulate or args.model, "planning": setup.planning,
                  "device": setup.device.type, "dtype": str(dtype).removeprefix("torch."),
+                 "dtype_reason": setup.dtype_reason,
                  "attention": backend.name if backend else None, "threads": torch.get_num_threads(),
                  "max_seq_len": loaded.max_seq_len,
                  "kv_budget_bytes": budget.kv_bytes}

@@ -169,7 +169,8 @@ def compare(args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int:
           f"paged / naive = {ratio:.1f}x")
     print("  by reservation policy: " + ", ".join(f"{system_label(configs[n])} {k}" + ("+" if full else "")
                                                  for n, (k, full) in limits.items()))
-    doc = {"batch_size": setup.batch_size, "kv_budget_bytes": budget, "block_size": args.block_size,
+    doc = {"batch_size": setup.batch_size, "dtype": str(setup.dtype).removeprefix("torch."),
+           "dtype_reason": setup.dtype_reason, "kv_budget_bytes": budget, "block_size": args.block_size,
            "attention": setup.backend.name if setup.backend and not args.dry_run else None,
            "max_batch": {"naive": k_naive, "paged": k_paged}, "max_batch_ratio": ratio,
            "twins": {t: {"memory": r.memory, "scheduler": r.scheduler, "error": r.error,

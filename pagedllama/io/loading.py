@@ -20,7 +20,6 @@ from .checkpoint import (build_model, check_gguf_tensors, detect_format, gguf_pa
 from .tokenizer import Tokenizer, demo_tokenizer, find_tokenizer, load_tokenizer
 
 DEMO = "demo"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LLAMA3_VOCAB_SIZE = 128256  # every Llama 3.x model: 128,000 BPE ranks and 256 special tokens
 LLAMA_MODELS_INSTALL = "pip install llama-models==0.3.0"  # Meta's package, shipping Llama 3's tokenizer.model
 
@@ -44,17 +43,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise UsageError(f"unknown --device {name!r}; choose auto, cpu or cuda")
     return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on GPUs that have it, float32 on CPU (CPU half-precision matmuls are slow)."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in DTYPES:
-        raise UsageError(f"unknown --dtype {name!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def check_weights_fit(need: int, device: torch.device, dtype: torch.dtype, tp: TensorParallel = SINGLE) -> None:
