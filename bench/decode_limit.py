@@ -18,6 +18,7 @@ their range.
 from __future__ import annotations
 
 import statistics
+from functools import partial
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from pagedllama.model.model_runner import ModelRunner  # noqa: E402
 CPU = torch.device("cpu")
 BLOCK = 16
 MODEL = "100m"
-BACKENDS = {"torch": TorchAttention, "flex": FlexAttention}
+BACKENDS = {"torch": TorchAttention, "flex": partial(FlexAttention, min_batch=1)}  # flex at every batch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_CACHED_TOKENS = 256 * 1024
 

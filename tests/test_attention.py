@@ -376,7 +376,7 @@ SELECTION_ERRORS = {  # (backend asked for, device, dtype, block size, modules m
     ("triton", CPU, torch.float32, 16, (), "0"):
         "--attention triton needs a CUDA GPU (or TRITON_INTERPRET=1, very slow); use --attention torch here",
     ("xformers", CPU, torch.float32, 16, (), None):
-        "unknown --attention 'xformers'; choose one of auto, flash-attn, triton, torch",
+        "unknown --attention 'xformers'; choose one of auto, flash-attn, triton, flex, torch",
 }
 
 

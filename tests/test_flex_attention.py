@@ -14,7 +14,7 @@ from test_engine_reference import MAX_SEQ_LEN, engine_for, requests_for
 
 from pagedllama.errors import UsageError
 from pagedllama.model import attention
-from pagedllama.model.attention import select_backend
+from pagedllama.model.attention import gather_kv as real_gather, select_backend
 from pagedllama.model.flex_attention import FlexAttention, expand_block_tables, kernel_block_size
 
 CPU = torch.device("cpu")
@@ -33,12 +33,12 @@ def compile_without_limit():
 def test_flex_backend(block_size, dtype):
     """Prefill, a decode step and a chunk after cached context, through shuffled block tables: blocks
     of one kernel tile (16), of three (48) and of eight (512, a naive-twin row)."""
-    run_steps(FlexAttention(), block_size, dtype)
+    run_steps(FlexAttention(min_batch=1), block_size, dtype)
 
 
 def test_flex_backend_with_a_scale_and_equal_contexts():
-    run_steps(FlexAttention(), 16, torch.float32, (64, 64, 64), scale=0.3)
-    run_steps(FlexAttention(), 16, torch.float32, (16, 32, 5), steps=("prefill", "chunk", "decode", "chunk"))
+    run_steps(FlexAttention(min_batch=1), 16, torch.float32, (64, 64, 64), scale=0.3)
+    run_steps(FlexAttention(min_batch=1), 16, torch.float32, (16, 32, 5), steps=("prefill", "chunk", "decode", "chunk"))
 
 
 def test_flex_decode_reads_the_cache_in_place(monkeypatch):
@@ -47,7 +47,18 @@ def test_flex_decode_reads_the_cache_in_place(monkeypatch):
         raise AssertionError("gathered K/V")
 
     monkeypatch.setattr(attention, "gather_kv", no_gather)
-    run_steps(FlexAttention(), 16, torch.float32)
+    run_steps(FlexAttention(min_batch=1), 16, torch.float32)
+
+
+def test_small_decode_batches_take_the_torch_path(monkeypatch):
+    """Under `min_batch` decode gathers (the torch backend's path); at it, it does not."""
+    gathered = []
+    monkeypatch.setattr(attention, "gather_kv", lambda *a, **k: gathered.append(1) or real_gather(*a, **k))
+    run_steps(FlexAttention(min_batch=4), 16, torch.float32, (5, 30, 17), steps=("prefill", "decode"))
+    assert gathered
+    gathered.clear()
+    run_steps(FlexAttention(min_batch=3), 16, torch.float32, (5, 30, 17), steps=("prefill", "decode"))
+    assert not gathered
 
 
 def test_tiles_follow_the_block_table():
@@ -60,7 +71,7 @@ def test_tiles_follow_the_block_table():
 @pytest.mark.parametrize("block_size", [8, 100])
 def test_flex_refuses_blocks_it_cannot_tile(block_size):
     with pytest.raises(UsageError, match="multiple of 16.*--attention torch"):
-        run_steps(FlexAttention(), block_size, torch.float32)
+        run_steps(FlexAttention(min_batch=1), block_size, torch.float32)
 
 
 def test_flex_is_selectable_by_name():
@@ -72,9 +83,9 @@ def test_both_twins_through_flex_equal_the_formulas(name, twin):
     """As test_engine_reference's twins, through the flex backend: the naive twin's rows are one
     block each (two rows for three requests: one waits), the paged twin's blocks are shuffled."""
     if twin == "naive":
-        engine, sd = engine_for(name, MAX_SEQ_LEN, 2, backend=FlexAttention())
+        engine, sd = engine_for(name, MAX_SEQ_LEN, 2, backend=FlexAttention(min_batch=1))
     else:
-        engine, sd = engine_for(name, 16, 24, backend=FlexAttention())
+        engine, sd = engine_for(name, 16, 24, backend=FlexAttention(min_batch=1))
         order = torch.randperm(24, generator=torch.Generator().manual_seed(3)).tolist()
         engine.block_manager.allocator._free.clear()
         engine.block_manager.allocator._free.extend(order)
@@ -89,9 +100,17 @@ def test_flex_tokens_equal_the_torch_backends_with_preemption_and_prefix_caching
     requests = [r.__class__(r.request_id, shared + r.prompt_ids, r.max_new_tokens)
                 for r in random_requests([(20, 30), (5, 40), (33, 20)], REFERENCE_SHAPES[name].vocab_size, seed=6)]
     tokens = {}
-    for backend in (FlexAttention(), attention.TorchAttention()):
+    for backend in (FlexAttention(min_batch=1), attention.TorchAttention()):
         engine, _ = engine_for(name, 16, 8, backend=backend, prefix_caching=True)
         tokens[backend.name], _ = generate(engine, requests)
         assert engine.scheduler.stats.preemptions > 0
         assert engine.block_manager.prefix_cache.summary()["cached_tokens"] > 0
     assert tokens["flex"] == tokens["torch"]
+
+
+def test_flex_says_what_it_needs(monkeypatch):
+    with pytest.raises(UsageError, match="multiple of 16"):
+        select_backend("flex", CPU, torch.float32, 24, 512)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(UsageError, match="C\\+\\+ compiler.*--attention torch"):
+        select_backend("flex", CPU, torch.float32, 16, 512)

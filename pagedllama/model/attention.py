@@ -334,7 +334,9 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_si
                              "use --attention torch here")
         return TritonAttention()
     if name == "flex":
-        from .flex_attention import FlexAttention
+        from .flex_attention import FlexAttention, check_flex_runs
+
+        check_flex_runs(device, block_size)
         return FlexAttention()
     if name == "torch":
         return TorchAttention()

@@ -16,7 +16,10 @@ miscompiles a bounds check on a tensor of dynamic size.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import shutil
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -25,6 +28,10 @@ from ..errors import UsageError
 from .attention import StepMetadata, TorchAttention, Workspace, write_kv
 
 FLEX_BLOCK_MULTIPLE = 16
+# Decode batches smaller than this go the torch backend's way (gather, then SDPA): faster there on the
+# CPU measured (BENCHMARKS.md, "Reading blocks in place"), and a batch of 1 would make torch.compile
+# specialize one more kernel for it.
+FLEX_MIN_BATCH = 8
 _compiled_flex = None  # one compiled kernel for every backend instance: compiling costs seconds
 
 
@@ -45,6 +52,18 @@ def kernel_block_size(block_size: int) -> int:
     return math.gcd(block_size, 64)
 
 
+def check_flex_runs(device: torch.device, block_size: int) -> None:
+    """Fail before any work where the kernel cannot be built: torch.compile needs a C++ compiler on
+    CPU and Triton on CUDA; the block size must tile (`kernel_block_size`)."""
+    kernel_block_size(block_size)
+    if device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        raise UsageError("--attention flex compiles its kernel with a C++ compiler, and g++ is not installed "
+                         "(`apt install g++`); use --attention torch")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UsageError("--attention flex on CUDA compiles its kernel with Triton: `pip install triton`, "
+                         "or use --attention torch")
+
+
 def expand_block_tables(block_tables: torch.Tensor, ratio: int) -> torch.Tensor:
     """Block tables in units of `block_size / ratio`-slot tiles: tile j of a sequence is tile
     j % ratio of its cache block j // ratio."""
@@ -56,18 +75,20 @@ def expand_block_tables(block_tables: torch.Tensor, ratio: int) -> torch.Tensor:
 
 class FlexAttention(TorchAttention):
     """Decode, and prefill after cached context, read the cache in place through a block mask;
-    a prompt with nothing cached before it attends to its own fresh K/V, as in the torch backend."""
+    a prompt with nothing cached before it attends to its own fresh K/V, as in the torch backend,
+    and so do decode batches under `min_batch`."""
 
     name = "flex"
 
-    def __init__(self):
+    def __init__(self, min_batch: int = FLEX_MIN_BATCH):
         super().__init__()
+        self.min_batch = min_batch  # smaller decode batches take the torch backend's path
         self._indices = Workspace()  # (B, tiles in the cache) block-mask index rows, reused step to step
         self._decode_mask: tuple[StepMetadata, BlockMask] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: StepMetadata, scale: float) -> torch.Tensor:
-        if meta.is_prefill:
+        if meta.is_prefill or len(meta.query_lens) < self.min_batch:
             return super().forward(q, k, v, k_cache, v_cache, meta, scale)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if self._decode_mask is None or self._decode_mask[0] is not meta:  # built by the first layer
@@ -111,7 +132,10 @@ class FlexAttention(TorchAttention):
     def _prefill_after_cache(self, qi, k_cache, v_cache, meta: StepMetadata, i: int, scale: float) -> torch.Tensor:
         """Sequence `i`'s queries after its cached context, causal bottom-right, in place: query row r
         sees logical positions up to cached + r, found from a physical slot through the tile's place
-        in the block table."""
+        in the block table. A single query (a prompt wholly cached but its last token) goes the torch
+        backend's way: torch.compile would specialize a kernel for a length of 1."""
+        if meta.query_lens[i] == 1:
+            return super()._prefill_after_cache(qi, k_cache, v_cache, meta, i, scale)
         num_blocks, block_size = k_cache.shape[:2]
         tile = kernel_block_size(block_size)
         num_tiles = num_blocks * (block_size // tile)
