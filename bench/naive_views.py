@@ -40,7 +40,8 @@ WARM = 2  # decode steps before the timed ones
 def workloads(batch: int) -> dict[str, list[Request]]:
     sg = sharegpt_requests(batch)
     mean = round(statistics.mean(len(r.prompt_ids) for r in sg))
-    return {"ShareGPT prompts": sg, f"uniform {mean}-token prompts": random_requests(RandomSpec(batch, mean, mean, 1, 1, 1))}
+    uniform = random_requests(RandomSpec(batch, mean, mean, 1, 1, seed=1))
+    return {"ShareGPT prompts": sg, f"uniform {mean}-token prompts": uniform}
 
 
 def decode_meta(lens: list[int]) -> StepMetadata:
@@ -167,7 +168,8 @@ def main() -> None:
         r, i, gth = at["gathered_over_in_place"], st["naive_over_paged_in_place"], st["naive_over_paged_gathered"]
         print(f"batch {c['batch']:>2}, {c['workload']} (context mean {c['context_mean']:.0f}, max {c['context_max']}): "
               f"attention, 12 layers: in place {at['median_ms']['in place']:.1f} ms, gathered "
-              f"{at['median_ms']['gathered']:.1f} ms, gathered/in place {r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}] "
+              f"{at['median_ms']['gathered']:.1f} ms, gathered/in place {r['median']:.2f} "
+              f"[{r['min']:.2f}-{r['max']:.2f}] "
               f"({at['groups_in_place']}/{at['decode_groups']} groups in place); decode step naive/paged: in place "
               f"{i['median']:.2f} [{i['min']:.2f}-{i['max']:.2f}], gathered {gth['median']:.2f} "
               f"[{gth['min']:.2f}-{gth['max']:.2f}]")

@@ -166,8 +166,8 @@ def plan_decode_groups(context_lens: list[int], block_tables: torch.Tensor,
     for members in cuts:
         lens = [context_lens[i] for i in members]
         seqs = None if len(cuts) == 1 else torch.tensor(members, device=device)
-        view = None if preallocated_rows is None else _row_view([preallocated_rows[i] for i in members], min_fill,
-                                                                   device)
+        view = None if preallocated_rows is None else _row_view([preallocated_rows[i] for i in members],
+                                                                   min_fill, device)
         mask = None
         if min(lens) < max(lens):
             lens_t = torch.tensor(lens, device=device)
@@ -225,8 +225,7 @@ class TorchAttention:
         """The step's decode groups: planned by the first layer that asks, reused by the rest."""
         if self._planned is None or self._planned[0] is not meta:
             lens = [c + q for c, q in zip(meta.cached_lens, meta.query_lens)]
-            self._planned = meta, plan_decode_groups(lens, meta.block_tables,
-                                                             preallocated_rows=meta.preallocated_rows)
+            self._planned = meta, plan_decode_groups(lens, meta.block_tables, preallocated_rows=meta.preallocated_rows)
         return self._planned[1]
 
     def _decode(self, q, k_cache, v_cache, groups: list[DecodeGroup], scale: float) -> torch.Tensor:
