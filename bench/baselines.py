@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pagedllama.model.attention import TorchAttention, gather_kv, sdpa_per_head, write_kv
+from pagedllama.model.attention import TorchAttention, gather_kv, plan_decode_groups, sdpa_per_head, write_kv
 
 CHUNK = 16
 
@@ -133,3 +133,13 @@ class PerHeadGqaTorchAttention(TorchAttention):
     def _decode_sdpa(self, q, keys, values, mask, scale):
         return sdpa_per_head(q, keys, values, mask, scale)
 
+
+
+class GatheringTorchAttention(TorchAttention):
+    name = "torch (before: naive rows gathered too)"
+
+    def _decode_plan(self, meta):
+        if self._planned is None or self._planned[0] is not meta:
+            lens = [c + q for c, q in zip(meta.cached_lens, meta.query_lens)]
+            self._planned = meta, plan_decode_groups(lens, meta.block_tables)  # no rows: every group gathered
+        return self._planned[1]

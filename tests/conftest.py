@@ -67,12 +67,15 @@ def make_engine(model: Transformer | None, block_size: int, num_blocks: int, max
                 backend: AttentionBackend | None = None, dtype: torch.dtype = torch.float32, **options) -> Engine:
     """An engine over a pool of `num_blocks` blocks of `block_size` slots with `max_num_seqs` block-table
     rows (the torch backend by default; no model: a dry run of TINY's shape), generating greedily to
-    each request's length unless `options` (EngineConfig's fields) say otherwise."""
+    each request's length unless `options` (EngineConfig's fields) say otherwise. Blocks of
+    `max_seq_len` slots are the naive twin's preallocated rows (`budget.cache_layout`'s `--reserve max`),
+    which decode reads in place."""
     config = EngineConfig("paged", model.args if model is not None else TINY, max_seq_len, dtype, CPU, block_size,
                           **{"ignore_eos": True, **options})
     if model is not None:
         backend = backend or TorchAttention()
-    return Engine(config, CacheLayout(block_size, num_blocks), max_num_seqs, model, backend)
+    layout = CacheLayout(block_size, num_blocks, preallocated=block_size == max_seq_len)
+    return Engine(config, layout, max_num_seqs, model, backend)
 
 
 def generate(engine: Engine, requests: list[Request]) -> tuple[list[list[int]], Engine]:

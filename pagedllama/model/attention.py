@@ -8,7 +8,8 @@ last ones of its context). They differ only in who reads the block table:
   cuts it into groups of similar length (`DECODE_MIN_FILL`); each group's K/V is gathered
   through the block tables, padded to its longest context, into one SDPA call. So its work is
   within 1/DECODE_MIN_FILL of the sum of the contexts, not batch x longest context, in a few
-  large fused calls. Prefill runs SDPA per sequence.
+  large fused calls. In the naive twin's preallocated rows a group whose rows lie close together
+  is read in place instead, with no gather (`DecodeGroup.view`). Prefill runs SDPA per sequence.
 - `triton`: the project's own kernel, which follows the block table itself (CUDA).
 - `flash-attn`: FlashAttention's paged kernels (CUDA, block size a multiple of 256).
 """
@@ -50,6 +51,10 @@ class StepMetadata:
     max_context_len: int
     query_lens: list[int]  # host copies, for loops over sequences
     cached_lens: list[int]  # keys already in the cache before this step
+    # The naive twin's preallocated rows (`CacheLayout.preallocated`): each sequence's row, its one
+    # block (block_tables[:, 0]), which holds its whole context; decode may read rows in place.
+    # None for any other layout, where a context may span blocks anywhere in the pool.
+    preallocated_rows: list[int] | None = None
 
 
 class AttentionBackend(Protocol):
@@ -105,22 +110,45 @@ def sdpa_query_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
 
 
 @dataclass
+class RowView:
+    """A decode group read in place from preallocated rows: the cache's rows [first, first + count),
+    each holding one sequence's whole context; the group's sequences sit at `at` among them.
+
+    Rows of the range outside the group get a zero query over all `max_len` keys (finite: the
+    cache starts zeroed and holds only K/V written since), and their outputs are dropped."""
+
+    first: int
+    count: int
+    at: torch.Tensor | None  # (b,) int64: each member's row - first; None: the range is the group, in order
+
+
+@dataclass
 class DecodeGroup:
     """Sequences of similar context length, attended as one batch padded to the longest."""
 
     seqs: torch.Tensor | None  # (b,) int64: the group's rows in the step's batch; None: all, in order
     block_tables: torch.Tensor  # (b, max_blocks) int32
     max_len: int  # the longest context in the group, which every other one is padded to
-    mask: torch.Tensor | None  # (b, 1, 1, max_len) bool: keys inside each context; None if none is padded
+    # (b or view.count, 1, 1, max_len) bool: keys inside each context; None if none is padded
+    mask: torch.Tensor | None
+    view: RowView | None = None  # read in place (preallocated rows), not gathered
 
 
 def plan_decode_groups(context_lens: list[int], block_tables: torch.Tensor,
-                       min_fill: float = DECODE_MIN_FILL) -> list[DecodeGroup]:
+                       min_fill: float = DECODE_MIN_FILL,
+                       preallocated_rows: list[int] | None = None) -> list[DecodeGroup]:
     """Cut a decode batch into groups whose padded K/V is at least `min_fill` real context.
 
     Sequences are taken longest first (a stable sort, so both twins cut a batch the same way);
     a group grows while its contexts fill `min_fill` of (members x its longest). One group keeps
     the batch's own order and needs no gather of queries or scatter of outputs.
+
+    `preallocated_rows` (`StepMetadata.preallocated_rows`, the naive twin's): a group whose rows span at
+    most members / `min_fill` consecutive rows is read in place as a view over that range (the
+    rows between its members padding it no more than the grouping allows); others are gathered.
+    Groups are cut by length first all the same: rows in admission order are an arbitrary
+    subset of lengths, and a view over all of them, padded to the longest, costs batch x longest
+    context (several times the gather at ShareGPT's uneven lengths: bench/naive_views.py).
     """
     order = sorted(range(len(context_lens)), key=context_lens.__getitem__, reverse=True)
     cuts, start = [], 0
@@ -138,12 +166,26 @@ def plan_decode_groups(context_lens: list[int], block_tables: torch.Tensor,
     for members in cuts:
         lens = [context_lens[i] for i in members]
         seqs = None if len(cuts) == 1 else torch.tensor(members, device=device)
+        view = None if preallocated_rows is None else _row_view([preallocated_rows[i] for i in members],
+                                                                   min_fill, device)
         mask = None
         if min(lens) < max(lens):
             lens_t = torch.tensor(lens, device=device)
+            if view is not None and view.at is not None:  # the range's other rows: every key, output dropped
+                lens_t = torch.full((view.count,), max(lens), device=device).index_copy_(0, view.at, lens_t)
             mask = (torch.arange(max(lens), device=device) < lens_t[:, None])[:, None, None, :]
-        groups.append(DecodeGroup(seqs, block_tables if seqs is None else block_tables[seqs], max(lens), mask))
+        groups.append(DecodeGroup(seqs, block_tables if seqs is None else block_tables[seqs], max(lens), mask, view))
     return groups
+
+
+def _row_view(member_rows: list[int], min_fill: float, device: torch.device) -> RowView | None:
+    """The range of rows to read a group in place from, or None when it would pad more than
+    `min_fill` allows (or a row held two members, which one query per row cannot seat)."""
+    first, count = min(member_rows), max(member_rows) - min(member_rows) + 1
+    if count * min_fill > len(member_rows) or len(set(member_rows)) < len(member_rows):
+        return None
+    at = [r - first for r in member_rows]
+    return RowView(first, count, None if at == list(range(count)) else torch.tensor(at, device=device))
 
 
 class Workspace:
@@ -183,7 +225,7 @@ class TorchAttention:
         """The step's decode groups: planned by the first layer that asks, reused by the rest."""
         if self._planned is None or self._planned[0] is not meta:
             lens = [c + q for c, q in zip(meta.cached_lens, meta.query_lens)]
-            self._planned = meta, plan_decode_groups(lens, meta.block_tables)
+            self._planned = meta, plan_decode_groups(lens, meta.block_tables, preallocated_rows=meta.preallocated_rows)
         return self._planned[1]
 
     def _decode(self, q, k_cache, v_cache, groups: list[DecodeGroup], scale: float) -> torch.Tensor:
@@ -196,12 +238,24 @@ class TorchAttention:
         return out
 
     def _attend_group(self, q, k_cache, v_cache, g: DecodeGroup, scale: float) -> torch.Tensor:
-        """The group's K/V gathered, padded to its longest context, into one SDPA call: PyTorch's
-        fused CPU kernel, GQA without repeating K/V."""
+        """The group's K/V, padded to its longest context, in one SDPA call: PyTorch's fused CPU
+        kernel, GQA without repeating K/V. Gathered through the block tables, or (`g.view`) read
+        in place: a strided view of the rows, which the kernel reads as it reads the gathered copy."""
+        if g.view is not None:
+            return self._attend_rows(q, k_cache, v_cache, g, scale)
         keys, values = (gather_kv(cache, g.block_tables, g.max_len,
                                   partial(self.workspace.get, name, dtype=q.dtype, device=q.device)).transpose(1, 2)
                         for name, cache in (("keys", k_cache), ("values", v_cache)))
         return self._decode_sdpa(q, keys, values, g.mask, scale)
+
+    def _attend_rows(self, q, k_cache, v_cache, g: DecodeGroup, scale: float) -> torch.Tensor:
+        """The group read in place from its range of preallocated rows (see `RowView`)."""
+        rows = slice(g.view.first, g.view.first + g.view.count)
+        keys, values = (cache[rows, :g.max_len].transpose(1, 2) for cache in (k_cache, v_cache))
+        if g.view.at is None:
+            return self._decode_sdpa(q, keys, values, g.mask, scale)
+        seated = q.new_zeros((g.view.count, *q.shape[1:])).index_copy_(0, g.view.at, q)
+        return self._decode_sdpa(seated, keys, values, g.mask, scale).index_select(0, g.view.at)
 
     def _decode_sdpa(self, q, keys, values, mask, scale) -> torch.Tensor:
         """In float32 the query heads that share a KV head go in as the rows of one query, so the

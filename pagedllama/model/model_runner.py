@@ -39,6 +39,7 @@ class ModelRunner:
         self.model = model
         self.device = config.device
         self.block_size, self.max_seq_len = layout.block_size, config.max_seq_len
+        self.preallocated = layout.preallocated  # decode may read each sequence's row in place
         self.cache = KVCache(config.model_args, layout, backend, config.device, config.dtype,
                              config.swap_blocks(layout), config.tensor_parallel)
         self.max_blocks_per_seq = cdiv(config.max_seq_len, layout.block_size)
@@ -125,6 +126,7 @@ class ModelRunner:
             max_context_len=int(context_lens.max()),
             query_lens=query_lens.tolist(),
             cached_lens=cached.tolist(),
+            preallocated_rows=tables[:, 0].tolist() if self.preallocated else None,
         )
         return buf.tokens[:t], buf.positions[:t], meta
 
