@@ -14,6 +14,8 @@ Backends alternate call by call (2) or step by step (3) in one process; medians 
 their range.
 
     python bench/decode_limit.py [--quick] [--dtypes float32,bfloat16]
+
+Results: bench/results/<BENCH_DTYPE>/decode_limit_<dtype>.json, written as each dtype finishes.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from common import MODELS, bench_parser, describe_model, load_model, log, parse, save_json  # noqa: E402
 
 from pagedllama.engine.block_manager import BlockManager  # noqa: E402
@@ -59,12 +62,14 @@ def read_bandwidth_gbs(repeats: int = 7) -> float:
 
 
 def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
+    """FLOP/s of a square `F.linear`, the call every projection makes (a plain `a @ b` in bfloat16
+    takes a far slower path on CPUs without bfloat16 instructions)."""
+    x, w = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    F.linear(x, w)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        F.linear(x, w)
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
@@ -188,6 +193,7 @@ def run(quick: bool, dtypes: list[str]) -> dict:
             out["step"].append(case)
             log(f"  step B={batch}: " + ", ".join(f"{n} {case['ms'][n]['median']:.1f} ms" for n in BACKENDS)
                 + f" (limit {case['limit_ms']:.1f} ms, {case['bound']}-bound)")
+        save_json(f"decode_limit_{dname}" + ("_quick" if quick else ""), {**doc, "dtypes": {dname: out}})
     return doc
 
 
@@ -195,5 +201,4 @@ if __name__ == "__main__":
     ap = bench_parser(__doc__)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     a = parse(ap)
-    doc = run(a.quick, a.dtypes.split(","))
-    print(save_json("decode_limit" + ("_quick" if a.quick else ""), doc))
+    run(a.quick, a.dtypes.split(","))

@@ -92,15 +92,20 @@ class FlexAttention(TorchAttention):
             return super().forward(q, k, v, k_cache, v_cache, meta, scale)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if self._decode_mask is None or self._decode_mask[0] is not meta:  # built by the first layer
-            self._decode_mask = meta, self._decode_block_mask(meta, k_cache.shape[0], k_cache.shape[1], q.device)
-        keys, values = _as_one_sequence(k_cache), _as_one_sequence(v_cache)
-        out = _flex(q.unsqueeze(2), keys, values, block_mask=self._decode_mask[1], scale=scale, enable_gqa=True)
-        return out.squeeze(2)
+            group = q.shape[1] // k_cache.shape[2]
+            self._decode_mask = meta, self._decode_block_mask(meta, *k_cache.shape[:2], group, q.device)
+        # The query heads of each KV head as the rows of one query: the kernel reads each KV head
+        # once for all of them (0.75x the time of one row per head, enable_gqa, at batch 64).
+        rows = q.view(q.shape[0], k_cache.shape[2], -1, q.shape[-1])
+        out = _flex(rows, _as_one_sequence(k_cache), _as_one_sequence(v_cache), block_mask=self._decode_mask[1],
+                    scale=scale)
+        return out.view(q.shape)
 
-    def _decode_block_mask(self, meta: StepMetadata, num_blocks: int, block_size: int,
+    def _decode_block_mask(self, meta: StepMetadata, num_blocks: int, block_size: int, group: int,
                            device: torch.device) -> BlockMask:
-        """One query per sequence; sequence b reads its whole blocks unmasked and its last, partly
-        written block through `mask_mod`, which keeps the slots below that block's fill."""
+        """One tile of `group` query rows per sequence and KV head; sequence b reads its whole blocks
+        unmasked and its last, partly written block through `mask_mod`, which keeps the slots below
+        that block's fill."""
         tile = kernel_block_size(block_size)
         num_tiles = num_blocks * (block_size // tile)
         tables = expand_block_tables(meta.block_tables, block_size // tile)
@@ -126,7 +131,7 @@ class FlexAttention(TorchAttention):
 
         return BlockMask.from_kv_blocks(partial[:, None, None], partial_indices[:, None, None],
                                         num_full.to(torch.int32)[:, None, None], full_indices[:, None, None],
-                                        BLOCK_SIZE=(1, tile), mask_mod=below_fill, seq_lengths=(1, num_tiles * tile),
+                                        BLOCK_SIZE=(group, tile), mask_mod=below_fill, seq_lengths=(group, num_tiles * tile),
                                         compute_q_blocks=False)
 
     def _prefill_after_cache(self, qi, k_cache, v_cache, meta: StepMetadata, i: int, scale: float) -> torch.Tensor:
