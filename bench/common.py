@@ -39,7 +39,6 @@ from pagedllama.host_memory import keep_freed_memory  # noqa: E402
 from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
 from pagedllama.io.data import default_data_path, load_sharegpt  # noqa: E402
 from pagedllama.io.tokenizer import demo_tokenizer  # noqa: E402
-from pagedllama.model.attention import TorchAttention  # noqa: E402
 from pagedllama.model.config import DEMO_ARGS, DEMO_MAX_SEQ_LEN, ModelArgs, ffn_hidden_dim  # noqa: E402
 from pagedllama.model.model import Transformer  # noqa: E402
 
@@ -238,10 +237,8 @@ def default_budget(model: str, max_seq_len: int = MAX_SEQ_LEN) -> int:
 
 
 def default_backend(max_seq_len: int):
-    """The torch backend on CPU; on CUDA what the CLI's --attention auto picks for both twins (or
-    BENCH_ATTENTION), one kernel for the naive rows of `max_seq_len` and the paged blocks alike."""
-    if DEVICE.type == "cpu":
-        return TorchAttention()
+    """BENCH_ATTENTION (torch, flex, ...; default auto: the CLI's choice for a model of unstated
+    size, so torch on CPU), one kernel for the naive rows of `max_seq_len` and the paged blocks alike."""
     from pagedllama.model.attention import select_backend
 
     name = os.environ.get("BENCH_ATTENTION", "auto")

@@ -20,6 +20,7 @@ Results: bench/results/<BENCH_DTYPE>/decode_limit_<dtype>.json, written as each 
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from functools import partial
 import sys
 import time
@@ -104,8 +105,9 @@ def runner_for(args, dtype, batch: int, context: int, backend, model=None) -> tu
 def attention_case(args, dtype, batch: int, context: int, rounds: int) -> dict:
     """Per-layer decode attention time, each backend on its own copy of one cache state."""
     runs = {}
+    one_layer = replace(args, n_layers=1)  # every layer's call reads layer 0: 1/12 of the memory, same work
     for name, cls in BACKENDS.items():
-        runner, manager = runner_for(args, dtype, batch, context, cls())
+        runner, manager = runner_for(one_layer, dtype, batch, context, cls())
         seqs = steady_batch(runner, manager, batch, context)
         runs[name] = runner, seqs, manager
     h, hkv, d = args.n_heads, args.n_kv_heads, args.head_dim
@@ -118,8 +120,8 @@ def attention_case(args, dtype, batch: int, context: int, rounds: int) -> dict:
             _, _, meta = runner.prepare(seqs, False, manager.block_tables)
             cache = runner.cache
             t0 = time.perf_counter()
-            for layer in range(args.n_layers):
-                cache.attend(layer, q, k, v, meta)
+            for _ in range(args.n_layers):
+                cache.attend(0, q, k, v, meta)
             if r:
                 times[name].append((time.perf_counter() - t0) / args.n_layers * 1e3)
     kv_bytes = batch * (context + 1) * 2 * hkv * d * dtype.itemsize
@@ -147,6 +149,22 @@ def step_case(model, dtype, batch: int, context: int, rounds: int) -> dict:
                     manager.grow(seq, seq.num_tokens)
                 manager.commit(seqs, False)
     return {"batch": batch, "context": context, "ms": {name: median_range(t) for name, t in times.items()}}
+
+
+def matmuls_alone_ms(model, batch: int, rounds: int) -> dict:
+    """The step's projections alone (every `nn.Linear` of the model, in order, at this batch): what
+    this CPU's matrix kernels make of the step's FLOPs, the ceiling under attention and the rest."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
+    times = []
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            t0 = time.perf_counter()
+            for w in weights:
+                F.linear(x[w.shape[1]], w)
+            if r:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return median_range(times)
 
 
 def step_limit_ms(model, dtype, batch: int, context: int, bandwidth: float, peak: float) -> dict:
@@ -190,6 +208,7 @@ def run(quick: bool, dtypes: list[str]) -> dict:
         for batch in ([1, 64] if quick else [1, 16, 64]):
             case = step_case(model, dtype, batch, 280, rounds)
             case.update(step_limit_ms(model, dtype, batch, 280, bandwidth, peak))
+            case["matmuls_alone_ms"] = matmuls_alone_ms(model, batch, rounds)
             out["step"].append(case)
             log(f"  step B={batch}: " + ", ".join(f"{n} {case['ms'][n]['median']:.1f} ms" for n in BACKENDS)
                 + f" (limit {case['limit_ms']:.1f} ms, {case['bound']}-bound)")

@@ -6,6 +6,7 @@ figure in it is copied by a program from a measured run, never typed by hand.
 
 In the markdown file a table stands between `<!-- table DTYPE/NAME -->` and `<!-- /table -->`
 (NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits_REV,
+decode_limit_DTYPE, naive_views,
 or any of them with `_quick`; `gpu/gpu` for bench/gpu.py's results).
 """
 from __future__ import annotations
@@ -219,8 +220,51 @@ def gpu(doc: dict) -> str:
     return "\n".join(out)
 
 
+def decode_limit(doc: dict) -> str:
+    (dtype, d), = doc["dtypes"].items()
+    bw = doc["read_bandwidth_gbs"]
+
+    def ms(r: dict) -> str:
+        return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+
+    cpu = f"{doc['machine']['cpu']} ({'AMX' if doc['machine'].get('amx_bf16') else 'no AMX'})"
+    out = [f"{source(doc)}; {cpu}; {doc['model']}; read bandwidth {bw:.1f} GB/s, `F.linear` peak "
+           f"{d['matmul_peak_gflops']:.0f} GFLOP/s in {dtype}", "",
+           table(["batch", "context", "torch (gather + SDPA), ms", "flex (in place), ms", "flex / torch",
+                  "bytes floor, ms", "floor / torch", "floor / flex"],
+                 [[r["batch"], r["context"], ms(r["ms"]["torch"]), ms(r["ms"]["flex"]),
+                   f"**{r['ms']['flex']['median'] / r['ms']['torch']['median']:.2f}**", f"{r['floor_ms']:.2f}",
+                   f"{r['floor_ms'] / r['ms']['torch']['median']:.0%}", f"{r['floor_ms'] / r['ms']['flex']['median']:.0%}"]
+                  for r in d["attention"]]), "",
+           table(["decode step, batch", "context", "torch, ms", "flex, ms", "limit, ms (bytes / FLOPs)",
+                  "limit / torch", "limit / flex", "its matmuls alone, ms", "limit / matmuls alone"],
+                 [[r["batch"], r["context"], ms(r["ms"]["torch"]), ms(r["ms"]["flex"]),
+                   f"{r['limit_ms']:.1f} ({r['bytes_ms']:.1f} / {r['flops_ms']:.1f})",
+                   f"**{r['limit_ms'] / r['ms']['torch']['median']:.0%}**",
+                   f"**{r['limit_ms'] / r['ms']['flex']['median']:.0%}**",
+                   ms(r["matmuls_alone_ms"]) if "matmuls_alone_ms" in r else "-",
+                   f"{r['limit_ms'] / r['matmuls_alone_ms']['median']:.0%}" if "matmuls_alone_ms" in r else "-"]
+                  for r in d["step"]])]
+    return "\n".join(out)
+
+
+def naive_views(doc: dict) -> str:
+    rows = []
+    for c in doc["cases"]:
+        a, st = c["attention"], c["steps"]
+        rows.append([c["workload"], c["batch"], f"{c['context_mean']:.0f} / {c['context_max']}",
+                     f"{a['groups_in_place']} of {a['decode_groups']}",
+                     ratio(a["gathered_over_in_place"]), ratio(st["naive_over_paged_in_place"]),
+                     ratio(st["naive_over_paged_gathered"])])
+    return "\n".join([f"{source(doc)}; {doc['machine']['cpu']}; {doc['model']}; {doc['repeats']} paired repeats", "",
+                      table(["contexts", "batch", "mean / longest context", "decode groups read in place",
+                             "attention: gathered / in place", "step time: naive in place / paged",
+                             "step time: naive gathered / paged"], rows)])
+
+
 RENDER = {"throughput": throughput, "batch_scaling": batch_scaling, "hf_compare": hf_compare, "overhead": overhead,
-          "profile_decode": profile, "compare_commits": compare_commits, "gpu": gpu}
+          "profile_decode": profile, "compare_commits": compare_commits, "gpu": gpu,
+          "decode_limit": decode_limit, "naive_views": naive_views}
 MARKED = re.compile(r"(<!-- table (\w+)/(\w+) -->\n).*?(<!-- /table -->)", re.S)
 
 
@@ -231,7 +275,7 @@ def render(dtype: str, name: str) -> str:
     doc = load(RESULTS / dtype, name)
     if doc is None:
         return "(no results)"
-    key = "compare_commits" if name.startswith("compare_commits") else name.removesuffix("_quick")
+    key = next((k for k in ("compare_commits", "decode_limit") if name.startswith(k)), name.removesuffix("_quick"))
     try:
         return RENDER[key](doc)
     except KeyError as e:  # written by an older version of the script

@@ -20,15 +20,6 @@ from pagedllama.model.flex_attention import FlexAttention, expand_block_tables, 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def compile_without_limit():
-    """One run of the engine compiles a handful of kernels (decode and prefill, static then dynamic
-    shapes); this file's many caches, tile sizes and dtypes need more than torch.compile's default
-    limit of 8, past which it would fall back to an unfused eager flex_attention."""
-    with torch._dynamo.config.patch(recompile_limit=64):
-        yield
-
-
 @pytest.mark.parametrize("block_size, dtype", [(16, torch.float32), (48, torch.bfloat16), (512, torch.float32)])
 def test_flex_backend(block_size, dtype):
     """Prefill, a decode step and a chunk after cached context, through shuffled block tables: blocks
@@ -106,6 +97,17 @@ def test_flex_tokens_equal_the_torch_backends_with_preemption_and_prefix_caching
         assert engine.scheduler.stats.preemptions > 0
         assert engine.block_manager.prefix_cache.summary()["cached_tokens"] > 0
     assert tokens["flex"] == tokens["torch"]
+
+
+def test_auto_takes_flex_on_cpu_for_models_it_pays_for(monkeypatch):
+    """auto on CPU: flex from FLEX_AUTO_MIN_PARAMS parameters where it compiles, for both twins' blocks."""
+    big = attention.FLEX_AUTO_MIN_PARAMS
+    assert select_backend("auto", CPU, torch.float32, 16, 4096, big).name == "flex"
+    assert select_backend("auto", CPU, torch.float32, 4096, 16, big).name == "flex"
+    assert select_backend("auto", CPU, torch.float32, 16, 4096, big - 1).name == "torch"
+    assert select_backend("auto", CPU, torch.float32, 16, 1000, big).name == "torch"  # naive rows do not tile
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert select_backend("auto", CPU, torch.float32, 16, 4096, big).name == "torch"
 
 
 def test_flex_says_what_it_needs(monkeypatch):

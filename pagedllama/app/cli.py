@@ -313,7 +313,7 @@ def prepare(twin: str, args: argparse.Namespace, whole_dataset: bool = False, tp
     requests = [replace(r, n=args.n, beam_width=args.beam_width) for r in requests]
     other = replace(config, twin=next(t for t in TWINS if t != twin))
     backend = None if planning else select_backend(args.attention, device, dtype, block,
-                                                   cache_layout(other, 0).block_size)
+                                                   cache_layout(other, 0).block_size, loaded.args.num_params())
     if args.cuda_graphs and backend and backend.name != "triton":
         raise UsageError(f"--cuda-graphs captures the triton backend, not {backend.name}; add --attention triton")
     budget = resolve_budget(args, loaded, config, backend, block)

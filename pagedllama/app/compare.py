@@ -144,7 +144,8 @@ def compare(args: argparse.Namespace, tp: TensorParallel = SINGLE) -> int:
         # `auto` gave the paged twin a kernel that the naive twin's blocks allow too; an explicit choice
         # must suit both as well.
         naive_block = cache_layout(twin_config(setup, "naive"), 0).block_size
-        select_backend(args.attention, setup.device, setup.dtype, naive_block, args.block_size)
+        select_backend(args.attention, setup.device, setup.dtype, naive_block, args.block_size,
+                       setup.loaded.args.num_params())
         print(f"attention backend: {setup.backend.name} (both twins)")
     runs = {twin: run_twin(twin, args, setup) for twin in TWINS}
     print()

@@ -30,6 +30,11 @@ from ..errors import UsageError
 
 BACKENDS = ("auto", "flash-attn", "triton", "flex", "torch")
 FLASH_ATTN_PAGE_MULTIPLE = 256  # flash_api.cpp rejects other page sizes in every 2.x release
+# `--attention auto` on CPU: flex (blocks read in place) for models at least this large. On the 100M
+# preset it took 0.53-0.92x the torch backend's decode attention from batch 16 and 0.82x the whole
+# step at batch 64; on the 5.4M demo its per-call and compile costs outweigh that (BENCHMARKS.md,
+# "Decode against this CPU's limit").
+FLEX_AUTO_MIN_PARAMS = 100_000_000
 # The torch backend's decode pads each group of sequences to its longest context; a group takes
 # in the next (shorter) sequence while its K/V stay at least this fraction real context.
 DECODE_MIN_FILL = 0.9
@@ -350,21 +355,26 @@ def _importable(module: str) -> bool:
 
 
 def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_size: int,
-                   twin_block_size: int) -> AttentionBackend:
+                   twin_block_size: int, num_params: int = 0) -> AttentionBackend:
     """The backend asked for, for a cache of `block_size`-slot blocks, or a clear error saying why it
     cannot run here and what to use.
 
     `auto` picks a backend that the other twin's cache (`twin_block_size`-slot blocks) can use
     too, so that whichever twin runs, the two run the same kernel: flash-attn if it is installed
-    on CUDA and both block sizes are multiples of 256, else triton on CUDA, else torch.
+    on CUDA and both block sizes are multiples of 256, else triton on CUDA; on CPU flex for models
+    of at least FLEX_AUTO_MIN_PARAMS parameters where it can be compiled, else torch.
     """
     cuda = device.type == "cuda"
     if name == "auto":
+        from .flex_attention import flex_problem
+
         pages_fit = all(b % FLASH_ATTN_PAGE_MULTIPLE == 0 for b in (block_size, twin_block_size))
         if cuda and _importable("flash_attn") and pages_fit and dtype in (torch.float16, torch.bfloat16):
             name = "flash-attn"
         elif cuda and _importable("triton"):
             name = "triton"
+        elif not cuda and num_params >= FLEX_AUTO_MIN_PARAMS and not flex_problem(device, (block_size, twin_block_size)):
+            name = "flex"
         else:
             name = "torch"
     if name == "flash-attn":
@@ -388,9 +398,10 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_si
                              "use --attention torch here")
         return TritonAttention()
     if name == "flex":
-        from .flex_attention import FlexAttention, check_flex_runs
+        from .flex_attention import FlexAttention, flex_problem
 
-        check_flex_runs(device, block_size)
+        if problem := flex_problem(device, (block_size,)):
+            raise UsageError(problem)
         return FlexAttention()
     if name == "torch":
         return TorchAttention()

@@ -20,6 +20,7 @@ import importlib.util
 import math
 import os
 import shutil
+import sys
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -28,40 +29,57 @@ from ..errors import UsageError
 from .attention import StepMetadata, TorchAttention, Workspace, write_kv
 
 FLEX_BLOCK_MULTIPLE = 16
-# Decode batches smaller than this go the torch backend's way (gather, then SDPA): faster there on the
-# CPU measured (BENCHMARKS.md, "Reading blocks in place"), and a batch of 1 would make torch.compile
-# specialize one more kernel for it.
+# Decode batches smaller than this go the torch backend's way (gather, then SDPA): faster there at
+# batch 1 on the CPU measured (BENCHMARKS.md, "Decode against this CPU's limit"), and a batch of 1
+# would make torch.compile specialize one more kernel for it.
 FLEX_MIN_BATCH = 8
+RECOMPILE_LIMIT = 64
 _compiled_flex = None  # one compiled kernel for every backend instance: compiling costs seconds
 
 
 def _flex(*args, **kwargs) -> torch.Tensor:
     global _compiled_flex
     if _compiled_flex is None:
+        # Past its recompile limit torch.compile would fall back to flex_attention run eagerly, an
+        # unfused kernel far slower. A process that builds several caches (`compare`, the tests)
+        # needs more than the default 8 kernels; should it ever run out, it stops with an error
+        # rather than going on slowly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
         _compiled_flex = torch.compile(flex_attention)
+        print("flex attention: compiling its kernels (seconds, once per kind of step; inductor keeps them "
+              "on disk for later runs)", file=sys.stderr)
     return _compiled_flex(*args, **kwargs)
 
 
 def kernel_block_size(block_size: int) -> int:
     """The kernel's K/V tile: 16, 32 or 64 slots, the largest that divides the block size (the naive
-    twin's blocks are whole max_seq_len rows, far too long for one tile). Torch 2.13's CPU kernel
-    gave wrong results with 8-slot tiles, so block sizes that are not multiples of 16 are refused."""
-    if block_size % FLEX_BLOCK_MULTIPLE:
-        raise UsageError(f"--attention flex needs a block size that is a multiple of {FLEX_BLOCK_MULTIPLE}, "
-                         f"not {block_size} (the naive twin's block is --max-seq-len); use --attention torch")
+    twin's blocks are whole max_seq_len rows, far too long for one tile)."""
+    if problem := block_size_problem(block_size):
+        raise UsageError(problem)
     return math.gcd(block_size, 64)
 
 
-def check_flex_runs(device: torch.device, block_size: int) -> None:
-    """Fail before any work where the kernel cannot be built: torch.compile needs a C++ compiler on
-    CPU and Triton on CUDA; the block size must tile (`kernel_block_size`)."""
-    kernel_block_size(block_size)
+def block_size_problem(block_size: int) -> str | None:
+    """Torch 2.13's CPU kernel gave wrong results with 8-slot tiles: blocks must be multiples of 16."""
+    if block_size % FLEX_BLOCK_MULTIPLE:
+        return (f"--attention flex needs a block size that is a multiple of {FLEX_BLOCK_MULTIPLE}, not "
+                f"{block_size} (the naive twin's block is --max-seq-len); use --attention torch")
+    return None
+
+
+def flex_problem(device: torch.device, block_sizes: tuple[int, ...]) -> str | None:
+    """Why the kernel cannot be built here for caches of these block sizes, or None: torch.compile
+    needs a C++ compiler on CPU and Triton on CUDA."""
+    for block_size in block_sizes:
+        if problem := block_size_problem(block_size):
+            return problem
     if device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
-        raise UsageError("--attention flex compiles its kernel with a C++ compiler, and g++ is not installed "
-                         "(`apt install g++`); use --attention torch")
+        return ("--attention flex compiles its kernel with a C++ compiler, and g++ is not installed "
+                "(`apt install g++`); use --attention torch")
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise UsageError("--attention flex on CUDA compiles its kernel with Triton: `pip install triton`, "
-                         "or use --attention torch")
+        return "--attention flex on CUDA compiles its kernel with Triton: `pip install triton`, or use --attention torch"
+    return None
 
 
 def expand_block_tables(block_tables: torch.Tensor, ratio: int) -> torch.Tensor:
