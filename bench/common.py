@@ -239,7 +239,7 @@ def default_budget(model: str, max_seq_len: int = MAX_SEQ_LEN) -> int:
 def default_backend(max_seq_len: int):
     """BENCH_ATTENTION (torch, flex, ...; default auto: the CLI's choice for a model of unstated
     size, so torch on CPU), one kernel for the naive rows of `max_seq_len` and the paged blocks alike."""
-    from pagedllama.model.attention import select_backend
+    from pagedllama.model.backends import select_backend
 
     name = os.environ.get("BENCH_ATTENTION", "auto")
     select_backend(name, DEVICE, DTYPE, max_seq_len, BLOCK_SIZE)  # the naive twin's rows allow it too

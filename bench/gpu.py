@@ -61,7 +61,7 @@ from pagedllama.engine.config import CacheLayout, EngineConfig  # noqa: E402
 from pagedllama.engine.engine import Engine, build_engine  # noqa: E402
 from pagedllama.engine.sequence import Request  # noqa: E402
 from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
-from pagedllama.model.attention import select_backend  # noqa: E402
+from pagedllama.model.backends import select_backend  # noqa: E402
 from pagedllama.model.config import NAMED_SHAPES, ModelArgs  # noqa: E402
 from full_forward import full_forward  # noqa: E402
 from overhead import BLOCK_SIZE, cache_for  # noqa: E402  (the bench's shared pieces: one cache-sizing rule)

@@ -2,7 +2,7 @@
 figure in it is copied by a program from a measured run, never typed by hand.
 
     python bench/tables.py [--quick] [--dtype bfloat16]   # print the full (or quick) run's tables
-    python bench/tables.py --fill BENCHMARKS.md           # rewrite its marked tables in place
+    python bench/tables.py --fill BENCHMARKS.md docs/making-it-fast.md   # rewrite their marked tables in place
 
 In the markdown file a table stands between `<!-- table DTYPE/NAME -->` and `<!-- /table -->`
 (NAME: summary, throughput, batch_scaling, hf_compare, overhead, profile_decode, compare_commits_REV,
@@ -291,10 +291,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="bfloat16", help="the results folder: bfloat16 or float32")
-    ap.add_argument("--fill", type=Path, help="a markdown file whose marked tables to rewrite")
+    ap.add_argument("--fill", type=Path, nargs="+", help="markdown files whose marked tables to rewrite")
     a = ap.parse_args()
     if a.fill:
-        fill(a.fill)
+        for path in a.fill:
+            fill(path)
         return
     for name in RENDER:
         print(f"\n### {name}\n")

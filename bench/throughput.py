@@ -15,10 +15,12 @@ The runs compared are interleaved step by step (`common.lockstep`): one step of 
 each step timed, so the machine's slow drifts hit them alike; repeated, the order reversed
 each time, and each ratio the median of the per-repeat ratios.
 
-    python bench/throughput.py [--quick] [--repeats N]
+    python bench/throughput.py [--quick] [--repeats N] [--only same_budget] [--models 100m]
+    BENCH_ATTENTION=flex python bench/throughput.py ...   # every run through that attention backend
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -117,15 +119,24 @@ def plan(quick: bool) -> tuple[list, list]:
     return batch, budget
 
 
-def run(quick: bool, repeats: int = 3) -> dict:
+def run(quick: bool, repeats: int = 3, only: str | None = None, models: list[str] | None = None) -> dict:
+    """`only`: same_batch or same_budget; `models`: those models' cases alone (partial runs save to
+    their own file, named after them and BENCH_ATTENTION if set)."""
     batch_cases, budget_cases = plan(quick)
+    batch_cases = [c for c in batch_cases if only != "same_budget" and (not models or c[0] in models)]
+    budget_cases = [c for c in budget_cases if only != "same_batch" and (not models or c[0] in models)]
+    attention = os.environ.get("BENCH_ATTENTION")
     results = {"quick": quick, "models": {m: describe_model(m) for m in ("demo", "100m")},
-               "same_batch": [], "same_budget": []}
+               "attention": attention or "auto", "same_batch": [], "same_budget": []}
     for model, reqs, label, ctx in batch_cases:
         results["same_batch"].append(same_batch(model, reqs, label, repeats, ctx))
     for model, reqs, label, ctx, continuous in budget_cases:
         results["same_budget"].append(same_budget(model, reqs, label, repeats, ctx, continuous=continuous))
-    save_json("throughput" + ("_quick" if quick else ""), results)
+    name = "throughput" + ("_quick" if quick else "")
+    if only or models or attention:
+        name += "".join(f"_{part}" for part in [only, *(models or []), attention] if part)
+    results["name"] = name
+    save_json(name, results)
     plot(results)
     return results
 
@@ -150,7 +161,7 @@ def plot(results: dict) -> None:
     ax.set_xticks(list(xs), [n for n, _ in rows], fontsize=7)
     ax.set_ylabel("paged / naive output tokens per CPU-second")
     ax.set_title("paged over naive (median of paired repeats; bars: min-max; red: target)", fontsize=9)
-    save_plot(fig, "throughput" + ("_quick" if results["quick"] else ""))
+    save_plot(fig, results.get("name", "throughput" + ("_quick" if results["quick"] else "")))
 
 
 def summary_rows(results: dict) -> list[tuple]:
@@ -166,8 +177,11 @@ def summary_rows(results: dict) -> list[tuple]:
 
 
 def main() -> None:
-    a = parse(bench_parser(__doc__, repeats=True))
-    print_summary(summary_rows(run(a.quick, a.repeats)))
+    ap = bench_parser(__doc__, repeats=True)
+    ap.add_argument("--only", choices=["same_batch", "same_budget"])
+    ap.add_argument("--models", nargs="+", choices=["demo", "100m"])
+    a = parse(ap)
+    print_summary(summary_rows(run(a.quick, a.repeats, a.only, a.models)))
 
 
 if __name__ == "__main__":

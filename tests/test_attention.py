@@ -15,9 +15,10 @@ from pagedllama.engine.block_manager import BlockManager
 from pagedllama.engine.config import CacheLayout, EngineConfig
 from pagedllama.engine.sequence import Sequence
 from pagedllama.errors import UsageError
-from pagedllama.model import attention
+from pagedllama.model import attention, backends
 from pagedllama.model.attention import (DECODE_MIN_FILL, FlashAttention, TorchAttention, Workspace, gather_kv,
-                                        plan_decode_groups, select_backend)
+                                        plan_decode_groups)
+from pagedllama.model.backends import select_backend
 from pagedllama.model.config import ModelArgs
 from pagedllama.model.model_runner import ModelRunner
 
@@ -383,7 +384,7 @@ SELECTION_ERRORS = {  # (backend asked for, device, dtype, block size, modules m
 @pytest.mark.parametrize("case", SELECTION_ERRORS, ids=lambda c: "-".join(map(str, c[:2] + c[4:])))
 def test_backend_selection_says_what_to_do_instead(standin, monkeypatch, case):
     name, device, dtype, block_size, missing, interpret = case
-    monkeypatch.setattr(attention, "_importable", lambda module: module not in missing)
+    monkeypatch.setattr(backends, "_importable", lambda module: module not in missing)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if interpret is not None:
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
@@ -394,11 +395,11 @@ def test_backend_selection_says_what_to_do_instead(standin, monkeypatch, case):
 
 def test_backend_selection_takes_what_can_run(standin, monkeypatch):
     """auto picks flash-attn, else Triton, on CUDA; Triton runs on CPU only in its interpreter."""
-    monkeypatch.setattr(attention, "_importable", lambda module: module != "flash_attn")
+    monkeypatch.setattr(backends, "_importable", lambda module: module != "flash_attn")
     assert select_backend("auto", CUDA, torch.bfloat16, 256, 256).name == "triton"
-    monkeypatch.setattr(attention, "_importable", lambda module: False)
+    monkeypatch.setattr(backends, "_importable", lambda module: False)
     assert select_backend("auto", CUDA, torch.bfloat16, 256, 256).name == "torch"
-    monkeypatch.setattr(attention, "_importable", lambda module: True)
+    monkeypatch.setattr(backends, "_importable", lambda module: True)
     # Interpreted first: the first TritonAttention imports the kernels, which read TRITON_INTERPRET then.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert select_backend("triton", CPU, torch.float32, 16, 16).name == "triton"

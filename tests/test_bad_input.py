@@ -31,7 +31,7 @@ from pagedllama.app import cli
 from pagedllama.errors import UserError
 from pagedllama.io import download
 from pagedllama.io.checkpoint import detect_format, load_checkpoint
-from pagedllama.model.attention import select_backend
+from pagedllama.model.backends import select_backend
 from pagedllama.model.config import NAMED_SHAPES
 
 ROOT = Path(__file__).resolve().parent.parent

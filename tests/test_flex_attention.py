@@ -14,7 +14,9 @@ from test_engine_reference import MAX_SEQ_LEN, engine_for, requests_for
 
 from pagedllama.errors import UsageError
 from pagedllama.model import attention
-from pagedllama.model.attention import gather_kv as real_gather, select_backend
+from pagedllama.model import backends
+from pagedllama.model.attention import gather_kv as real_gather
+from pagedllama.model.backends import select_backend
 from pagedllama.model.flex_attention import FlexAttention, expand_block_tables, kernel_block_size
 
 CPU = torch.device("cpu")
@@ -101,7 +103,7 @@ def test_flex_tokens_equal_the_torch_backends_with_preemption_and_prefix_caching
 
 def test_auto_takes_flex_on_cpu_for_models_it_pays_for(monkeypatch):
     """auto on CPU: flex from FLEX_AUTO_MIN_PARAMS parameters where it compiles, for both twins' blocks."""
-    big = attention.FLEX_AUTO_MIN_PARAMS
+    big = backends.FLEX_AUTO_MIN_PARAMS
     assert select_backend("auto", CPU, torch.float32, 16, 4096, big).name == "flex"
     assert select_backend("auto", CPU, torch.float32, 4096, 16, big).name == "flex"
     assert select_backend("auto", CPU, torch.float32, 16, 4096, big - 1).name == "torch"

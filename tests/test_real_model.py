@@ -23,7 +23,7 @@ from pagedllama.io.data import default_data_path, load_sharegpt
 from pagedllama.io.download import SMOLLM2_GGUF, SMOLLM2_REPO
 from pagedllama.io.loading import load
 from pagedllama.io.tokenizer import Tokenizer
-from pagedllama.model.attention import select_backend
+from pagedllama.model.backends import select_backend
 
 MAX_SEQ_LEN = 1024
 NEW_TOKENS = 8

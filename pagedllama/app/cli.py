@@ -37,7 +37,8 @@ from ..io.data import default_data_path, load_sharegpt
 from ..io.loading import (DEMO, LLAMA3_VOCAB_SIZE, LLAMA_MODELS_INSTALL, Loaded, installed_llama3_tokenizer, load,
                           resolve_device)
 from ..io.tokenizer import demo_tokenizer, load_tokenizer
-from ..model.attention import BACKENDS, AttentionBackend, select_backend
+from ..model.attention import AttentionBackend
+from ..model.backends import BACKENDS, select_backend
 from ..model.config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
 from ..model.model_runner import warmup_peak_bytes
 from ..model.parallel import SINGLE, TensorParallel, check_divides

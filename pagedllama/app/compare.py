@@ -30,7 +30,7 @@ from ..engine.reservation import RESERVE_POLICIES  # noqa: E402
 from ..engine.sequence import Request  # noqa: E402
 from ..engine.waste import WasteBreakdown  # noqa: E402
 from ..errors import OutOfKVMemory, UsageError, UserError  # noqa: E402
-from ..model.attention import select_backend  # noqa: E402
+from ..model.backends import select_backend  # noqa: E402
 from ..units import GB  # noqa: E402
 from .capacity import dry_run, find_max_batch  # noqa: E402
 from ..model.parallel import SINGLE, TensorParallel  # noqa: E402

@@ -15,9 +15,7 @@ last ones of its context). They differ only in who reads the block table:
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -26,15 +24,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
 
-BACKENDS = ("auto", "flash-attn", "triton", "flex", "torch")
 FLASH_ATTN_PAGE_MULTIPLE = 256  # flash_api.cpp rejects other page sizes in every 2.x release
-# `--attention auto` on CPU: flex (blocks read in place) for models at least this large. On the 100M
-# preset it took 0.53-0.92x the torch backend's decode attention from batch 16 and 0.82x the whole
-# step at batch 64; on the 5.4M demo its per-call and compile costs outweigh that (BENCHMARKS.md,
-# "Decode against this CPU's limit").
-FLEX_AUTO_MIN_PARAMS = 100_000_000
 # The torch backend's decode pads each group of sequences to its longest context; a group takes
 # in the next (shorter) sequence while its K/V stay at least this fraction real context.
 DECODE_MIN_FILL = 0.9
@@ -348,61 +339,3 @@ class FlashAttention:
                                  cache_seqlens=meta.cache_seqlens, block_table=meta.block_tables,
                                  softmax_scale=scale, causal=True)
         return out.squeeze(1)
-
-
-def _importable(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
-def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_size: int,
-                   twin_block_size: int, num_params: int = 0) -> AttentionBackend:
-    """The backend asked for, for a cache of `block_size`-slot blocks, or a clear error saying why it
-    cannot run here and what to use.
-
-    `auto` picks a backend that the other twin's cache (`twin_block_size`-slot blocks) can use
-    too, so that whichever twin runs, the two run the same kernel: flash-attn if it is installed
-    on CUDA and both block sizes are multiples of 256, else triton on CUDA; on CPU flex for models
-    of at least FLEX_AUTO_MIN_PARAMS parameters where it can be compiled, else torch.
-    """
-    cuda = device.type == "cuda"
-    if name == "auto":
-        from .flex_attention import flex_problem
-
-        pages_fit = all(b % FLASH_ATTN_PAGE_MULTIPLE == 0 for b in (block_size, twin_block_size))
-        if cuda and _importable("flash_attn") and pages_fit and dtype in (torch.float16, torch.bfloat16):
-            name = "flash-attn"
-        elif cuda and _importable("triton"):
-            name = "triton"
-        elif not cuda and num_params >= FLEX_AUTO_MIN_PARAMS and not flex_problem(device, (block_size, twin_block_size)):
-            name = "flex"
-        else:
-            name = "torch"
-    if name == "flash-attn":
-        if not cuda:
-            raise UsageError("--attention flash-attn needs a CUDA GPU; use --attention torch here")
-        if not _importable("flash_attn"):
-            raise UsageError("flash-attn is not installed; `pip install flash-attn --no-build-isolation`, "
-                             "or use --attention triton")
-        if block_size % FLASH_ATTN_PAGE_MULTIPLE:
-            raise UsageError(f"flash-attn's paged kernel needs a block size that is a multiple of "
-                             f"{FLASH_ATTN_PAGE_MULTIPLE}, not {block_size}; use --block-size 256 or "
-                             "--attention triton")
-        if dtype not in (torch.float16, torch.bfloat16):
-            raise UsageError("flash-attn runs in float16 or bfloat16 only; use --dtype bfloat16")
-        return FlashAttention()
-    if name == "triton":
-        if not _importable("triton"):
-            raise UsageError("triton is not installed; `pip install triton`, or use --attention torch")
-        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise UsageError("--attention triton needs a CUDA GPU (or TRITON_INTERPRET=1, very slow); "
-                             "use --attention torch here")
-        return TritonAttention()
-    if name == "flex":
-        from .flex_attention import FlexAttention, flex_problem
-
-        if problem := flex_problem(device, (block_size,)):
-            raise UsageError(problem)
-        return FlexAttention()
-    if name == "torch":
-        return TorchAttention()
-    raise UsageError(f"unknown --attention {name!r}; choose one of {', '.join(BACKENDS)}")
