@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # row_metadata
 
 from common import (DTYPE, MAX_SEQ_LEN, MODELS, RandomSpec, bench_parser, budget_for_rows, describe_model,  # noqa: E402
                     load_model, log, make_cache, parse, random_requests, ratio_summary, save_json, sharegpt_requests)
 from baselines import GatheringTorchAttention  # noqa: E402
+from row_metadata import decode_meta  # noqa: E402
 
 from pagedllama.engine.sequence import Request  # noqa: E402
 from pagedllama.model.attention import StepMetadata, TorchAttention  # noqa: E402
@@ -44,18 +46,9 @@ def workloads(batch: int) -> dict[str, list[Request]]:
     return {"ShareGPT prompts": sg, f"uniform {mean}-token prompts": uniform}
 
 
-def decode_meta(lens: list[int]) -> StepMetadata:
+def rows_meta(lens: list[int]) -> StepMetadata:
     """A decode step of sequences in rows 0..B-1 with contexts `lens` (this step's token the last)."""
-    b = len(lens)
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    starts = torch.zeros(b + 1, dtype=torch.int32)
-    starts[1:] = torch.cumsum(lens_t, 0)
-    return StepMetadata(
-        is_prefill=False, slot_mapping=torch.arange(b) * MAX_SEQ_LEN + lens_t.long() - 1,
-        block_tables=torch.arange(b, dtype=torch.int32)[:, None], context_lens=lens_t, cache_seqlens=lens_t - 1,
-        context_start_loc=starts, query_start_loc=torch.arange(b + 1, dtype=torch.int32),
-        logits_indices=torch.arange(b), max_query_len=1, max_context_len=max(lens), query_lens=[1] * b,
-        cached_lens=[n - 1 for n in lens], preallocated_rows=list(range(b)))
+    return decode_meta(list(range(len(lens))), lens, MAX_SEQ_LEN, preallocated=True)
 
 
 def attention_alone(lens: list[int], repeats: int) -> dict:
@@ -71,7 +64,7 @@ def attention_alone(lens: list[int], repeats: int) -> dict:
     outs = {}
 
     def step(name: str) -> float:
-        meta = decode_meta(lens)  # a new step: planned once, by its first layer
+        meta = rows_meta(lens)  # a new step: planned once, by its first layer
         t0 = time.process_time()
         for _ in range(args.n_layers):
             outs[name] = backends[name].forward(q, k, v, caches[0], caches[1], meta, head_dim ** -0.5)
@@ -84,7 +77,7 @@ def attention_alone(lens: list[int], repeats: int) -> dict:
     for r in range(repeats):
         for name in (list(backends) if r % 2 == 0 else list(backends)[::-1]):
             ms[name].append(step(name))
-    groups = backends["in place"]._decode_plan(decode_meta(lens))
+    groups = backends["in place"]._decode_plan(rows_meta(lens))
     return {"ms": ms, "median_ms": {n: statistics.median(t) for n, t in ms.items()},
             "gathered_over_in_place": ratio_summary(ms["gathered"], ms["in place"]),
             "decode_groups": len(groups), "groups_in_place": sum(gr.view is not None for gr in groups)}

@@ -46,12 +46,17 @@ def source(doc: dict) -> str:
 
 
 def throughput(doc: dict) -> str:
-    out = [source(doc), "", "Same batch:", ""]
-    out.append(table(["model", "workload", "batch", "naive tok/CPU-s", "paged tok/CPU-s", "paged / naive (min-max)",
-                      "wall-clock ratio", "identical outputs"],
-                     [[r["model"], r["workload"], r["batch"], f"{r['naive_tok_per_cpu_s']:.0f}",
-                       f"{r['paged_tok_per_cpu_s']:.0f}", ratio(r["ratio"]), f"{r['ratio']['wall']['median']:.2f}",
-                       f"{r['identical_outputs']}/{r['batch']}"] for r in doc["same_batch"]]))
+    attention = f", attention {doc['attention']}" if doc.get("attention", "auto") != "auto" else ""
+    out = [source(doc) + attention]
+    if doc["same_batch"]:
+        out += ["", "Same batch:", ""]
+        out.append(table(["model", "workload", "batch", "naive tok/CPU-s", "paged tok/CPU-s",
+                          "paged / naive (min-max)", "wall-clock ratio", "identical outputs"],
+                         [[r["model"], r["workload"], r["batch"], f"{r['naive_tok_per_cpu_s']:.0f}",
+                           f"{r['paged_tok_per_cpu_s']:.0f}", ratio(r["ratio"]), f"{r['ratio']['wall']['median']:.2f}",
+                           f"{r['identical_outputs']}/{r['batch']}"] for r in doc["same_batch"]]))
+    if not doc["same_budget"]:
+        return "\n".join(out)
     out += ["", "Same KV budget, each twin at its largest batch:", ""]
     rows = []
     for r in doc["same_budget"]:
@@ -275,7 +280,8 @@ def render(dtype: str, name: str) -> str:
     doc = load(RESULTS / dtype, name)
     if doc is None:
         return "(no results)"
-    key = next((k for k in ("compare_commits", "decode_limit") if name.startswith(k)), name.removesuffix("_quick"))
+    key = next((k for k in ("compare_commits", "decode_limit", "throughput") if name.startswith(k)),
+               name.removesuffix("_quick"))
     try:
         return RENDER[key](doc)
     except KeyError as e:  # written by an older version of the script

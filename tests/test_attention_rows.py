@@ -10,28 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_engine
+from row_metadata import decode_meta
 from hypothesis import given, settings, strategies as st
 
 from pagedllama.engine.sequence import Request
 from pagedllama.model import attention
-from pagedllama.model.attention import DECODE_MIN_FILL, StepMetadata, TorchAttention, plan_decode_groups
+from pagedllama.model.attention import DECODE_MIN_FILL, TorchAttention, plan_decode_groups
 
 H, HKV, D = 12, 4, 16  # the 100M preset's heads (12 over 4 KV heads), a small head dim
-
-
-def decode_meta(rows: list[int], lens: list[int], row_slots: int, preallocated: bool) -> StepMetadata:
-    """A decode step over sequences in `rows` (one row each) with contexts `lens`, this step's token
-    the last of each; `preallocated`: the rows are the naive twin's (decode may read them in place)."""
-    b = len(rows)
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    starts = torch.zeros(b + 1, dtype=torch.int32)
-    starts[1:] = torch.cumsum(lens_t, 0)
-    return StepMetadata(
-        is_prefill=False, slot_mapping=torch.tensor(rows) * row_slots + lens_t.long() - 1,
-        block_tables=torch.tensor(rows, dtype=torch.int32)[:, None], context_lens=lens_t, cache_seqlens=lens_t - 1,
-        context_start_loc=starts, query_start_loc=torch.arange(b + 1, dtype=torch.int32),
-        logits_indices=torch.arange(b), max_query_len=1, max_context_len=max(lens), query_lens=[1] * b,
-        cached_lens=[n - 1 for n in lens], preallocated_rows=rows if preallocated else None)
 
 
 def reference(q, k_cache, rows, lens, v_cache, scale):

@@ -12,6 +12,9 @@ last ones of its context). They differ only in who reads the block table:
   is read in place instead, with no gather (`DecodeGroup.view`). Prefill runs SDPA per sequence.
 - `triton`: the project's own kernel, which follows the block table itself (CUDA).
 - `flash-attn`: FlashAttention's paged kernels (CUDA, block size a multiple of 256).
+
+The fourth, `flex` (FlexAttention reading the blocks in place), is in flex_attention.py; which
+backend a run gets is decided in backends.py.
 """
 from __future__ import annotations
 
@@ -23,7 +26,6 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-
 
 FLASH_ATTN_PAGE_MULTIPLE = 256  # flash_api.cpp rejects other page sizes in every 2.x release
 # The torch backend's decode pads each group of sequences to its longest context; a group takes

@@ -40,7 +40,8 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_si
             name = "flash-attn"
         elif cuda and _importable("triton"):
             name = "triton"
-        elif not cuda and num_params >= FLEX_AUTO_MIN_PARAMS and not flex_problem(device, (block_size, twin_block_size)):
+        elif (not cuda and num_params >= FLEX_AUTO_MIN_PARAMS
+              and not flex_problem(device, (block_size, twin_block_size))):
             name = "flex"
         else:
             name = "torch"

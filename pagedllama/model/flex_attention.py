@@ -78,7 +78,8 @@ def flex_problem(device: torch.device, block_sizes: tuple[int, ...]) -> str | No
         return ("--attention flex compiles its kernel with a C++ compiler, and g++ is not installed "
                 "(`apt install g++`); use --attention torch")
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        return "--attention flex on CUDA compiles its kernel with Triton: `pip install triton`, or use --attention torch"
+        return ("--attention flex on CUDA compiles its kernel with Triton: `pip install triton`, or use "
+                "--attention torch")
     return None
 
 
@@ -149,8 +150,8 @@ class FlexAttention(TorchAttention):
 
         return BlockMask.from_kv_blocks(partial[:, None, None], partial_indices[:, None, None],
                                         num_full.to(torch.int32)[:, None, None], full_indices[:, None, None],
-                                        BLOCK_SIZE=(group, tile), mask_mod=below_fill, seq_lengths=(group, num_tiles * tile),
-                                        compute_q_blocks=False)
+                                        BLOCK_SIZE=(group, tile), mask_mod=below_fill,
+                                        seq_lengths=(group, num_tiles * tile), compute_q_blocks=False)
 
     def _prefill_after_cache(self, qi, k_cache, v_cache, meta: StepMetadata, i: int, scale: float) -> torch.Tensor:
         """Sequence `i`'s queries after its cached context, causal bottom-right, in place: query row r
