@@ -10,15 +10,19 @@
 3. A whole decode step of the 100M preset (random weights, paged twin, context ~280) at batch 1,
    16 and 64 through each backend, against max(weights + K/V bytes / bandwidth, FLOPs / peak).
 
-Backends alternate call by call (2) or step by step (3) in one process; medians of repeats with
+4. A prompt chunk of 64 or 512 tokens after 1024 or 4096 cached ones (prefix caching, chunked
+   prefill): its attention per layer through each backend.
+
+Backends alternate call by call (2, 4) or step by step (3) in one process; medians of repeats with
 their range.
 
-    python bench/decode_limit.py [--quick] [--dtypes float32,bfloat16]
+    python bench/decode_limit.py [--quick] [--dtypes float32,bfloat16] [--parts attention step chunk]
 
 Results: bench/results/<BENCH_DTYPE>/decode_limit_<dtype>.json, written as each dtype finishes.
 """
 from __future__ import annotations
 
+import json
 import statistics
 from functools import partial
 import sys
@@ -29,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import MODELS, bench_parser, describe_model, load_model, log, parse, save_json  # noqa: E402
+from common import MODELS, RESULTS, bench_parser, describe_model, load_model, log, machine, parse, save_json  # noqa: E402
 
 from pagedllama.engine.block_manager import BlockManager  # noqa: E402
 from pagedllama.engine.config import CacheLayout, EngineConfig  # noqa: E402
@@ -41,9 +45,15 @@ from pagedllama.model.model_runner import ModelRunner  # noqa: E402
 CPU = torch.device("cpu")
 BLOCK = 16
 MODEL = "100m"
-BACKENDS = {"torch": TorchAttention, "flex": partial(FlexAttention, min_batch=1)}  # flex at every batch
+# flex at every batch, and for prompt chunks too (both switched off by default where it lost here)
+BACKENDS = {"torch": TorchAttention, "flex": partial(FlexAttention, min_batch=1, chunks_in_place=True)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_CACHED_TOKENS = 128 * 1024  # 12 layers of K/V per backend: 3 GiB each in float32
+
+
+def load_json(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def median_range(xs: list[float]) -> dict:
@@ -127,6 +137,33 @@ def attention_case(args, dtype, batch: int, context: int, rounds: int) -> dict:
             "ms": {name: median_range(t) for name, t in times.items()}}
 
 
+def chunk_case(args, dtype, cached: int, chunk: int, rounds: int) -> dict:
+    """A prompt chunk of `chunk` tokens after `cached` tokens already in the cache (prefix caching,
+    chunked prefill): its attention per layer, each backend on its own copy of the cache state."""
+    runs = {}
+    for name, cls in BACKENDS.items():
+        runner, manager = runner_for(args, dtype, 1, cached + chunk, cls())
+        seq = steady_batch(runner, manager, 1, cached)[0]
+        seq.token_ids += [0] * (chunk - 1)
+        manager.grow(seq, seq.num_tokens)
+        seq.num_cached_tokens = cached  # the chunk is what this prefill step feeds
+        runs[name] = runner, [seq], manager
+    h, hkv, d = args.n_heads, args.n_kv_heads, args.head_dim
+    q = torch.randn(chunk, h, d).to(dtype)
+    k, v = torch.randn(chunk, hkv, d).to(dtype), torch.randn(chunk, hkv, d).to(dtype)
+    times: dict[str, list[float]] = {name: [] for name in BACKENDS}
+    for r in range(rounds + 1):
+        for name in (list(BACKENDS) if r % 2 else list(BACKENDS)[::-1]):
+            runner, seqs, manager = runs[name]
+            _, _, meta = runner.prepare(seqs, True, manager.block_tables)
+            t0 = time.perf_counter()
+            for layer in range(args.n_layers):
+                runner.cache.attend(layer, q, k, v, meta)
+            if r:
+                times[name].append((time.perf_counter() - t0) / args.n_layers * 1e3)
+    return {"cached": cached, "chunk": chunk, "ms": {name: median_range(t) for name, t in times.items()}}
+
+
 def step_case(model, dtype, batch: int, context: int, rounds: int) -> dict:
     """A whole decode step (forward and attention over all layers), per backend, alternating."""
     runs = {}
@@ -178,7 +215,11 @@ def step_limit_ms(model, dtype, batch: int, context: int, bandwidth: float, peak
             "bound": "memory" if bytes_ms >= flops_ms else "compute"}
 
 
-def run(quick: bool, dtypes: list[str]) -> dict:
+PARTS = ("attention", "step", "chunk")
+
+
+def run(quick: bool, dtypes: list[str], parts: tuple[str, ...] = PARTS) -> dict:
+    """Measure `parts` in each dtype; the other parts keep what the dtype's results file holds."""
     torch.set_num_threads(1)
     args = MODELS[MODEL]
     bandwidth = 1e9 * read_bandwidth_gbs()
@@ -191,9 +232,19 @@ def run(quick: bool, dtypes: list[str]) -> dict:
     for dname in dtypes:
         dtype = DTYPES[dname]
         peak = 1e9 * matmul_peak_gflops(dtype)
-        out = doc["dtypes"][dname] = {"matmul_peak_gflops": peak / 1e9, "attention": [], "step": []}
+        name = f"decode_limit_{dname}" + ("_quick" if quick else "")
+        kept = load_json(name) if set(parts) != set(PARTS) else None
+        if kept:
+            doc.update({k: kept[k] for k in ("read_bandwidth_gbs",)})
+            out = doc["dtypes"][dname] = kept["dtypes"][dname]
+            bandwidth, peak = 1e9 * doc["read_bandwidth_gbs"], 1e9 * out["matmul_peak_gflops"]
+        else:
+            out = doc["dtypes"][dname] = {"matmul_peak_gflops": peak / 1e9}
+        out.update({part: [] for part in parts})
+        stamp = f"{time.strftime('%Y-%m-%d %H:%M')}, commit {machine()['git_commit']}"
+        out["measured"] = {**out.get("measured", {}), **{part: stamp for part in parts}}
         log(f"{dname}: matmul peak {peak / 1e9:.0f} GFLOP/s")
-        for context in contexts:
+        for context in contexts if "attention" in parts else []:
             for batch in batches:
                 if batch * context > MAX_CACHED_TOKENS:
                     continue
@@ -202,20 +253,26 @@ def run(quick: bool, dtypes: list[str]) -> dict:
                 out["attention"].append(case)
                 log(f"  attention B={batch:3d} ctx={context:4d}: " + ", ".join(
                     f"{n} {case['ms'][n]['median']:.3f} ms" for n in BACKENDS) + f" (floor {case['floor_ms']:.3f})")
+        for cached in [1024, 4096] if "chunk" in parts else []:
+            for chunk in (64, 512):
+                out["chunk"].append(chunk_case(args, dtype, cached, chunk, rounds))
+                log(f"  chunk of {chunk} after {cached}: " + ", ".join(
+                    f"{n} {out['chunk'][-1]['ms'][n]['median']:.3f} ms" for n in BACKENDS))
         model = load_model(MODEL, dtype)
-        for batch in ([1, 64] if quick else [1, 16, 64]):
+        for batch in ([1, 64] if quick else [1, 16, 64]) if "step" in parts else []:
             case = step_case(model, dtype, batch, 280, rounds)
             case.update(step_limit_ms(model, dtype, batch, 280, bandwidth, peak))
             case["matmuls_alone_ms"] = matmuls_alone_ms(model, batch, rounds)
             out["step"].append(case)
             log(f"  step B={batch}: " + ", ".join(f"{n} {case['ms'][n]['median']:.1f} ms" for n in BACKENDS)
                 + f" (limit {case['limit_ms']:.1f} ms, {case['bound']}-bound)")
-        save_json(f"decode_limit_{dname}" + ("_quick" if quick else ""), {**doc, "dtypes": {dname: out}})
+        save_json(name, {**doc, "dtypes": {dname: out}})
     return doc
 
 
 if __name__ == "__main__":
     ap = bench_parser(__doc__)
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     a = parse(ap)
-    run(a.quick, a.dtypes.split(","))
+    run(a.quick, a.dtypes.split(","), tuple(a.parts))

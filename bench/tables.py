@@ -42,7 +42,8 @@ def med(xs: list[float]) -> str:
 def source(doc: dict) -> str:
     m = doc["machine"]
     dirty = " (package files modified)" if m.get("package_files_modified") else ""
-    return f"_{doc['time']}, commit `{m['git_commit']}`{dirty}, {m['dtype']}, {m['torch_threads']} thread(s)_"
+    return (f"_{doc['time']}, commit `{m['git_commit']}`{dirty}, {m.get('cpu', 'CPU not recorded')}, {m['dtype']}, "
+            f"{m['torch_threads']} thread(s)_")
 
 
 def throughput(doc: dict) -> str:
@@ -232,9 +233,10 @@ def decode_limit(doc: dict) -> str:
     def ms(r: dict) -> str:
         return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
 
-    cpu = f"{doc['machine']['cpu']} ({'AMX' if doc['machine'].get('amx_bf16') else 'no AMX'})"
-    out = [f"{source(doc)}; {cpu}; {doc['model']}; read bandwidth {bw:.1f} GB/s, `F.linear` peak "
-           f"{d['matmul_peak_gflops']:.0f} GFLOP/s in {dtype}", "",
+    amx = "AMX" if doc["machine"].get("amx_bf16") else "no AMX"
+    parts = "; ".join(f"{part} {when}" for part, when in d.get("measured", {}).items())
+    out = [f"{source({**doc, 'machine': {**doc['machine'], 'dtype': dtype}})}; {amx}; {doc['model']}; read bandwidth {bw:.1f} GB/s, `F.linear` peak "
+           f"{d['matmul_peak_gflops']:.0f} GFLOP/s in {dtype}" + (f" (parts measured: {parts})" if parts else ""), "",
            table(["batch", "context", "torch (gather + SDPA), ms", "flex (in place), ms", "flex / torch",
                   "bytes floor, ms", "floor / torch", "floor / flex"],
                  [[r["batch"], r["context"], ms(r["ms"]["torch"]), ms(r["ms"]["flex"]),
@@ -250,6 +252,12 @@ def decode_limit(doc: dict) -> str:
                    ms(r["matmuls_alone_ms"]) if "matmuls_alone_ms" in r else "-",
                    f"{r['limit_ms'] / r['matmuls_alone_ms']['median']:.0%}" if "matmuls_alone_ms" in r else "-"]
                   for r in d["step"]])]
+    if d.get("chunk"):
+        out += ["", table(["prompt chunk after cached context", "torch (gather + SDPA), ms per layer",
+                           "flex (in place), ms per layer", "flex / torch"],
+                          [[f"{r['chunk']} tokens after {r['cached']}", ms(r["ms"]["torch"]), ms(r["ms"]["flex"]),
+                            f"**{r['ms']['flex']['median'] / r['ms']['torch']['median']:.2f}**"]
+                           for r in d["chunk"]])]
     return "\n".join(out)
 
 
@@ -261,7 +269,7 @@ def naive_views(doc: dict) -> str:
                      f"{a['groups_in_place']} of {a['decode_groups']}",
                      ratio(a["gathered_over_in_place"]), ratio(st["naive_over_paged_in_place"]),
                      ratio(st["naive_over_paged_gathered"])])
-    return "\n".join([f"{source(doc)}; {doc['machine']['cpu']}; {doc['model']}; {doc['repeats']} paired repeats", "",
+    return "\n".join([f"{source(doc)}; {doc['model']}; {doc['repeats']} paired repeats", "",
                       table(["contexts", "batch", "mean / longest context", "decode groups read in place",
                              "attention: gathered / in place", "step time: naive in place / paged",
                              "step time: naive gathered / paged"], rows)])

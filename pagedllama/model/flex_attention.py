@@ -9,10 +9,11 @@ That is PagedAttention. `torch.compile` turns it into a C++ kernel on CPU (induc
 Triton one on CUDA.
 
 Compilation: the first step of each kind (decode, prefill after cached context) compiles for its
-shapes, and the first change of shape compiles once more with dynamic sizes; after that every
-batch size and context length reuses that kernel. Tensors that `mask_mod` reads have sizes fixed
-for the cache's life (one entry per kernel block, plus one), since torch 2.13's CPU template
-miscompiles a bounds check on a tensor of dynamic size.
+shapes, and the first change of batch size or chunk length compiles once more with those sizes
+dynamic; after that every batch and context length reuses that kernel. Everything sized by the
+cache (its slots, the block-mask columns, the per-tile tensors `mask_mod` reads) is marked static,
+so a second cache in the process (`compare`) compiles its own kernel: torch 2.13's CPU template
+miscompiles a bounds check on a `mask_mod` tensor of dynamic size.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ FLEX_BLOCK_MULTIPLE = 16
 # batch 1 on the CPU measured (BENCHMARKS.md, "Decode against this CPU's limit"), and a batch of 1
 # would make torch.compile specialize one more kernel for it.
 FLEX_MIN_BATCH = 8
+CHUNK_QUERY_TILE = 128  # query rows per tile of a prompt chunk
 RECOMPILE_LIMIT = 64
 _compiled_flex = None  # one compiled kernel for every backend instance: compiling costs seconds
 
@@ -93,15 +95,19 @@ def expand_block_tables(block_tables: torch.Tensor, ratio: int) -> torch.Tensor:
 
 
 class FlexAttention(TorchAttention):
-    """Decode, and prefill after cached context, read the cache in place through a block mask;
-    a prompt with nothing cached before it attends to its own fresh K/V, as in the torch backend,
-    and so do decode batches under `min_batch`."""
+    """Decode (and, with `chunks_in_place`, prefill after cached context) reads the cache in place
+    through a block mask; a prompt with nothing cached before it attends to its own fresh K/V, as
+    in the torch backend, and so do decode batches under `min_batch`."""
 
     name = "flex"
 
-    def __init__(self, min_batch: int = FLEX_MIN_BATCH):
+    def __init__(self, min_batch: int = FLEX_MIN_BATCH, chunks_in_place: bool = False):
         super().__init__()
         self.min_batch = min_batch  # smaller decode batches take the torch backend's path
+        # Prompt chunks after cached context read it in place too. Off by default: on the CPU measured
+        # the compiled kernel took 3x the gather + SDPA time for them (BENCHMARKS.md); not yet
+        # measured on a GPU.
+        self.chunks_in_place = chunks_in_place
         self._indices = Workspace()  # (B, tiles in the cache) block-mask index rows, reused step to step
         self._decode_mask: tuple[StepMetadata, BlockMask] | None = None
 
@@ -142,8 +148,10 @@ class FlexAttention(TorchAttention):
         # The fill of each partly written tile; sequences without one write to the spare last entry.
         # Two sequences share a partly written block only while both hold the same tokens in it
         # (a fork before either writes: the next write copies it), so one fill per tile is exact.
-        tile_fill = torch.zeros(num_tiles + 1, dtype=torch.int64, device=device)
+        tile_fill = _static(torch.zeros(num_tiles + 1, dtype=torch.int64, device=device))
         tile_fill[torch.where(partial.bool(), last[:, 0].long(), num_tiles)] = fill
+        _static(full_indices, 1)
+        _static(partial_indices, 1)
 
         def below_fill(batch, head, q_idx, kv_idx):
             return kv_idx % tile < tile_fill[kv_idx // tile]
@@ -158,7 +166,7 @@ class FlexAttention(TorchAttention):
         sees logical positions up to cached + r, found from a physical slot through the tile's place
         in the block table. A single query (a prompt wholly cached but its last token) goes the torch
         backend's way: torch.compile would specialize a kernel for a length of 1."""
-        if meta.query_lens[i] == 1:
+        if not self.chunks_in_place or meta.query_lens[i] == 1:
             return super()._prefill_after_cache(qi, k_cache, v_cache, meta, i, scale)
         num_blocks, block_size = k_cache.shape[:2]
         tile = kernel_block_size(block_size)
@@ -166,7 +174,7 @@ class FlexAttention(TorchAttention):
         cached, q_len = meta.cached_lens[i], meta.query_lens[i]
         table = expand_block_tables(meta.block_tables[i:i + 1], block_size // tile)[0]
         used = -(-(cached + q_len) // tile)
-        tile_pos = torch.full((num_tiles + 1,), -1, dtype=torch.int64, device=qi.device)
+        tile_pos = _static(torch.full((num_tiles + 1,), -1, dtype=torch.int64, device=qi.device))
         tile_pos[table[:used].long()] = torch.arange(used, device=qi.device) * tile
         offset = torch.tensor([cached], device=qi.device)
 
@@ -174,13 +182,14 @@ class FlexAttention(TorchAttention):
             pos = tile_pos[kv_idx // tile]
             return (pos >= 0) & (pos + kv_idx % tile <= offset[0] + q_idx)
 
-        q_tiles = -(-q_len // tile)
+        q_tiles = -(-q_len // CHUNK_QUERY_TILE)
         indices = self._indices.get("prefill", (q_tiles, max(num_tiles, used)), torch.int32, qi.device)
         indices[:, :used] = table[:used]
+        _static(indices, 1)
         # query tile r reaches up to the tile holding position cached + its last row
-        last_row = torch.clamp(torch.arange(1, q_tiles + 1, device=qi.device) * tile, max=q_len) - 1
+        last_row = torch.clamp(torch.arange(1, q_tiles + 1, device=qi.device) * CHUNK_QUERY_TILE, max=q_len) - 1
         num_kv = ((cached + last_row) // tile + 1).to(torch.int32)
-        mask = BlockMask.from_kv_blocks(num_kv[None, None], indices[None, None], BLOCK_SIZE=(tile, tile),
+        mask = BlockMask.from_kv_blocks(num_kv[None, None], indices[None, None], BLOCK_SIZE=(CHUNK_QUERY_TILE, tile),
                                         mask_mod=causal, seq_lengths=(q_len, num_tiles * tile),
                                         compute_q_blocks=False)
         return _flex(qi, _as_one_sequence(k_cache), _as_one_sequence(v_cache), block_mask=mask, scale=scale,
@@ -188,5 +197,12 @@ class FlexAttention(TorchAttention):
 
 
 def _as_one_sequence(cache: torch.Tensor) -> torch.Tensor:
-    """(num_blocks, block_size, Hkv, D) as one sequence of every slot, (1, Hkv, slots, D): a view."""
-    return cache.view(1, -1, *cache.shape[2:]).transpose(1, 2)
+    """(num_blocks, block_size, Hkv, D) as one sequence of every slot, (1, Hkv, slots, D): a view,
+    its sizes static (see the module's docstring)."""
+    return _static(cache.view(1, -1, *cache.shape[2:]).transpose(1, 2))
+
+
+def _static(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """`t` (or its `dim`) compiled at its size, never as a dynamic one."""
+    torch._dynamo.mark_static(t, dim)
+    return t
