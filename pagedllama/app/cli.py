@@ -75,7 +75,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
                    "BATCH_SIZE runs faster in it than in float32, else float32; the startup lines say why)")
     g.add_argument("--attention", default="auto", help=f"attention backend: {', '.join(BACKENDS)} (default auto: "
                                                        "one that both twins' block sizes allow: flash-attn, else "
-                                                       "triton on CUDA, else torch)")
+                                                       "triton on CUDA; on CPU flex for models of 100M parameters "
+                                                       "and up where g++ can compile it, else torch)")
     g.add_argument("--cuda-graphs", action="store_true", help="decode steps replay CUDA graphs captured per "
                    "batch size (CUDA, triton backend; not yet verified on a GPU)")
     g = p.add_argument_group("workload")

@@ -13,7 +13,7 @@ from .flex_attention import FlexAttention, flex_problem
 
 BACKENDS = ("auto", "flash-attn", "triton", "flex", "torch")
 # `--attention auto` on CPU: flex (blocks read in place) for models at least this large. At the 100M
-# preset's shapes it took 0.63-0.74x the torch backend's decode attention from batch 16, and 0.91-0.95x
+# preset's shapes it took 0.59-0.94x the torch backend's decode attention from batch 16, and 0.86-0.94x
 # its whole step at batch 16-64; on the 5.4M demo its per-call and compile costs outweigh the gain
 # (BENCHMARKS.md, "Decode against this CPU's limit").
 FLEX_AUTO_MIN_PARAMS = 100_000_000
