@@ -22,16 +22,22 @@ from pagedllama.model.flex_attention import FlexAttention, expand_block_tables, 
 CPU = torch.device("cpu")
 
 
+def in_place() -> FlexAttention:
+    """The backend with every in-place path on: decode at any batch, and prompt chunks after cached
+    context (by default those take the torch path, which measured faster on CPU)."""
+    return FlexAttention(min_batch=1, chunks_in_place=True)
+
+
 @pytest.mark.parametrize("block_size, dtype", [(16, torch.float32), (48, torch.bfloat16), (512, torch.float32)])
 def test_flex_backend(block_size, dtype):
     """Prefill, a decode step and a chunk after cached context, through shuffled block tables: blocks
     of one kernel tile (16), of three (48) and of eight (512, a naive-twin row)."""
-    run_steps(FlexAttention(min_batch=1, chunks_in_place=True), block_size, dtype)
+    run_steps(in_place(), block_size, dtype)
 
 
 def test_flex_backend_with_a_scale_and_equal_contexts():
-    run_steps(FlexAttention(min_batch=1, chunks_in_place=True), 16, torch.float32, (64, 64, 64), scale=0.3)
-    run_steps(FlexAttention(min_batch=1, chunks_in_place=True), 16, torch.float32, (16, 32, 5), steps=("prefill", "chunk", "decode", "chunk"))
+    run_steps(in_place(), 16, torch.float32, (64, 64, 64), scale=0.3)
+    run_steps(in_place(), 16, torch.float32, (16, 32, 5), steps=("prefill", "chunk", "decode", "chunk"))
 
 
 def test_flex_decode_reads_the_cache_in_place(monkeypatch):
@@ -40,7 +46,7 @@ def test_flex_decode_reads_the_cache_in_place(monkeypatch):
         raise AssertionError("gathered K/V")
 
     monkeypatch.setattr(attention, "gather_kv", no_gather)
-    run_steps(FlexAttention(min_batch=1, chunks_in_place=True), 16, torch.float32)
+    run_steps(in_place(), 16, torch.float32)
 
 
 def test_small_decode_batches_take_the_torch_path(monkeypatch):
@@ -54,6 +60,16 @@ def test_small_decode_batches_take_the_torch_path(monkeypatch):
     assert not gathered
 
 
+def test_prompt_chunks_take_the_torch_path_by_default(monkeypatch):
+    """`chunks_in_place` off (the default): a chunk after cached context is gathered, decode is not."""
+    gathered = []
+    monkeypatch.setattr(attention, "gather_kv", lambda *a, **k: gathered.append(1) or real_gather(*a, **k))
+    run_steps(FlexAttention(min_batch=1), 16, torch.float32, steps=("prefill", "decode"))
+    assert not gathered
+    run_steps(FlexAttention(min_batch=1), 16, torch.float32, steps=("prefill", "chunk"))
+    assert gathered
+
+
 def test_tiles_follow_the_block_table():
     tables = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32)
     assert expand_block_tables(tables, 1) is tables
@@ -64,7 +80,7 @@ def test_tiles_follow_the_block_table():
 @pytest.mark.parametrize("block_size", [8, 100])
 def test_flex_refuses_blocks_it_cannot_tile(block_size):
     with pytest.raises(UsageError, match="multiple of 16.*--attention torch"):
-        run_steps(FlexAttention(min_batch=1, chunks_in_place=True), block_size, torch.float32)
+        run_steps(in_place(), block_size, torch.float32)
 
 
 def test_flex_is_selectable_by_name():
@@ -76,9 +92,9 @@ def test_both_twins_through_flex_equal_the_formulas(name, twin):
     """As test_engine_reference's twins, through the flex backend: the naive twin's rows are one
     block each (two rows for three requests: one waits), the paged twin's blocks are shuffled."""
     if twin == "naive":
-        engine, sd = engine_for(name, MAX_SEQ_LEN, 2, backend=FlexAttention(min_batch=1, chunks_in_place=True))
+        engine, sd = engine_for(name, MAX_SEQ_LEN, 2, backend=in_place())
     else:
-        engine, sd = engine_for(name, 16, 24, backend=FlexAttention(min_batch=1, chunks_in_place=True))
+        engine, sd = engine_for(name, 16, 24, backend=in_place())
         order = torch.randperm(24, generator=torch.Generator().manual_seed(3)).tolist()
         engine.block_manager.allocator._free.clear()
         engine.block_manager.allocator._free.extend(order)
@@ -93,7 +109,7 @@ def test_flex_tokens_equal_the_torch_backends_with_preemption_and_prefix_caching
     requests = [r.__class__(r.request_id, shared + r.prompt_ids, r.max_new_tokens)
                 for r in random_requests([(20, 30), (5, 40), (33, 20)], REFERENCE_SHAPES[name].vocab_size, seed=6)]
     tokens = {}
-    for backend in (FlexAttention(min_batch=1, chunks_in_place=True), attention.TorchAttention()):
+    for backend in (in_place(), attention.TorchAttention()):
         engine, _ = engine_for(name, 16, 8, backend=backend, prefix_caching=True)
         tokens[backend.name], _ = generate(engine, requests)
         assert engine.scheduler.stats.preemptions > 0
