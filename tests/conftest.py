@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import signal
 import sys
 from pathlib import Path
 
@@ -46,6 +47,13 @@ REFERENCE_SHAPES = {
     "gqa4-hd64-tied-theta1e4": ModelArgs(dim=256, n_heads=4, n_kv_heads=1, rope_theta=10000.0,
                                          tie_word_embeddings=True, **_SMALL),
 }
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child a test interrupts with SIGINT: a shell starts background jobs with
+    SIGINT ignored, a child inherits that, and Python then installs no Ctrl-C handler at all, so
+    the test would pass in a terminal and fail when the suite runs in the background."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session", autouse=True)

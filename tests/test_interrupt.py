@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import default_sigint
 
 from pagedllama.app import cli
 from pagedllama.engine.engine import Engine
@@ -53,7 +54,8 @@ def test_ctrl_c_keeps_finished_requests_and_reports(tmp_path):
     jsonl, doc_path = tmp_path / "out.jsonl", tmp_path / "out.json"
     proc = subprocess.Popen([sys.executable, str(ROOT / "llama3-paged.py"), "4", "--model", "demo", "--data", str(data),
                              "--output", str(jsonl), "--json", str(doc_path), "--no-answers", "--no-progress"],
-                            cwd=tmp_path, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         while not (jsonl.is_file() and jsonl.read_text(encoding="utf-8").endswith("\n")):

@@ -19,7 +19,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import BYTE_ARGS, chats, tokenizer_bytes
+from conftest import BYTE_ARGS, chats, default_sigint, tokenizer_bytes
 from checkpoint_writers import meta_params, save_hf, save_meta
 from pagedllama.app import cli
 from pagedllama.io.checkpoint import load_weights, random_state_dict, shard_state_dict
@@ -133,7 +133,7 @@ def start_run(tmp_path: Path, *extra: str, new_session: bool = False) -> tuple[s
     proc = subprocess.Popen([sys.executable, str(ROOT / "llama3-paged.py"), "4", "--max-new-tokens", "400",
                              "--no-progress", "--tensor-parallel-size", "2", *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=new_session)
+                            start_new_session=new_session, preexec_fn=default_sigint)
     return proc, tag
 
 
