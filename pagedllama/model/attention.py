@@ -258,7 +258,7 @@ class TorchAttention:
     def _decode_sdpa(self, q, keys, values, mask, scale) -> torch.Tensor:
         """In float32 the query heads that share a KV head go in as the rows of one query, so the
         kernel reads each KV head once for all of them rather than once per query head: 0.35-0.71x
-        the time on the CPU measured (bench/gqa_rows.py). In bfloat16 its kernel for single-row
+        the time on the CPU measured (bench/gqa_rows.py, in git before 962e380). In bfloat16 its kernel for single-row
         queries is the faster one at the demo's and the 100M preset's head shapes (mixed at
         Llama 3 8B's)."""
         if q.dtype == torch.float32:

@@ -131,9 +131,7 @@ class FlexAttention(TorchAttention):
         """One tile of `group` query rows per sequence and KV head; sequence b reads its whole blocks
         unmasked and its last, partly written block through `mask_mod`, which keeps the slots below
         that block's fill."""
-        tile = kernel_block_size(block_size)
-        num_tiles = num_blocks * (block_size // tile)
-        tables = expand_block_tables(meta.block_tables, block_size // tile)
+        tile, num_tiles, tables = _tiled(meta.block_tables, num_blocks, block_size)
         b = len(tables)
         lens = meta.context_lens.long()
         num_full = lens // tile
@@ -168,11 +166,9 @@ class FlexAttention(TorchAttention):
         backend's way: torch.compile would specialize a kernel for a length of 1."""
         if not self.chunks_in_place or meta.query_lens[i] == 1:
             return super()._prefill_after_cache(qi, k_cache, v_cache, meta, i, scale)
-        num_blocks, block_size = k_cache.shape[:2]
-        tile = kernel_block_size(block_size)
-        num_tiles = num_blocks * (block_size // tile)
+        tile, num_tiles, tables = _tiled(meta.block_tables[i:i + 1], *k_cache.shape[:2])
+        table = tables[0]
         cached, q_len = meta.cached_lens[i], meta.query_lens[i]
-        table = expand_block_tables(meta.block_tables[i:i + 1], block_size // tile)[0]
         used = -(-(cached + q_len) // tile)
         tile_pos = _static(torch.full((num_tiles + 1,), -1, dtype=torch.int64, device=qi.device))
         tile_pos[table[:used].long()] = torch.arange(used, device=qi.device) * tile
@@ -194,6 +190,12 @@ class FlexAttention(TorchAttention):
                                         compute_q_blocks=False)
         return _flex(qi, _as_one_sequence(k_cache), _as_one_sequence(v_cache), block_mask=mask, scale=scale,
                      enable_gqa=True)
+
+
+def _tiled(block_tables: torch.Tensor, num_blocks: int, block_size: int) -> tuple[int, int, torch.Tensor]:
+    """The kernel's tile, the number of tiles in the cache, and `block_tables` in tiles."""
+    tile = kernel_block_size(block_size)
+    return tile, num_blocks * (block_size // tile), expand_block_tables(block_tables, block_size // tile)
 
 
 def _as_one_sequence(cache: torch.Tensor) -> torch.Tensor:
