@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 import uuid
@@ -22,6 +23,7 @@ import torch
 from conftest import BYTE_ARGS, chats, default_sigint, tokenizer_bytes
 from checkpoint_writers import meta_params, save_hf, save_meta
 from pagedllama.app import cli
+from pagedllama.app.launch import WATCHDOG_THREAD
 from pagedllama.io.checkpoint import load_weights, random_state_dict, shard_state_dict
 from pagedllama.model.parallel import TensorParallel
 from pagedllama.units import human_bytes
@@ -59,6 +61,10 @@ def test_two_ranks_generate_the_tokens_of_one(tmp_path, capsys, twin, argv):
         assert two["prefix_cache"] == one["prefix_cache"] and one["prefix_cache"]["cached_tokens"] > 0
     out = capsys.readouterr().out
     assert out.count("KV memory report") == 2  # rank 1 prints nothing
+    watching = [t for t in threading.enumerate() if t.name == WATCHDOG_THREAD]
+    for t in watching:
+        t.join(timeout=1)
+    assert not any(t.is_alive() for t in watching)  # its watch over the ranks ended with the run
     pool = one["memory"]["pool_bytes"]
     assert f"  pool per rank                {human_bytes(pool // 2):>10}  2 ranks, each 1/2 of every block's" in out
 
