@@ -17,7 +17,8 @@ from pagedllama.model import attention
 from pagedllama.model import backends
 from pagedllama.model.attention import gather_kv as real_gather
 from pagedllama.model.backends import select_backend
-from pagedllama.model.flex_attention import FlexAttention, expand_block_tables, kernel_block_size
+from pagedllama.model.flex_attention import (CHUNK_QUERY_TILE, FlexAttention, decode_query_tile, expand_block_tables,
+                                             kernel_block_size, kernel_options)
 
 CPU = torch.device("cpu")
 
@@ -75,6 +76,23 @@ def test_tiles_follow_the_block_table():
     assert expand_block_tables(tables, 1) is tables
     assert expand_block_tables(tables, 4).tolist() == [[12, 13, 14, 15, 0, 1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11]]
     assert [kernel_block_size(b) for b in (16, 48, 96, 512, 2048)] == [16, 16, 32, 64, 64]
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8, 32])
+@pytest.mark.parametrize("block_size", [16, 48, 256, 4096])
+def test_cuda_kernel_tiles_divide_the_block_masks(group, block_size):
+    """Triton's flex template refuses a block mask whose tiles are not whole multiples of its kernel
+    tiles (torch/_inductor/kernel/flex/flex_attention.py), and computes at least 16 query rows at
+    once; the CPU template takes the block mask's own tiles (no GPU here: the rule itself is checked)."""
+    cuda = torch.device("cuda")
+    kv_tile = kernel_block_size(block_size)
+    decode_tile = decode_query_tile(group, cuda)
+    assert decode_tile >= group and decode_tile & (decode_tile - 1) == 0
+    for query_tile in (decode_tile, CHUNK_QUERY_TILE):
+        options = kernel_options(cuda, query_tile, kv_tile)
+        assert query_tile % options["BLOCK_M"] == 0 and kv_tile % options["BLOCK_N"] == 0
+        assert min(options["BLOCK_M"], options["BLOCK_N"]) >= 16 and options["FORCE_USE_FLEX_ATTENTION"]
+    assert decode_query_tile(group, CPU) == group and kernel_options(CPU, group, kv_tile) is None
 
 
 @pytest.mark.parametrize("block_size", [8, 100])

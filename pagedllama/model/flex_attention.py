@@ -6,7 +6,9 @@ from the block tables tells the compiled kernel which blocks each query visits: 
 `full_kv_indices` are a sequence's whole blocks, its `kv_indices` the partly written last block,
 where `mask_mod` hides the slots past the context. Only the blocks named are read, in place.
 That is PagedAttention. `torch.compile` turns it into a C++ kernel on CPU (inductor) and a
-Triton one on CUDA.
+Triton one on CUDA. Triton's template computes in tiles of at least 16 query rows and wants the
+block mask's tiles to be whole multiples of its own (its defaults, 128 x 64, are not): on CUDA the
+kernel is told the block mask's tiles, as vLLM's flex backend does; not yet run on a GPU here.
 
 Compilation: the first step of each kind (decode, prefill after cached context) compiles for its
 shapes, and the first change of batch size or chunk length compiles once more with those sizes
@@ -35,6 +37,8 @@ FLEX_BLOCK_MULTIPLE = 16
 # would make torch.compile specialize one more kernel for it.
 FLEX_MIN_BATCH = 8
 CHUNK_QUERY_TILE = 128  # query rows per tile of a prompt chunk
+CUDA_MIN_QUERY_TILE = 16  # the smallest query tile Triton's template computes
+CUDA_MAX_KERNEL_ROWS = 64  # query rows per kernel tile on CUDA (shared memory at float32 and head dim 128)
 RECOMPILE_LIMIT = 64
 _compiled_flex = None  # one compiled kernel for every backend instance: compiling costs seconds
 
@@ -122,8 +126,9 @@ class FlexAttention(TorchAttention):
         # The query heads of each KV head as the rows of one query: the kernel reads each KV head
         # once for all of them (0.75x the time of one row per head, enable_gqa, at batch 64).
         rows = q.view(q.shape[0], k_cache.shape[2], -1, q.shape[-1])
-        out = _flex(rows, _as_one_sequence(k_cache), _as_one_sequence(v_cache), block_mask=self._decode_mask[1],
-                    scale=scale)
+        mask = self._decode_mask[1]
+        out = _flex(rows, _as_one_sequence(k_cache), _as_one_sequence(v_cache), block_mask=mask, scale=scale,
+                    kernel_options=kernel_options(q.device, *mask.BLOCK_SIZE))
         return out.view(q.shape)
 
     def _decode_block_mask(self, meta: StepMetadata, num_blocks: int, block_size: int, group: int,
@@ -156,7 +161,7 @@ class FlexAttention(TorchAttention):
 
         return BlockMask.from_kv_blocks(partial[:, None, None], partial_indices[:, None, None],
                                         num_full.to(torch.int32)[:, None, None], full_indices[:, None, None],
-                                        BLOCK_SIZE=(group, tile), mask_mod=below_fill,
+                                        BLOCK_SIZE=(decode_query_tile(group, device), tile), mask_mod=below_fill,
                                         seq_lengths=(group, num_tiles * tile), compute_q_blocks=False)
 
     def _prefill_after_cache(self, qi, k_cache, v_cache, meta: StepMetadata, i: int, scale: float) -> torch.Tensor:
@@ -189,7 +194,24 @@ class FlexAttention(TorchAttention):
                                         mask_mod=causal, seq_lengths=(q_len, num_tiles * tile),
                                         compute_q_blocks=False)
         return _flex(qi, _as_one_sequence(k_cache), _as_one_sequence(v_cache), block_mask=mask, scale=scale,
-                     enable_gqa=True)
+                     enable_gqa=True, kernel_options=kernel_options(qi.device, CHUNK_QUERY_TILE, tile))
+
+
+def decode_query_tile(group: int, device: torch.device) -> int:
+    """Query rows per block-mask tile in decode, where one tile holds the `group` query heads of a KV
+    head: exactly those on CPU; on CUDA at least the 16 rows Triton computes at once."""
+    if device.type != "cuda":
+        return group
+    return max(CUDA_MIN_QUERY_TILE, 1 << (group - 1).bit_length())
+
+
+def kernel_options(device: torch.device, query_tile: int, kv_tile: int) -> dict | None:
+    """On CUDA, Triton tiles that divide the block mask's (`query_tile` x `kv_tile`), and the general
+    kernel for every batch: without `FORCE_USE_FLEX_ATTENTION` a batch size compiled as a constant
+    would get the split-KV decoding kernel and a dynamic one the general kernel."""
+    if device.type != "cuda":
+        return None
+    return {"BLOCK_M": min(query_tile, CUDA_MAX_KERNEL_ROWS), "BLOCK_N": kv_tile, "FORCE_USE_FLEX_ATTENTION": True}
 
 
 def _tiled(block_tables: torch.Tensor, num_blocks: int, block_size: int) -> tuple[int, int, torch.Tensor]:
