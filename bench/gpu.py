@@ -7,9 +7,10 @@
    graphs), an ample pool and tight pools that preempt (recompute, swap); every token must equal
    the reference. Llama-3-8B-shaped weights in bfloat16: the same runs, compared with each other
    and with the float32 reference on the same weights (bf16 rounding may tip a near-tie: the
-   agreement is reported, not asserted).
+   agreement is reported, not asserted). A run that fails is recorded with its error, and the
+   others go on.
 3. kernel: decode attention, the project's Triton paged kernel (16-slot blocks scattered through
-   the pool) against PyTorch's SDPA on the same K/V laid out contiguously, at batch 1 to 256 and
+   one pool) against PyTorch's SDPA on the same K/V laid out contiguously, at batch 1 to 256 and
    context 512 to 8192; each kernel's K/V bytes per second set against the copy bandwidth.
 4. decode: each twin's decode step (the CLI's `--attention auto`: flash-attn if installed, else
    Triton) at batch 1 to 256, eager and replayed from CUDA graphs, against its floor: the larger
@@ -21,7 +22,10 @@
    lengths capped at 128; the naive twin in consecutive waves of its largest batch (as running
    llama3-naive.py repeatedly), the paged twin at its largest batch; output tokens per second,
    eager and with CUDA graphs (captured before the clock starts, for both twins).
-6. flash: FlashAttention's paged decode, if a flash-attn package imports here (flash-attn 2's
+6. flex: the flex backend (FlexAttention compiled with Triton, reading the blocks in place; first
+   run on a GPU here, and each new cache size compiles, so it comes after the parts above): the
+   correct part's runs and the kernel part's cases through it.
+7. flash: FlashAttention's paged decode, if a flash-attn package imports here (flash-attn 2's
    `flash_attn_with_kvcache`, or FlashAttention-4's `flash_attn.cute` with `page_table`), against
    the Triton kernel on the kernel part's cases; otherwise the import error is recorded.
 
@@ -49,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # tests/: full_forward
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]  # tests/: full_forward, row_metadata
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -63,11 +67,13 @@ from pagedllama.engine.sequence import Request  # noqa: E402
 from pagedllama.io.checkpoint import build_model, random_state_dict  # noqa: E402
 from pagedllama.model.backends import select_backend  # noqa: E402
 from pagedllama.model.config import NAMED_SHAPES, ModelArgs  # noqa: E402
+from pagedllama.model.flex_attention import FlexAttention, flex_problem  # noqa: E402
 from full_forward import full_forward  # noqa: E402
+from row_metadata import decode_metadata  # noqa: E402
 from overhead import BLOCK_SIZE, cache_for  # noqa: E402  (the bench's shared pieces: one cache-sizing rule)
 
 GIB = 1 << 30
-PARTS = ("copy", "correct", "kernel", "decode", "budget", "flash")  # the numbered parts of the docstring
+PARTS = ("copy", "correct", "kernel", "decode", "budget", "flex", "flash")  # the numbered parts of the docstring
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4352, hidden_dim=160)  # demo tokenizer's vocab
 SMALL = ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=4352, hidden_dim=768)  # head dim 32
 FULL = {"args": NAMED_SHAPES["llama3-8b"], "small_args": SMALL, "copy_bytes": 2 * GIB, "matmul_n": 8192,
@@ -132,10 +138,10 @@ def greedy_reference(model, reqs: list[Request], device: torch.device) -> list[l
     return out
 
 
-def correctness_runs() -> list[tuple[str, str, str, str, bool]]:
-    """(twin, attention, pool, preemption, CUDA graphs) of every run the correct part makes."""
+def correctness_runs(attentions: tuple[str, ...]) -> list[tuple[str, str, str, str, bool]]:
+    """(twin, attention, pool, preemption, CUDA graphs) of every run through these backends."""
     runs = []
-    for attention in ("torch", "triton"):
+    for attention in attentions:
         for twin, pool, preemption in (("naive", "ample", "recompute"), ("paged", "ample", "recompute"),
                                        ("paged", "tight", "recompute"), ("paged", "tight", "swap")):
             runs.append((twin, attention, pool, preemption, False))
@@ -156,6 +162,8 @@ def run_twin(model, args: ModelArgs, reqs: list[Request], twin: str, attention: 
         num_blocks = sum(need) + 1 if pool == "ample" else max(max(need), prompts)
         block_size = BLOCK_SIZE
     backend = select_backend(attention, device, dtype, block_size, BLOCK_SIZE if twin == "naive" else max_seq_len)
+    if backend.name == "flex":  # every decode batch through the kernel, also those the CLI sends the torch way
+        backend = FlexAttention(min_batch=1)
     config = EngineConfig(twin, args, max_seq_len, dtype, device, BLOCK_SIZE, ignore_eos=True, preemption=preemption,
                           swap_space_bytes=num_blocks * block_size * args.kv_bytes_per_token(dtype.itemsize),
                           cuda_graphs=graphs)
@@ -169,16 +177,22 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def correctness(label: str, model, reference: list[list[int]], args: ModelArgs, reqs: list[Request],
-                device: torch.device, dtype: torch.dtype, max_seq_len: int) -> list[dict]:
+                device: torch.device, dtype: torch.dtype, max_seq_len: int, attentions: tuple[str, ...]) -> list[dict]:
     """Every run of `correctness_runs` against the reference tokens and against the first run."""
     rows, first = [], None
-    for twin, attention, pool, preemption, graphs in correctness_runs():
-        out, stats = run_twin(model, args, reqs, twin, attention, pool, preemption, graphs, device, dtype,
-                              max_seq_len)
+    for twin, attention, pool, preemption, graphs in correctness_runs(attentions):
+        run = {"model": label, "twin": twin, "attention": attention, "pool": pool, "preemption": preemption,
+               "cuda_graphs": graphs, "requests": len(reqs)}
+        try:
+            out, stats = run_twin(model, args, reqs, twin, attention, pool, preemption, graphs, device, dtype,
+                                  max_seq_len)
+        except Exception as e:  # one backend failing on this GPU is a result; the other runs go on
+            rows.append({**run, "error": f"{type(e).__name__}: {e}"[:500]})
+            log(f"correct {label} {twin} {attention}{' graphs' if graphs else ''} {pool}/{preemption}: "
+                f"FAILED {rows[-1]['error']}")
+            continue
         first = first or out
-        rows.append({"model": label, "twin": twin, "attention": attention, "pool": pool, "preemption": preemption,
-                     "cuda_graphs": graphs, "preemptions": stats.preemptions, "requests": len(reqs),
-                     "tokens": sum(map(len, out)),
+        rows.append({**run, "preemptions": stats.preemptions, "tokens": sum(map(len, out)),
                      "identical_to_reference": sum(o == r for o, r in zip(out, reference)),
                      "tokens_before_divergence": sum(map(common_prefix, out, reference)),
                      "identical_to_first_run": sum(o == f for o, f in zip(out, first))})
@@ -188,49 +202,83 @@ def correctness(label: str, model, reference: list[list[int]], args: ModelArgs, 
     return rows
 
 
-def decode_case(args: ModelArgs, batch: int, context: int, device: torch.device, dtype: torch.dtype):
-    """Random decode inputs: one query per sequence over `context` keys in 16-slot blocks scattered
-    through the pool. Returns (q, k_cache, v_cache, block_table, context_lens, query_start_loc)."""
+def kernel_pool(args: ModelArgs, plan: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """One random K and one V pool of 16-slot blocks for every decode case, sized for the largest, as
+    an engine keeps one pool (and flex compiles its kernel once for that pool's size)."""
+    blocks = max(plan["kernel_batches"]) * cdiv(max(plan["kernel_contexts"]), BLOCK_SIZE)
+    g = torch.Generator(device).manual_seed(0)
+    return tuple(torch.randn(blocks, BLOCK_SIZE, args.n_kv_heads, args.head_dim, generator=g, device=device,
+                             dtype=dtype) for _ in range(2))
+
+
+def decode_case(args: ModelArgs, pool: tuple[torch.Tensor, ...], batch: int, context: int):
+    """Random decode inputs: one query per sequence over `context` keys in blocks scattered through
+    the pool. Returns (q, block_table, context_lens, query_start_loc)."""
+    device, dtype = pool[0].device, pool[0].dtype
     g = torch.Generator(device).manual_seed(batch * 100003 + context)
     blocks_per_seq = cdiv(context, BLOCK_SIZE)
-    num_blocks = batch * blocks_per_seq
-    k_cache, v_cache = (torch.randn(num_blocks, BLOCK_SIZE, args.n_kv_heads, args.head_dim, generator=g,
-                                    device=device, dtype=dtype) for _ in range(2))
-    block_table = torch.randperm(num_blocks, generator=g, device=device).view(batch, blocks_per_seq).int()
+    block_table = torch.randperm(len(pool[0]), generator=g, device=device)[:batch * blocks_per_seq]
+    block_table = block_table.view(batch, blocks_per_seq).int()
     q = torch.randn(batch, args.n_heads, args.head_dim, generator=g, device=device, dtype=dtype)
     context_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=device)
-    return q, k_cache, v_cache, block_table, context_lens, query_start_loc
+    return q, block_table, context_lens, query_start_loc
 
 
-def kernel_case(args: ModelArgs, batch: int, context: int, device: torch.device, dtype: torch.dtype,
-                repeats: int) -> dict:
+def kernel_case(args: ModelArgs, pool: tuple[torch.Tensor, ...], batch: int, context: int, repeats: int) -> dict:
     """Decode attention over `context` keys per sequence: Triton through the block table vs SDPA on a
     contiguous (batch, kv_heads, context, head_dim) copy of the same K/V."""
     from pagedllama.model.triton_attention import paged_attention
 
-    hkv, d = args.n_kv_heads, args.head_dim
-    q, k_cache, v_cache, block_table, context_lens, query_start_loc = decode_case(args, batch, context, device, dtype)
-    k_dense, v_dense = (c[block_table.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
-                        for c in (k_cache, v_cache))
-    scale = d ** -0.5
+    k_cache, v_cache = pool
+    q, block_table, context_lens, query_start_loc = decode_case(args, pool, batch, context)
+    scale = args.head_dim ** -0.5
+    sdpa = contiguous_sdpa(q, pool, block_table, context)
 
     def paged():
         return paged_attention(q, k_cache, v_cache, block_table, context_lens, query_start_loc, 1, context, scale)
 
-    def sdpa():
-        return F.scaled_dot_product_attention(q[:, :, None], k_dense, v_dense, scale=scale, enable_gqa=True)[:, :, 0]
-
     diff = (paged().float() - sdpa().float()).abs().max().item()
-    clock = timer(device)
+    clock = timer(q.device)
     t_paged, t_sdpa = clock(paged, repeats), clock(sdpa, repeats)
-    kv_bytes = 2 * batch * context * hkv * d * k_cache.element_size()
+    kv_bytes = 2 * batch * context * args.n_kv_heads * args.head_dim * k_cache.element_size()
     return {"batch": batch, "context": context, "kv_bytes": kv_bytes, "paged_us": 1e6 * t_paged,
             "sdpa_us": 1e6 * t_sdpa, "paged_bytes_per_s": kv_bytes / t_paged, "sdpa_bytes_per_s": kv_bytes / t_sdpa,
             "max_abs_diff": diff}
 
 
-def flash_cases(args: ModelArgs, batches, contexts, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+def contiguous_sdpa(q: torch.Tensor, pool: tuple[torch.Tensor, ...], block_table: torch.Tensor,
+                    context: int) -> Callable[[], torch.Tensor]:
+    """SDPA over a contiguous (batch, kv_heads, context, head_dim) copy of the sequences' K/V."""
+    k_dense, v_dense = (c[block_table.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous() for c in pool)
+    scale = q.shape[-1] ** -0.5
+    return lambda: F.scaled_dot_product_attention(q[:, :, None], k_dense, v_dense, scale=scale,
+                                                  enable_gqa=True)[:, :, 0]
+
+
+def flex_kernel_case(args: ModelArgs, pool: tuple[torch.Tensor, ...], batch: int, context: int, flex: FlexAttention,
+                     repeats: int) -> dict:
+    """The kernel part's case through the flex backend, called as a layer calls it (the block mask is
+    built by the step's first call, then reused); checked against SDPA on the contiguous copy."""
+    hkv, d = args.n_kv_heads, args.head_dim
+    q, block_table, _, _ = decode_case(args, pool, batch, context)
+    meta = decode_metadata(block_table, [context] * batch, BLOCK_SIZE)
+    k_new, v_new = (c.view(-1, hkv, d)[meta.slot_mapping] for c in pool)  # stores each last key as it is
+
+    def flex_paged():
+        return flex.forward(q, k_new, v_new, *pool, meta, d ** -0.5)
+
+    row = {"batch": batch, "context": context}
+    try:
+        row["max_abs_diff"] = (flex_paged().float() - contiguous_sdpa(q, pool, block_table, context)().float()
+                               ).abs().max().item()
+        row["flex_us"] = 1e6 * timer(q.device)(flex_paged, repeats)
+    except Exception as e:  # a failure to compile or run here is the result
+        row["error"] = f"{type(e).__name__}: {e}"[:500]
+    return row
+
+
+def flash_cases(args: ModelArgs, pool: tuple[torch.Tensor, ...], batches, contexts, repeats: int) -> dict:
     """FlashAttention-4's paged forward (`flash_attn.cute`, `page_table` + `seqused_k`) against the
     Triton kernel on the kernel part's decode cases, if it imports here; else why not."""
     try:
@@ -242,7 +290,8 @@ def flash_cases(args: ModelArgs, batches, contexts, device: torch.device, dtype:
     rows = []
     for batch in batches:
         for context in contexts:
-            q, k_cache, v_cache, table, lens, starts = decode_case(args, batch, context, device, dtype)
+            q, table, lens, starts = decode_case(args, pool, batch, context)
+            k_cache, v_cache = pool
             scale = args.head_dim ** -0.5
 
             def flash():
@@ -255,7 +304,7 @@ def flash_cases(args: ModelArgs, batches, contexts, device: torch.device, dtype:
 
             try:
                 diff = (flash().float() - triton_paged().float()).abs().max().item()
-                clock = timer(device)
+                clock = timer(q.device)
                 t_flash, t_triton = clock(flash, repeats), clock(triton_paged, repeats)
             except Exception as e:
                 return {"available": False, "version": fa_version, "error": f"{type(e).__name__}: {e}"[:500],
@@ -264,7 +313,6 @@ def flash_cases(args: ModelArgs, batches, contexts, device: torch.device, dtype:
                          "max_abs_diff": diff})
             log(f"flash-attn 4 B={batch} ctx={context}: {1e6 * t_flash:.0f} us, triton {1e6 * t_triton:.0f} us, "
                 f"max diff {diff:.1e}")
-            del k_cache, v_cache
     return {"available": True, "version": fa_version, "cases": rows}
 
 
@@ -353,6 +401,33 @@ def same_budget(model, args: ModelArgs, max_seq_len: int, num_requests: int, cap
             "identical_requests": sum(a == b for a, b in zip(paged_out, naive_out))}
 
 
+def correct_part(plan: dict, device: torch.device, dtype: torch.dtype, attentions: tuple[str, ...],
+                 save_rows: Callable[[list[dict]], None]) -> tuple[list[dict], torch.nn.Module]:
+    """The runs of `correctness_runs(attentions)` on the small model in float32 (its rows then go to
+    `save_rows`) and on the large one in `dtype`; returns all rows and the large model (decode and budget
+    run it)."""
+    small, args = plan["small_args"], plan["args"]
+    reqs = random_requests(plan["correct_lengths"], small.vocab_size, seed=1)
+    # the naive twin's row: room for the longest request, in whole blocks (flex tiles it in 16 slots)
+    max_seq_len = (cdiv(max(len(r.prompt_ids) + r.max_new_tokens for r in reqs), BLOCK_SIZE) + 1) * BLOCK_SIZE
+    small_model = build_model(small, random_state_dict(small, 1, device), device, torch.float32, max_seq_len)
+    reference = greedy_reference(small_model, reqs, device)
+    rows = correctness("small float32", small_model, reference, small, reqs, device, torch.float32, max_seq_len,
+                       attentions)
+    save_rows(rows)
+    del small_model
+    # The large model's float32 weights give the reference; the same weights in `dtype` run the engine.
+    reqs = random_requests(plan["correct_lengths"], args.vocab_size, seed=2)
+    sd = random_state_dict(args, 0, device)
+    model = build_model(args, sd, device, dtype, max(plan["prompt"] + plan["steps"] + 1, plan["budget_max_seq_len"]))
+    reference = greedy_reference(build_model(args, sd, device, torch.float32, max_seq_len), reqs, device)
+    del sd
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    rows += correctness(f"large {str(dtype).removeprefix('torch.')}", model, reference, args, reqs, device, dtype, max_seq_len, attentions)
+    return rows, model
+
+
 def save(doc: dict, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -408,40 +483,23 @@ def main() -> None:
 
     if "kernel" in a.parts:
         doc["kernel"] = []
+        pool = kernel_pool(args, plan, device, dtype)
         for batch in plan["kernel_batches"]:
             for context in plan["kernel_contexts"]:
-                r = kernel_case(args, batch, context, device, dtype, plan["repeats"])
+                r = kernel_case(args, pool, batch, context, plan["repeats"])
                 doc["kernel"].append(r)
                 log(f"kernel B={batch} ctx={context}: triton paged {r['paged_us']:.0f} us, SDPA contiguous "
                     f"{r['sdpa_us']:.0f} us, max diff {r['max_abs_diff']:.1e}")
                 save(doc, out)
                 if device.type == "cuda":
-                    torch.cuda.empty_cache()  # each case's caches and their contiguous copies are gigabytes
+                    torch.cuda.empty_cache()  # each case's contiguous copies are gigabytes
+        del pool
 
     model = None
     if "correct" in a.parts:
-        small = plan["small_args"]
-        reqs = random_requests(plan["correct_lengths"], small.vocab_size, seed=1)
-        max_seq_len = max(len(r.prompt_ids) + r.max_new_tokens for r in reqs) + 16
-        small_model = build_model(small, random_state_dict(small, 1, device), device, torch.float32, max_seq_len)
-        reference = greedy_reference(small_model, reqs, device)
-        doc["correct"] = correctness("small float32", small_model, reference, small, reqs, device, torch.float32,
-                                     max_seq_len)
+        doc["correct"], model = correct_part(plan, device, dtype, ("torch", "triton"),
+                                             lambda rows: save({**doc, "correct": rows}, out))
         save(doc, out)
-        del small_model
-        # The large model's float32 weights give the reference; the same weights in `dtype` run the engine.
-        reqs = random_requests(plan["correct_lengths"], args.vocab_size, seed=2)
-        sd = random_state_dict(args, 0, device)
-        model = build_model(args, sd, device, dtype, max(plan["prompt"] + plan["steps"] + 1,
-                                                          plan["budget_max_seq_len"]))
-        reference = greedy_reference(build_model(args, sd, device, torch.float32, max_seq_len), reqs, device)
-        del sd
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        doc["correct"] += correctness(f"large {doc['dtype']}", model, reference, args, reqs, device, dtype,
-                                      max_seq_len)
-        save(doc, out)
-
     if model is None and ("decode" in a.parts or "budget" in a.parts):
         model = build_model(args, random_state_dict(args, 0, device, dtype), device, dtype,
                             max(plan["prompt"] + plan["steps"] + 1, plan["budget_max_seq_len"]))
@@ -478,10 +536,29 @@ def main() -> None:
                 f"{r['paged_tok_per_s']:.0f} tok/s, paged / naive {r['paged_tok_per_s'] / r['naive_tok_per_s']:.2f}")
             save(doc, out)
 
+    if "flex" in a.parts:
+        model = None  # the part builds its own, as the correct part does
+        doc["flex"] = {"problem": flex_problem(device, (BLOCK_SIZE,)), "correct": [], "kernel": []}
+        if doc["flex"]["problem"] is None:
+            doc["flex"]["correct"] = correct_part(plan, device, dtype, ("flex",), lambda rows: save(
+                {**doc, "flex": {**doc["flex"], "correct": rows}}, out))[0]
+            save(doc, out)
+            pool, flex = kernel_pool(args, plan, device, dtype), FlexAttention(min_batch=1)
+            for batch in plan["kernel_batches"]:
+                for context in plan["kernel_contexts"]:
+                    r = flex_kernel_case(args, pool, batch, context, flex, plan["repeats"])
+                    doc["flex"]["kernel"].append(r)
+                    log(f"flex kernel B={batch} ctx={context}: " + (r.get("error") or
+                        f"{r['flex_us']:.0f} us, max diff {r['max_abs_diff']:.1e}"))
+                    save(doc, out)
+            del pool, flex
+        else:
+            log(f"flex: {doc['flex']['problem']}")
+
     if "flash" in a.parts:
-        del model
-        doc["flash"] = flash_cases(args, plan["kernel_batches"], plan["kernel_contexts"], device, dtype,
-                                   plan["repeats"])
+        model = None
+        doc["flash"] = flash_cases(args, kernel_pool(args, plan, device, dtype), plan["kernel_batches"],
+                                   plan["kernel_contexts"], plan["repeats"])
         log(f"flash-attn: {doc['flash'].get('error') or 'ran'}")
         save(doc, out)
     if out is not None:

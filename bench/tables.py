@@ -182,14 +182,21 @@ def gpu(doc: dict) -> str:
             f"{a['n_layers']} layers, {a['n_heads']} / {a['n_kv_heads']} KV heads, block size {doc['block_size']}_; "
             f"copy bandwidth {bw / 1e9:.0f} GB/s (read + written), matrix product {flops / 1e12:.0f} TFLOP/s")
     out = [head]
+    def correctness(rows: list[dict]) -> str:
+        def outcome(r: dict) -> list:
+            if "error" in r:
+                return ["-", f"failed: `{r['error'][:160]}`", "", ""]
+            return [r["preemptions"], f"**{r['identical_to_reference']}/{r['requests']}**",
+                    f"{r['tokens_before_divergence']}/{r['tokens']}", f"{r['identical_to_first_run']}/{r['requests']}"]
+
+        return table(["model", "twin", "attention", "CUDA graphs", "pool", "preemption", "preemptions",
+                      "requests equal to the reference", "tokens before the first difference",
+                      "requests equal to the first run"],
+                     [[r["model"], r["twin"], r["attention"], "yes" if r["cuda_graphs"] else "no", r["pool"],
+                       r["preemption"], *outcome(r)] for r in rows])
+
     if "correct" in doc:
-        out += ["", table(["model", "twin", "attention", "CUDA graphs", "pool", "preemption", "preemptions",
-                           "requests equal to the reference", "tokens before the first difference",
-                           "requests equal to the first run"],
-                          [[r["model"], r["twin"], r["attention"], "yes" if r["cuda_graphs"] else "no", r["pool"],
-                            r["preemption"], r["preemptions"], f"**{r['identical_to_reference']}/{r['requests']}**",
-                            f"{r['tokens_before_divergence']}/{r['tokens']}",
-                            f"{r['identical_to_first_run']}/{r['requests']}"] for r in doc["correct"]])]
+        out += ["", correctness(doc["correct"])]
     if "kernel" in doc:
         out += ["", table(["batch", "context", "Triton paged, us", "SDPA contiguous, us", "paged / SDPA time",
                            "bytes floor, us", "paged / floor", "max abs diff"],
@@ -213,6 +220,25 @@ def gpu(doc: dict) -> str:
                             f"{r['naive_tok_per_s']:.0f}", f"{r['paged_tok_per_s']:.0f}",
                             f"**{r['paged_tok_per_s'] / r['naive_tok_per_s']:.2f}**",
                             f"{r['identical_requests']}/{r['requests']}"] for r in doc["same_budget"]])]
+    if "flex" in doc:
+        f = doc["flex"]
+        if f["problem"]:
+            out += ["", f"flex did not run: `{f['problem']}`"]
+        if f["correct"]:
+            out += ["", correctness(f["correct"])]
+        triton = {(r["batch"], r["context"]): r for r in doc.get("kernel", [])}
+
+        def flex_kernel(r: dict) -> list:
+            if "error" in r:
+                return [f"failed: `{r['error'][:160]}`", "", "", "", ""]
+            t = triton.get((r["batch"], r["context"]))
+            return [f"{r['flex_us']:.0f}", f"**{r['flex_us'] / t['paged_us']:.2f}**" if t else "-",
+                    f"**{r['flex_us'] / t['sdpa_us']:.2f}**" if t else "-",
+                    f"**{r['flex_us'] / (1e6 * t['kv_bytes'] / bw):.2f}**" if t else "-", f"{r['max_abs_diff']:.1e}"]
+
+        if f["kernel"]:
+            out += ["", table(["batch", "context", "flex, us", "flex / Triton time", "flex / SDPA time", "flex / floor",
+                               "max abs diff"], [[r["batch"], r["context"], *flex_kernel(r)] for r in f["kernel"]])]
     if "flash" in doc:
         f = doc["flash"]
         if f.get("cases"):

@@ -38,11 +38,14 @@ def test_paged_kernel_agrees_with_sdpa_on_the_contiguous_cache(smoke):
 
 def test_every_twin_backend_and_pool_gives_the_reference_tokens(smoke):
     """Both twins through each backend (Triton in its interpreter here, also through the CUDA graphs'
-    static buffers), ample and tight pools, recompute and swap: every request as the reference."""
-    runs = smoke["correct"]
+    static buffers; flex, in its own part, compiled for the CPU), ample and tight pools, recompute and
+    swap: every request as the reference."""
+    assert smoke["flex"]["problem"] is None
+    runs = smoke["correct"] + smoke["flex"]["correct"]
+    assert not [r["error"] for r in runs if "error" in r]
     assert {r["model"] for r in runs} == {"small float32", "large float32"}
     assert {(r["twin"], r["attention"], r["cuda_graphs"]) for r in runs} == {
-        (t, a, g) for t in ("naive", "paged") for a in ("torch", "triton") for g in (False, a == "triton")}
+        (t, a, g) for t in ("naive", "paged") for a in ("torch", "triton", "flex") for g in (False, a == "triton")}
     assert all(r["preemptions"] > 0 for r in runs if r["pool"] == "tight")
     assert {r["preemption"] for r in runs if r["pool"] == "tight"} == {"recompute", "swap"}
     for r in runs:
@@ -77,9 +80,24 @@ def test_tables_render_the_results(smoke):
     import tables
 
     text = tables.gpu(smoke)
+    assert "flash-attn did not run" in text  # not installable here: the reason is in the results
     assert "| 3 | 40 |" in text and "| naive | 3 | torch | no |" in text and "same KV budget" in text
     assert "| small float32 | paged | triton | yes | tight | recompute | 1 | **3/3** |" in text
-    assert "flash-attn did not run" in text  # not installable here: the reason is in the results
+    assert "| small float32 | naive | flex | no | ample | recompute | 0 | **3/3** |" in text
+    flex = smoke["flex"]["kernel"][1]
+    paged = smoke["kernel"][1]
+    assert f"| 3 | 40 | {flex['flex_us']:.0f} | **{flex['flex_us'] / paged['paged_us']:.2f}** |" in text
+    failed = {**smoke, "flex": {"problem": None, "correct": [{**smoke["flex"]["correct"][0], "error": "NoValidChoicesError: x"}],
+                                "kernel": [{"batch": 1, "context": 40, "error": "ValueError: tiles"}]}}
+    text = tables.gpu(failed)
+    assert "failed: `NoValidChoicesError: x`" in text and "failed: `ValueError: tiles`" in text
+    assert "flex did not run: `g++ missing`" in tables.gpu({**smoke, "flex": {"problem": "g++ missing", "correct": [],
+                                                                               "kernel": []}})
+
+
+def test_flex_part_checks_its_kernel_against_sdpa(smoke):
+    assert [(r["batch"], r["context"]) for r in smoke["flex"]["kernel"]] == [(1, 40), (3, 40)]
+    assert all(r["max_abs_diff"] < 1e-4 and r["flex_us"] > 0 for r in smoke["flex"]["kernel"])
 
 
 def test_flash_part_records_why_it_did_not_run(smoke):
