@@ -16,7 +16,7 @@ def test_decode_steps_use_the_same_full_width_buffers(tiny_model):
     engine = make_engine(tiny_model, 4, 40, 64, 2)
     engine.add(requests)
     engine.step()  # prefill
-    runner, manager, seen = engine.runner, engine.block_manager, []
+    runner, seen = engine.runner, []
     prepare = runner.prepare
 
     def record(seqs, is_prefill, *args, **kwargs):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CPU, TINY, chats, random_requests, write_byte_checkpoint
+from conftest import TINY, chats, random_requests, write_byte_checkpoint
 from pagedllama.app import cli
 from pagedllama.app.capacity import dry_run, find_max_batch
 from pagedllama.engine.config import EngineConfig
