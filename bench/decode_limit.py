@@ -12,11 +12,13 @@
 
 4. A prompt chunk of 64 or 512 tokens after 1024 or 4096 cached ones (prefix caching, chunked
    prefill): its attention per layer through each backend.
+5. Part 2's decode attention at block sizes 16, 32 and 64 (flex reads a block as one tile of that
+   many slots; a larger block wastes more: up to block - 1 slots per request).
 
-Backends alternate call by call (2, 4) or step by step (3) in one process; medians of repeats with
+Backends alternate call by call (2, 4, 5) or step by step (3) in one process; medians of repeats with
 their range.
 
-    python bench/decode_limit.py [--quick] [--dtypes float32,bfloat16] [--parts attention step chunk]
+    python bench/decode_limit.py [--quick] [--dtypes float32,bfloat16] [--parts attention step chunk blocks]
 
 Results: bench/results/<BENCH_DTYPE>/decode_limit_<dtype>.json, written as each dtype finishes.
 """
@@ -101,21 +103,22 @@ def steady_batch(runner: ModelRunner, manager: BlockManager, batch: int, context
     return seqs
 
 
-def runner_for(args, dtype, batch: int, context: int, backend, model=None) -> tuple[ModelRunner, BlockManager]:
-    max_seq_len = context + 2 * BLOCK
-    layout = CacheLayout(BLOCK, batch * (-(-max_seq_len // BLOCK)) + 1)
-    config = EngineConfig("paged", args, max_seq_len, dtype, CPU, BLOCK)
+def runner_for(args, dtype, batch: int, context: int, backend, model=None,
+               block: int = BLOCK) -> tuple[ModelRunner, BlockManager]:
+    max_seq_len = context + 2 * block
+    layout = CacheLayout(block, batch * (-(-max_seq_len // block)) + 1)
+    config = EngineConfig("paged", args, max_seq_len, dtype, CPU, block)
     manager = BlockManager(layout, max_seq_len, batch)
     runner = ModelRunner(config, model, layout, batch, backend)
     runner.cache.kv.normal_()
     return runner, manager
 
 
-def attention_case(args, dtype, batch: int, context: int, rounds: int) -> dict:
+def attention_case(args, dtype, batch: int, context: int, rounds: int, block: int = BLOCK) -> dict:
     """Per-layer decode attention time, each backend on its own copy of one cache state."""
     runs = {}
     for name, cls in BACKENDS.items():  # every layer its own K/V, as in a step: no layer reads another's from cache
-        runner, manager = runner_for(args, dtype, batch, context, cls())
+        runner, manager = runner_for(args, dtype, batch, context, cls(), block=block)
         seqs = steady_batch(runner, manager, batch, context)
         runs[name] = runner, seqs, manager
     h, hkv, d = args.n_heads, args.n_kv_heads, args.head_dim
@@ -133,7 +136,7 @@ def attention_case(args, dtype, batch: int, context: int, rounds: int) -> dict:
             if r:
                 times[name].append((time.perf_counter() - t0) / args.n_layers * 1e3)
     kv_bytes = batch * (context + 1) * 2 * hkv * d * dtype.itemsize
-    return {"batch": batch, "context": context, "kv_bytes_per_layer": kv_bytes,
+    return {"batch": batch, "context": context, "block_size": block, "kv_bytes_per_layer": kv_bytes,
             "ms": {name: median_range(t) for name, t in times.items()}}
 
 
@@ -215,7 +218,9 @@ def step_limit_ms(model, dtype, batch: int, context: int, bandwidth: float, peak
             "bound": "memory" if bytes_ms >= flops_ms else "compute"}
 
 
-PARTS = ("attention", "step", "chunk")
+PARTS = ("attention", "step", "chunk", "blocks")
+BLOCK_SIZES = (16, 32, 64)
+BLOCK_CASES = ((16, 1024), (16, 4096), (64, 1024))  # (batch, context)
 
 
 def run(quick: bool, dtypes: list[str], parts: tuple[str, ...] = PARTS) -> dict:
@@ -253,12 +258,19 @@ def run(quick: bool, dtypes: list[str], parts: tuple[str, ...] = PARTS) -> dict:
                 out["attention"].append(case)
                 log(f"  attention B={batch:3d} ctx={context:4d}: " + ", ".join(
                     f"{n} {case['ms'][n]['median']:.3f} ms" for n in BACKENDS) + f" (floor {case['floor_ms']:.3f})")
+        for batch, context in BLOCK_CASES if "blocks" in parts else []:
+            for block in BLOCK_SIZES:
+                case = attention_case(args, dtype, batch, context, rounds, block)
+                case["floor_ms"] = case["kv_bytes_per_layer"] / bandwidth * 1e3
+                out["blocks"].append(case)
+                log(f"  attention B={batch:3d} ctx={context:4d} block {block}: " + ", ".join(
+                    f"{n} {case['ms'][n]['median']:.3f} ms" for n in BACKENDS))
         for cached in [1024, 4096] if "chunk" in parts else []:
             for chunk in (64, 512):
                 out["chunk"].append(chunk_case(args, dtype, cached, chunk, rounds))
                 log(f"  chunk of {chunk} after {cached}: " + ", ".join(
                     f"{n} {out['chunk'][-1]['ms'][n]['median']:.3f} ms" for n in BACKENDS))
-        model = load_model(MODEL, dtype)
+        model = load_model(MODEL, dtype) if "step" in parts else None
         for batch in ([1, 64] if quick else [1, 16, 64]) if "step" in parts else []:
             case = step_case(model, dtype, batch, 280, rounds)
             case.update(step_limit_ms(model, dtype, batch, 280, bandwidth, peak))

@@ -278,6 +278,14 @@ def decode_limit(doc: dict) -> str:
                    ms(r["matmuls_alone_ms"]) if "matmuls_alone_ms" in r else "-",
                    f"{r['limit_ms'] / r['matmuls_alone_ms']['median']:.0%}" if "matmuls_alone_ms" in r else "-"]
                   for r in d["step"]])]
+    if d.get("blocks"):
+        at_16 = {(r["batch"], r["context"]): r["ms"]["flex"]["median"] for r in d["blocks"] if r["block_size"] == 16}
+        out += ["", table(["batch", "context", "block size (flex tile)", "torch (gather + SDPA), ms", "flex (in place), ms",
+                           "flex / torch", "flex / flex at block 16", "floor / flex"],
+                          [[r["batch"], r["context"], r["block_size"], ms(r["ms"]["torch"]), ms(r["ms"]["flex"]),
+                            f"**{r['ms']['flex']['median'] / r['ms']['torch']['median']:.2f}**",
+                            f"{r['ms']['flex']['median'] / at_16[r['batch'], r['context']]:.2f}",
+                            f"{r['floor_ms'] / r['ms']['flex']['median']:.0%}"] for r in d["blocks"]])]
     if d.get("chunk"):
         out += ["", table(["prompt chunk after cached context", "torch (gather + SDPA), ms per layer",
                            "flex (in place), ms per layer", "flex / torch"],
