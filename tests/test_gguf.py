@@ -18,6 +18,7 @@ from conftest import BYTE_ARGS, CPU, chats, tokenizer_bytes
 from full_forward import full_forward
 from pagedllama.app import cli
 from pagedllama.errors import UserError
+from pagedllama.io import gguf_checkpoint
 from pagedllama.io.checkpoint import build_model, load_checkpoint, random_state_dict
 from pagedllama.io.gguf_checkpoint import SUPPORTED_TYPES, file_name, gguf_tokenizer
 from pagedllama.io.tokenizer import Tokenizer, _bytes_to_unicode, _special_token_names
@@ -238,6 +239,30 @@ def test_cli_runs_a_gguf_as_the_same_weights_in_hf_format(tmp_path, capsys):
         if model != tmp_path / "hf":
             assert "GGUF F32 100%, dequantized to float32: the KV cache and matmuls run in float32" in out
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_simulate_plans_for_a_gguf_from_its_metadata(tmp_path, capsys, monkeypatch):
+    """--simulate takes a GGUF, the file or its folder, as it takes a config: the shape from the
+    metadata (no tensor read), the prompts measured with the GGUF's own tokenizer."""
+    sd = random_state_dict(BYTE_ARGS, seed=9)
+    (tmp_path / "model").mkdir()
+    gguf_path = write_gguf(tmp_path / "model" / "m.gguf", BYTE_ARGS, sd)
+    save_hf(sd, BYTE_ARGS, tmp_path / "hf")
+    data = write_data(tmp_path / "data.json")
+    monkeypatch.setattr(gguf_checkpoint, "dequantized_state_dict", lambda *a: pytest.fail("a tensor was read"))
+    plans = []
+    for target in (gguf_path, tmp_path / "model"):
+        out_json = tmp_path / f"{target.name}.json"
+        status, out, err = run_cli(capsys, "2", "--simulate", str(target), "--kv-cache-gb", "0.0001", "--data",
+                                   str(data), "--json", str(out_json), "--no-progress")
+        assert status == 0, err
+        assert "lengths measured with the GGUF's own tokenizer" in out
+        doc = json.loads(out_json.read_text())
+        plans.append((doc["memory"], doc["scheduler"], doc["timeline"]))
+    assert plans[0] == plans[1]
+    status, out, err = run_cli(capsys, "2", "--simulate", str(tmp_path / "hf" / "config.json"), "--kv-cache-gb",
+                               "0.0001", "--data", str(data), "--no-progress")
+    assert status == 0 and "lengths measured with the demo tokenizer" in out  # a config alone: the stand-in
 
 
 def one_line_error(capsys, model: Path, tmp_path: Path, *keywords: str) -> str:

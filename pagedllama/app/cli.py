@@ -33,13 +33,15 @@ from ..engine.sharing import format_sharing
 from ..errors import OutOfKVMemory, UsageError, UserError
 from ..host_memory import keep_freed_memory
 from ..io.checkpoint import read_config
+from ..io.gguf_checkpoint import gguf_file, gguf_tokenizer, read_gguf_config
 from ..io.data import default_data_path, load_sharegpt
 from ..io.loading import (DEMO, LLAMA3_VOCAB_SIZE, LLAMA_MODELS_INSTALL, Loaded, installed_llama3_tokenizer, load,
                           resolve_device)
 from ..io.tokenizer import demo_tokenizer, load_tokenizer
 from ..model.attention import AttentionBackend
 from ..model.backends import BACKENDS, select_backend
-from ..model.config import DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, resolve_shape
+from ..model.config import (CONFIG_FILES, DEFAULT_MAX_SEQ_LEN, DEMO_ARGS, MAX_SEQ_LEN_LIMIT, NAMED_SHAPES, ModelArgs,
+                            resolve_shape)
 from ..model.model_runner import warmup_peak_bytes
 from ..model.parallel import SINGLE, TensorParallel, check_divides
 from ..units import GB, human_bytes
@@ -123,8 +125,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("capacity planning (no forward pass: the real scheduler and allocator only)")
     g.add_argument("--find-max-batch", action="store_true",
                    help="print the largest batch whose requests all stay resident at once within the KV budget")
-    g.add_argument("--simulate", metavar="CONFIG", help=f"plan for a model that is not here: {', '.join(NAMED_SHAPES)} "
-                                                        "or a params.json / config.json")
+    g.add_argument("--simulate", metavar="CONFIG", help=f"plan for a model that is not here: {', '.join(NAMED_SHAPES)}, "
+                                                        "a params.json / config.json, or a GGUF (its metadata only)")
     g.add_argument("--gpu-memory-gb", type=float, help="with --simulate: the GPU's memory in GB")
     g = p.add_argument_group("tensor parallelism (docs/tensor-parallel.md)")
     g.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
@@ -516,11 +518,13 @@ def scheduler_json(stats: SchedulerStats) -> dict:
 
 def shape_only(args: argparse.Namespace) -> Loaded:
     """--simulate: a model shape with no weights, and the tokenizer that measures prompts and answers:
-    --tokenizer, else Llama 3's own where `llama-models` is installed, else the demo tokenizer."""
-    shape = resolve_shape(args.simulate)
+    --tokenizer, else a GGUF's own, else Llama 3's where `llama-models` is installed, else the demo's."""
+    shape, gguf = simulated_shape(args.simulate)
     llama3 = installed_llama3_tokenizer() if shape.vocab_size == LLAMA3_VOCAB_SIZE else None
     if args.tokenizer:
         tokenizer, note = load_tokenizer(Path(args.tokenizer)), f"lengths measured with {args.tokenizer}"
+    elif gguf:
+        tokenizer, note = gguf_tokenizer(gguf), "lengths measured with the GGUF's own tokenizer"
     elif llama3:
         tokenizer, note = load_tokenizer(llama3), "lengths measured with Llama 3's tokenizer (from llama-models)"
     else:
@@ -531,6 +535,15 @@ def shape_only(args: argparse.Namespace) -> Loaded:
     return Loaded(None, tokenizer, shape, False, args.max_seq_len or DEFAULT_MAX_SEQ_LEN,
                   f"{args.simulate} shape ({shape.num_params() / 1e9:.2f}B parameters, no weights"
                   + (f", on {tp} GPUs" if tp > 1 else "") + f"); {note}")
+
+
+def simulated_shape(name_or_path: str) -> tuple[ModelArgs, Path | None]:
+    """--simulate's shape: a named one, a params.json / config.json or a folder holding one, or a GGUF
+    file or a folder holding one (its metadata: no tensor is read); and that GGUF, if it was one."""
+    path = Path(name_or_path)
+    has_config = path.is_dir() and any((path / name).is_file() for name in CONFIG_FILES)
+    gguf = gguf_file(path) if name_or_path not in NAMED_SHAPES and path.exists() and not has_config else None
+    return (read_gguf_config(gguf), gguf) if gguf else (resolve_shape(name_or_path), None)
 
 
 def resolve_budget(args: argparse.Namespace, loaded: Loaded, config: EngineConfig, backend: AttentionBackend | None,

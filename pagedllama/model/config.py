@@ -220,12 +220,15 @@ def load_config_file(path: str | Path) -> ModelArgs:
     return args
 
 
+CONFIG_FILES = ("params.json", "original/params.json", "config.json")  # where a checkpoint folder keeps its shape
+
+
 def resolve_shape(name_or_path: str) -> ModelArgs:
     """A named shape (`llama3-8b`, ...) or a path to a params.json / config.json."""
     if name_or_path in NAMED_SHAPES:
         return NAMED_SHAPES[name_or_path]
     if Path(name_or_path).is_dir():
-        for fname in ("params.json", "original/params.json", "config.json"):
+        for fname in CONFIG_FILES:
             if (Path(name_or_path) / fname).is_file():
                 return load_config_file(Path(name_or_path) / fname)
     if Path(name_or_path).suffix == ".json" or Path(name_or_path).exists():
