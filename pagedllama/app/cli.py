@@ -124,7 +124,8 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g.add_argument("--swap-space-gb", type=float, default=4.0, help="CPU memory for --preemption swap (default 4)")
     g = p.add_argument_group("capacity planning (no forward pass: the real scheduler and allocator only)")
     g.add_argument("--find-max-batch", action="store_true",
-                   help="print the largest batch whose requests all stay resident at once within the KV budget")
+                   help="print the largest batch that fits in the KV budget: no request waits for blocks "
+                        "and none is preempted (dry runs)")
     g.add_argument("--simulate", metavar="CONFIG", help=f"plan for a model that is not here: {', '.join(NAMED_SHAPES)}, "
                                                         "a params.json / config.json, or a GGUF (its metadata only)")
     g.add_argument("--gpu-memory-gb", type=float, help="with --simulate: the GPU's memory in GB")
