@@ -8,6 +8,8 @@
 # 3. the twins' CLI on CUDA with the demo model and the default CUDA budget (the warm-up that sizes
 #    it included): the paged twin eager and from CUDA graphs (their tokens compared), the naive twin.
 #
+# Its limits (gpu.py 400 s, each CLI run 60 s) keep the whole under the 600 s one device command may run.
+#
 # Then, here: copy OUT_DIR/gpu.json to bench/results/gpu/ and run `python bench/tables.py --fill
 # BENCHMARKS.md`. A part that failed reruns alone with `python3 bench/gpu.py --parts PART ...`.
 set -uo pipefail
@@ -20,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 python3 -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton',
 triton.__version__, torch.cuda.get_device_name())" >> "$out/machine.txt" 2>&1
 
-timeout "${GPU_BENCH_TIMEOUT:-420}" python3 bench/gpu.py --out "$out/gpu.json" > "$out/gpu.log" 2>&1
+timeout "${GPU_BENCH_TIMEOUT:-400}" python3 bench/gpu.py --out "$out/gpu.json" > "$out/gpu.log" 2>&1
 echo "bench/gpu.py exit status $?" >> "$out/gpu.log"
 
 cli() {  # name, then the twin script and its flags

@@ -18,7 +18,7 @@ from pagedllama.model import backends
 from pagedllama.model.attention import gather_kv as real_gather
 from pagedllama.model.backends import select_backend
 from pagedllama.model.flex_attention import (CHUNK_QUERY_TILE, FlexAttention, decode_query_tile, expand_block_tables,
-                                             kernel_block_size, kernel_options)
+                                             kernel_block_size, kernel_options, pool_problem)
 
 CPU = torch.device("cpu")
 
@@ -93,6 +93,17 @@ def test_cuda_kernel_tiles_divide_the_block_masks(group, block_size):
         assert query_tile % options["BLOCK_M"] == 0 and kv_tile % options["BLOCK_N"] == 0
         assert min(options["BLOCK_M"], options["BLOCK_N"]) >= 16 and options["FORCE_USE_FLEX_ATTENTION"]
     assert decode_query_tile(group, CPU) == group and kernel_options(CPU, group, kv_tile) is None
+
+
+def test_cuda_pool_within_the_kernels_int32_offsets():
+    """On CUDA the template's K/V offsets are int32: a layer of up to 2^31 elements is addressed (bench/gpu.py's
+    kernel pool, 256 x 8192 slots at Llama 3 8B's 8 x 128 KV heads, is exactly that), one block more is
+    refused with the most blocks that fit; the CPU kernel is not limited so."""
+    cuda, at_8b = torch.device("cuda"), (16, 8, 128)
+    assert pool_problem((256 * 8192 // 16, *at_8b), cuda) is None
+    message = pool_problem((256 * 8192 // 16 + 1, *at_8b), cuda)
+    assert "reach 131072 blocks of 16 slots" in message and "has 131073" in message and "--attention triton" in message
+    assert pool_problem((256 * 8192 // 16 + 1, *at_8b), CPU) is None
 
 
 @pytest.mark.parametrize("block_size", [8, 100])

@@ -108,6 +108,19 @@ def test_split_k(monkeypatch, num_splits):
     check([4, 20], [4, 150], 3, 8, 2)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # empty split: lse -inf
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_padding_row_with_no_context_gives_zeros(monkeypatch, num_splits):
+    """A CUDA graph's padding row (context 0, cuda_graphs.py) has no key in any split: zeros, not the
+    NaN of merging splits that are all -inf; the real row beside it is unchanged."""
+    monkeypatch.setattr(triton_attention, "_num_splits", lambda *args: num_splits)
+    q, k_cache, v_cache, block_table, ctx, qsl = make_case([1, 1], [0, 300], 16, 8, 2, 32, torch.float32)
+    out = paged_attention(q, k_cache, v_cache, block_table, ctx, qsl, 1, 300, 0.2)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    expected = reference(q[1:], k_cache, v_cache, block_table[1:], ctx[1:], qsl[1:] - 1, 0.2)
+    torch.testing.assert_close(out[1:].double(), expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [
     torch.float16,
     pytest.param(torch.bfloat16, marks=pytest.mark.skip(

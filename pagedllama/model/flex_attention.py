@@ -39,6 +39,9 @@ FLEX_MIN_BATCH = 8
 CHUNK_QUERY_TILE = 128  # query rows per tile of a prompt chunk
 CUDA_MIN_QUERY_TILE = 16  # the smallest query tile Triton's template computes
 CUDA_MAX_KERNEL_ROWS = 64  # query rows per kernel tile on CUDA (shared memory at float32 and head dim 128)
+# Triton's template computes a K/V element's offset (slot x slot stride) in int32 (torch 2.13 and
+# before; pytorch#185264 widens it): past this many elements in a layer it reads the wrong memory.
+CUDA_MAX_LAYER_ELEMENTS = 2 ** 31
 RECOMPILE_LIMIT = 64
 _compiled_flex = None  # one compiled kernel for every backend instance: compiling costs seconds
 
@@ -87,6 +90,17 @@ def flex_problem(device: torch.device, block_sizes: tuple[int, ...]) -> str | No
         return ("--attention flex on CUDA compiles its kernel with Triton: `pip install triton`, or use "
                 "--attention torch")
     return None
+
+
+def pool_problem(shape: tuple[int, ...], device: torch.device) -> str | None:
+    """Why the kernel cannot address a layer's (num_blocks, block_size, Hkv, D) cache on `device`, or
+    None: on CUDA, one of more than CUDA_MAX_LAYER_ELEMENTS elements (vLLM refuses those too)."""
+    if device.type != "cuda" or math.prod(shape) <= CUDA_MAX_LAYER_ELEMENTS:
+        return None
+    most = CUDA_MAX_LAYER_ELEMENTS // math.prod(shape[1:])
+    return (f"--attention flex on CUDA: FlexAttention's Triton kernel addresses K/V with 32-bit offsets, which "
+            f"reach {most} blocks of {shape[1]} slots at this model's shape, and this KV pool has {shape[0]}; "
+            "lower --kv-cache-gb, --num-blocks or the batch size, or use --attention triton")
 
 
 def expand_block_tables(block_tables: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -222,7 +236,9 @@ def _tiled(block_tables: torch.Tensor, num_blocks: int, block_size: int) -> tupl
 
 def _as_one_sequence(cache: torch.Tensor) -> torch.Tensor:
     """(num_blocks, block_size, Hkv, D) as one sequence of every slot, (1, Hkv, slots, D): a view,
-    its sizes static (see the module's docstring)."""
+    its sizes static (see the module's docstring); a pool the kernel cannot address is refused."""
+    if problem := pool_problem(tuple(cache.shape), cache.device):
+        raise UsageError(problem)
     return _static(cache.view(1, -1, *cache.shape[2:]).transpose(1, 2))
 
 

@@ -130,10 +130,14 @@ def _merge_splits_kernel(
 
     lse = tl.load(lse_ptr + splits * stride_ls + token * stride_lt + head * stride_lh,
                   mask=present, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, 0))  # split 0 always holds key 0, so the max is finite
+    # Split 0 holds key 0 of every real row, so its max is finite; a padding row of a CUDA graph's
+    # bucket (context 0) has no key in any split and gets zeros, not -inf - -inf = NaN.
+    top = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0))
     parts = tl.load(partial_ptr + (splits * stride_ps + token * stride_pt + head * stride_ph)[:, None]
                     + dims[None, :], mask=present[:, None], other=0.0)
-    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out)
 
 
