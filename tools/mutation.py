@@ -34,17 +34,24 @@ MUTMUT_VERSION = "3.8.1"
 # paths are in test_engine_reference.py and the per-module tests), as is anything about the CLI,
 # checkpoints or benchmarks beyond what the module is used for there.
 TESTS = {
-    "model/model": ["tests/test_reference.py", "tests/test_engine_reference.py", "tests/test_checkpoint.py"],
-    "model/attention": ["tests/test_attention.py", "tests/test_engine_reference.py", "tests/test_triton_attention.py"],
+    "model/kv_cache": ["tests/test_model_runner.py", "tests/test_swap.py", "tests/test_sharing.py",
+                       "tests/test_scheduler_state_machine.py", "tests/test_engine_reference.py"],
     "engine/block_allocator": ["tests/test_block_allocator.py", "tests/test_swap.py", "tests/test_sharing.py",
-                        "tests/test_prefix_cache.py", "tests/test_scheduler_state_machine.py"],
-    "engine/block_manager": ["tests/test_block_allocator.py", "tests/test_attention.py", "tests/test_engine_reference.py",
-                 "tests/test_sharing.py", "tests/test_prefix_cache.py", "tests/test_swap.py",
-                 "tests/test_beam_search.py", "tests/test_scheduler_policy.py",
-                 "tests/test_scheduler_state_machine.py"],
+                               "tests/test_prefix_cache.py", "tests/test_scheduler_state_machine.py"],
+    "model/model": ["tests/test_reference.py", "tests/test_engine_reference.py", "tests/test_checkpoint.py"],
+    "model/model_runner": ["tests/test_model_runner.py", "tests/test_attention.py", "tests/test_attention_rows.py",
+                           "tests/test_engine_reference.py", "tests/test_prefix_cache.py", "tests/test_swap.py",
+                           "tests/test_cuda_graphs.py",
+                           "tests/test_capacity.py::test_budget_warm_up_runs_the_backend_and_block_size_that_will_run"],
     "engine/scheduler": ["tests/test_scheduler_policy.py", "tests/test_scheduler_state_machine.py", "tests/test_swap.py",
-                  "tests/test_sharing.py", "tests/test_prefix_cache.py", "tests/test_beam_search.py",
-                  "tests/test_engine_reference.py"],
+                         "tests/test_sharing.py", "tests/test_prefix_cache.py", "tests/test_beam_search.py",
+                         "tests/test_engine_reference.py"],
+    "engine/block_manager": ["tests/test_block_allocator.py", "tests/test_attention.py", "tests/test_engine_reference.py",
+                             "tests/test_sharing.py", "tests/test_prefix_cache.py", "tests/test_swap.py",
+                             "tests/test_beam_search.py", "tests/test_scheduler_policy.py",
+                             "tests/test_scheduler_state_machine.py"],
+    "model/attention": ["tests/test_attention.py", "tests/test_attention_rows.py", "tests/test_engine_reference.py",
+                        "tests/test_triton_attention.py"],
 }
 KILLED = {1, 3}  # pytest failed (3: an internal error, as a mutant may cause)
 SURVIVED = {0}
