@@ -9,6 +9,7 @@ from pagedllama.engine.block_allocator import BlockAllocator
 from pagedllama.engine.block_manager import BlockManager
 from pagedllama.engine.config import CacheLayout
 from pagedllama.engine.sequence import Sequence
+from pagedllama.engine.waste import WasteRecorder
 
 
 def check_invariants(cache: BlockManager, live: list[Sequence]) -> None:
@@ -70,6 +71,38 @@ def test_allocator_refuses_what_would_corrupt_its_counts():
     with pytest.raises(AssertionError, match=f"reusing block {held[0]}, which is in use"):
         pool.reuse(held[0])
     assert pool.ref_counts == [1, 1] and pool.num_refs == 2 and pool.num_free == 0
+
+
+def test_a_contiguous_pool_hands_out_and_takes_back_whole_runs_only():
+    """The naive twin's pool: runs of consecutive blocks, first fit, each held once and given back
+    whole; single blocks are refused. The waste trace sees each run as one unit of its slots."""
+    recorder = WasteRecorder(6 * 4, 1, 6)
+    pool = BlockAllocator(6, contiguous=True, block_slots=4, recorder=recorder)
+    assert pool.allocate_run(4) == 0 and pool.allocate_run(3) is None
+    assert pool.ref_counts == [1, 1, 1, 1, 0, 0] and pool.num_refs == 4 and pool.num_free == 2
+    recorder.step([0], [5], 8)  # one unit of 16 slots live, 8 free: the budget
+    with pytest.raises(AssertionError, match=r"^a contiguous pool hands out runs \(allocate_run\)$"):
+        pool.allocate()
+    with pytest.raises(AssertionError, match=r"^a contiguous pool takes runs back whole \(free_run\)$"):
+        pool.free(0)
+    pool.free_run(0, 4)
+    with pytest.raises(AssertionError, match="^the run at block 0 is not held once$"):
+        pool.free_run(0, 4)
+    assert pool.ref_counts == [0] * 6 and pool.num_refs == 0 and pool.num_free == 6
+    recorder.step([], [], 24)
+    assert pool.allocate_run(6) == 0
+
+
+def test_a_reused_block_is_a_new_unit_of_the_waste_trace():
+    """A freed block taken back for its cached prefix starts a new lifetime of its slots."""
+    recorder = WasteRecorder(2 * 4, 1, 2)
+    pool = BlockAllocator(2, block_slots=4, recorder=recorder)
+    block = pool.allocate()
+    pool.free(block)
+    recorder.step([], [], 8)
+    pool.reuse(block)
+    other = pool.allocate()
+    recorder.step([block, other], [4, 1], 0)
 
 
 def test_recomputed_samples_share_their_full_common_blocks_again():

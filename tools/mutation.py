@@ -29,20 +29,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MUTMUT_VERSION = "3.8.1"
 
+# The one test of the warm-up forward that sizes the CUDA KV budget (the rest of its file is capacity arithmetic).
+WARMUP_TEST = "tests/test_capacity.py::test_budget_warm_up_runs_the_backend_and_block_size_that_will_run"
 # The tests that judge each module: those written for it, and the engine runs that exercise it
 # against the float64 reference. The slow hypothesis sweeps of test_engine.py are left out (the same
 # paths are in test_engine_reference.py and the per-module tests), as is anything about the CLI,
 # checkpoints or benchmarks beyond what the module is used for there.
 TESTS = {
-    "model/kv_cache": ["tests/test_model_runner.py", "tests/test_swap.py", "tests/test_sharing.py",
-                       "tests/test_scheduler_state_machine.py", "tests/test_engine_reference.py"],
+    "model/kv_cache": ["tests/test_model_runner.py", "tests/test_attention.py", "tests/test_swap.py",
+                       "tests/test_sharing.py", "tests/test_scheduler_state_machine.py",
+                       "tests/test_engine_reference.py", WARMUP_TEST],
     "engine/block_allocator": ["tests/test_block_allocator.py", "tests/test_swap.py", "tests/test_sharing.py",
                                "tests/test_prefix_cache.py", "tests/test_scheduler_state_machine.py"],
     "model/model": ["tests/test_reference.py", "tests/test_engine_reference.py", "tests/test_checkpoint.py"],
     "model/model_runner": ["tests/test_model_runner.py", "tests/test_attention.py", "tests/test_attention_rows.py",
                            "tests/test_engine_reference.py", "tests/test_prefix_cache.py", "tests/test_swap.py",
-                           "tests/test_cuda_graphs.py",
-                           "tests/test_capacity.py::test_budget_warm_up_runs_the_backend_and_block_size_that_will_run"],
+                           "tests/test_cuda_graphs.py", WARMUP_TEST],
     "engine/scheduler": ["tests/test_scheduler_policy.py", "tests/test_scheduler_state_machine.py", "tests/test_swap.py",
                          "tests/test_sharing.py", "tests/test_prefix_cache.py", "tests/test_beam_search.py",
                          "tests/test_engine_reference.py"],
@@ -55,7 +57,9 @@ TESTS = {
 }
 KILLED = {1, 3}  # pytest failed (3: an internal error, as a mutant may cause)
 SURVIVED = {0}
-NO_TESTS = {5, 33}  # no selected test runs the function
+NO_# The one test of the warm-up forward that sizes the CUDA KV budget (the rest of its file is capacity arithmetic).
+WARMUP_TEST = "tests/test_capacity.py::test_budget_warm_up_runs_the_backend_and_block_size_that_will_run"
+TESTS = {5, 33}  # no selected test runs the function
 TIMEOUT = {-24, 24, 152, 255, 36}
 
 
