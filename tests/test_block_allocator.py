@@ -78,9 +78,9 @@ def test_a_contiguous_pool_hands_out_and_takes_back_whole_runs_only():
     whole; single blocks are refused. The waste trace sees each run as one unit of its slots."""
     recorder = WasteRecorder(6 * 4, 1, 6)
     pool = BlockAllocator(6, contiguous=True, block_slots=4, recorder=recorder)
-    assert pool.allocate_run(4) == 0 and pool.allocate_run(3) is None
-    assert pool.ref_counts == [1, 1, 1, 1, 0, 0] and pool.num_refs == 4 and pool.num_free == 2
-    recorder.step([0], [5], 8)  # one unit of 16 slots live, 8 free: the budget
+    assert pool.allocate_run(4) == 0 and pool.allocate_run(3) is None and pool.allocate_run(2) == 4
+    assert pool.ref_counts == [1] * 6 and pool.num_refs == 6 and pool.num_free == 0
+    recorder.step([0, 4], [5, 1], 0)  # units of 16 and 8 slots live: the budget
     with pytest.raises(AssertionError, match=r"^a contiguous pool hands out runs \(allocate_run\)$"):
         pool.allocate()
     with pytest.raises(AssertionError, match=r"^a contiguous pool takes runs back whole \(free_run\)$"):
@@ -88,6 +88,7 @@ def test_a_contiguous_pool_hands_out_and_takes_back_whole_runs_only():
     pool.free_run(0, 4)
     with pytest.raises(AssertionError, match="^the run at block 0 is not held once$"):
         pool.free_run(0, 4)
+    pool.free_run(4, 2)
     assert pool.ref_counts == [0] * 6 and pool.num_refs == 0 and pool.num_free == 6
     recorder.step([], [], 24)
     assert pool.allocate_run(6) == 0
