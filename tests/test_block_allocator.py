@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pagedllama.engine.block_allocator import BlockAllocator
 from pagedllama.engine.block_manager import BlockManager
 from pagedllama.engine.config import CacheLayout
-from pagedllama.engine.sequence import Sequence
+from pagedllama.engine.sequence import Sequence, SequenceGroup
 from pagedllama.engine.waste import WasteRecorder
 
 
@@ -170,3 +170,29 @@ def test_grow_all_matches_growing_one_by_one(block_size, num_blocks, prompts, fo
         fast.commit(batch, is_prefill=False)
         slow.commit([slow_seqs[i] for i in chosen], is_prefill=False)
         assert _state(fast, fast_seqs) == _state(slow, slow_seqs)
+
+
+def test_recomputed_samples_share_no_block_that_differs_or_is_not_full():
+    """Samples of a 2-token prompt, blocks of 4: one whose first block's generated tokens differ,
+    and one shorter than a full block and its last token, share nothing with their sibling."""
+    cache = BlockManager(CacheLayout(4, 8), 64, 4)
+    for first, second in (([0, 1, 2, 3, 4, 5, 6], [0, 1, 7, 3, 4, 5, 6]), ([0, 1, 2, 3], [0, 1, 2, 3])):
+        seqs = [Sequence(i, "r", tokens, 2, 8) for i, tokens in enumerate((first, second))]
+        cache.allocate(seqs[0])
+        cache.allocate(seqs[1], (seqs[0],))
+        assert not set(seqs[0].block_table) & set(seqs[1].block_table) and seqs[1].num_cached_tokens == 0
+        for seq in seqs:
+            cache.free(seq)
+
+
+def test_a_reservation_is_allocated_only_after_can_allocate():
+    """The contiguous pool's guard: a request admitted without room is a bug in the caller, said so."""
+    cache = BlockManager(CacheLayout(4, 4, contiguous=True), 64, 4)
+    seqs = [Sequence(i, str(i), [0] * 4, 4, 4) for i in range(2)]
+    for seq in seqs:
+        seq.group = SequenceGroup(seq.request_id, [seq], reserve_slots=12)  # 3 of the 4 blocks
+    assert cache.can_allocate(seqs[0])
+    cache.allocate(seqs[0])
+    assert not cache.can_allocate(seqs[1])
+    with pytest.raises(AssertionError, match="^allocate a reservation only after can_allocate$"):
+        cache.allocate(seqs[1])
