@@ -1,4 +1,4 @@
-"""Mutation testing of the model, attention, block bookkeeping and scheduler modules (mutmut).
+"""Mutation testing (mutmut) of the model and engine modules that decide what the engine computes.
 
 Each module is mutated one small change at a time (an operator, a number, a condition, a
 string...), and each mutant is run against the tests that judge that module, only those of them
@@ -6,8 +6,8 @@ that execute the mutated function. A mutant the tests let through ("survived") i
 code that no test notices. docs/mutation.md records the scores and explains every survivor.
 
     pip install mutmut==3.8.1                 # not in requirements-dev.txt: CI does not run this
-    python tools/mutation.py                  # all five modules, one worker: about 15 minutes on 2 cores
-    python tools/mutation.py scheduler        # one module
+    python tools/mutation.py                  # all seven modules, one worker: about 35 minutes on 2 cores
+    python tools/mutation.py engine/scheduler # one module
 
 Each module runs in its own copy of the repository under --workdir (default build/mutation), with
 mutmut's configuration written there, so the checkout is left as it was. The hypothesis tests run
