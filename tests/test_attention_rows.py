@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_engine
 from row_metadata import decode_meta
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from pagedllama.engine.sequence import Request
 from pagedllama.model import attention
@@ -49,6 +49,7 @@ def batches(draw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @settings(max_examples=60, deadline=None)
 @given(batch=batches(), seed=st.integers(0, 2 ** 16))
+@example(batch=(2, [0, 1], [10, 9]), seed=0)  # one view over its rows in order, the shorter context masked
 def test_rows_read_in_place_equal_the_gather_and_the_reference(dtype, batch, seed):
     num_rows, rows, lens = batch
     row_slots = 48
@@ -92,6 +93,14 @@ def test_a_group_read_in_place_is_its_rows_range_padded_within_the_fill(batch):
             assert all(n == grp.max_len for i, n in enumerate(seen) if i not in seated)
     if len(set(lens)) == 1 and sorted(rows) == list(range(min(rows), min(rows) + len(rows))):
         assert len(groups) == 1 and groups[0].view is not None  # a dense batch of equal contexts: one view
+
+
+def test_a_group_takes_in_a_context_that_fills_it_exactly_to_the_bound():
+    """Contexts 10 and 8 fill 18 of 2 x 10 padded slots, exactly DECODE_MIN_FILL: one group; 10 and 7
+    fall short: two."""
+    assert DECODE_MIN_FILL == 0.9
+    tables = torch.arange(2, dtype=torch.int32)[:, None]
+    assert len(plan_decode_groups([10, 8], tables)) == 1 and len(plan_decode_groups([10, 7], tables)) == 2
 
 
 def test_plan_without_rows_gathers_every_group():

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from pagedllama.engine.block_allocator import BlockAllocator
 from pagedllama.engine.block_manager import BlockManager
 from pagedllama.engine.config import CacheLayout
-from pagedllama.engine.sequence import Sequence
+from pagedllama.engine.sequence import Sequence, SequenceGroup
+from pagedllama.engine.waste import WasteRecorder
 
 
 def check_invariants(cache: BlockManager, live: list[Sequence]) -> None:
@@ -70,6 +71,39 @@ def test_allocator_refuses_what_would_corrupt_its_counts():
     with pytest.raises(AssertionError, match=f"reusing block {held[0]}, which is in use"):
         pool.reuse(held[0])
     assert pool.ref_counts == [1, 1] and pool.num_refs == 2 and pool.num_free == 0
+
+
+def test_a_contiguous_pool_hands_out_and_takes_back_whole_runs_only():
+    """The naive twin's pool: runs of consecutive blocks, first fit, each held once and given back
+    whole; single blocks are refused. The waste trace sees each run as one unit of its slots."""
+    recorder = WasteRecorder(6 * 4, 1, 6)
+    pool = BlockAllocator(6, contiguous=True, block_slots=4, recorder=recorder)
+    assert pool.allocate_run(4) == 0 and pool.allocate_run(3) is None and pool.allocate_run(2) == 4
+    assert pool.ref_counts == [1] * 6 and pool.num_refs == 6 and pool.num_free == 0
+    recorder.step([0, 4], [5, 1], 0)  # units of 16 and 8 slots live: the budget
+    with pytest.raises(AssertionError, match=r"^a contiguous pool hands out runs \(allocate_run\)$"):
+        pool.allocate()
+    with pytest.raises(AssertionError, match=r"^a contiguous pool takes runs back whole \(free_run\)$"):
+        pool.free(0)
+    pool.free_run(0, 4)
+    with pytest.raises(AssertionError, match="^the run at block 0 is not held once$"):
+        pool.free_run(0, 4)
+    pool.free_run(4, 2)
+    assert pool.ref_counts == [0] * 6 and pool.num_refs == 0 and pool.num_free == 6
+    recorder.step([], [], 24)
+    assert pool.allocate_run(6) == 0
+
+
+def test_a_reused_block_is_a_new_unit_of_the_waste_trace():
+    """A freed block taken back for its cached prefix starts a new lifetime of its slots."""
+    recorder = WasteRecorder(2 * 4, 1, 2)
+    pool = BlockAllocator(2, block_slots=4, recorder=recorder)
+    block = pool.allocate()
+    pool.free(block)
+    recorder.step([], [], 8)
+    pool.reuse(block)
+    other = pool.allocate()
+    recorder.step([block, other], [4, 1], 0)
 
 
 def test_recomputed_samples_share_their_full_common_blocks_again():
@@ -136,3 +170,29 @@ def test_grow_all_matches_growing_one_by_one(block_size, num_blocks, prompts, fo
         fast.commit(batch, is_prefill=False)
         slow.commit([slow_seqs[i] for i in chosen], is_prefill=False)
         assert _state(fast, fast_seqs) == _state(slow, slow_seqs)
+
+
+def test_recomputed_samples_share_no_block_that_differs_or_is_not_full():
+    """Samples of a 2-token prompt, blocks of 4: one whose first block's generated tokens differ,
+    and one shorter than a full block and its last token, share nothing with their sibling."""
+    cache = BlockManager(CacheLayout(4, 8), 64, 4)
+    for first, second in (([0, 1, 2, 3, 4, 5, 6], [0, 1, 7, 3, 4, 5, 6]), ([0, 1, 2, 3], [0, 1, 2, 3])):
+        seqs = [Sequence(i, "r", tokens, 2, 8) for i, tokens in enumerate((first, second))]
+        cache.allocate(seqs[0])
+        cache.allocate(seqs[1], (seqs[0],))
+        assert not set(seqs[0].block_table) & set(seqs[1].block_table) and seqs[1].num_cached_tokens == 0
+        for seq in seqs:
+            cache.free(seq)
+
+
+def test_a_reservation_is_allocated_only_after_can_allocate():
+    """The contiguous pool's guard: a request admitted without room is a bug in the caller, said so."""
+    cache = BlockManager(CacheLayout(4, 4, contiguous=True), 64, 4)
+    seqs = [Sequence(i, str(i), [0] * 4, 4, 4) for i in range(2)]
+    for seq in seqs:
+        seq.group = SequenceGroup(seq.request_id, [seq], reserve_slots=12)  # 3 of the 4 blocks
+    assert cache.can_allocate(seqs[0])
+    cache.allocate(seqs[0])
+    assert not cache.can_allocate(seqs[1])
+    with pytest.raises(AssertionError, match="^allocate a reservation only after can_allocate$"):
+        cache.allocate(seqs[1])

@@ -1,12 +1,16 @@
 """The model runner's step preparation and the copies it applies: fixed shapes at fixed addresses."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from conftest import CPU, TINY, make_engine, random_requests
 from pagedllama.engine.block_manager import COPY, SWAP_IN, SWAP_OUT, BlockOps
-from pagedllama.engine.config import CacheLayout
+from pagedllama.engine.config import CacheLayout, EngineConfig
+from pagedllama.engine.sequence import Sequence
 from pagedllama.model.kv_cache import KVCache
+from pagedllama.model.model_runner import ModelRunner
+from pagedllama.model.parallel import TensorParallel
 
 
 def test_decode_steps_use_the_same_full_width_buffers(tiny_model):
@@ -60,3 +64,30 @@ def test_runs_of_one_kind_merge():
     ops.add(SWAP_OUT, [(1, 0)])
     assert ops.runs == [(COPY, [(0, 1), (2, 3)]), (SWAP_OUT, [(1, 0)])] and ops
     assert not BlockOps()
+
+
+def test_a_prefill_longer_than_the_buffers_grows_them_with_headroom():
+    """A first prefill is never split, so it may exceed the prefill budget the buffers were sized for:
+    they grow to its tokens and a quarter more (so that a slightly longer prompt next does not grow
+    them again); a step that fills them exactly keeps them. Either way its inputs are the same."""
+    config = EngineConfig("paged", TINY, 64, torch.float32, CPU, 4, max_prefill_tokens=16)
+    runner = ModelRunner(config, None, CacheLayout(4, 40), 2, None)
+    tables = np.arange(2 * 16, dtype=np.int32).reshape(2, 16)  # row r holds blocks 16r, 16r + 1, ...
+    sized = runner.prefill_buffers
+    for n, row in ((16, 0), (21, 1)):
+        tokens, positions, meta = runner.prepare([Sequence(row, "r", list(range(100, 100 + n)), n, 1, row=row)],
+                                                 True, tables)
+        assert tokens.tolist() == list(range(100, 100 + n)) and positions.tolist() == list(range(n))
+        assert meta.slot_mapping.tolist() == [64 * row + p for p in range(n)]  # block 16r + p // 4, slot p % 4
+        assert meta.block_tables.tolist() == [tables[row].tolist()]
+        if n == 16:
+            assert runner.prefill_buffers is sized
+    grown = runner.prefill_buffers
+    assert grown.max_tokens == 21 + 21 // 4 and grown.max_seqs == sized.max_seqs == 2
+    assert grown.host_block_tables.shape == sized.host_block_tables.shape == (2, 16)
+
+
+def test_a_tensor_parallel_rank_stores_its_share_of_the_kv_heads():
+    config = EngineConfig("paged", TINY, 64, torch.float32, CPU, 4, tensor_parallel=TensorParallel(1, 2))
+    runner = ModelRunner(config, None, CacheLayout(4, 8), 2, None)
+    assert runner.cache.kv.shape == (2, TINY.n_layers, 8, 4, TINY.n_kv_heads // 2, TINY.head_dim)

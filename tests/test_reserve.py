@@ -132,8 +132,10 @@ def test_tokens_are_the_same_under_every_policy(tiny_model):
 def test_a_request_outgrowing_its_reservation_is_an_error():
     """Answer lengths that do not match the run (a wrong --oracle-lengths) stop it with one line, never
     a shorter answer."""
-    with pytest.raises(UserError, match="outgrew the 42 slots its reservation holds"):
+    with pytest.raises(UserError, match="outgrew the 42 slots its reservation holds") as error:
         run(config("oracle"), 300, [Request("r", list(range(40)), 10, output_len=3)])
+    assert str(error.value).endswith("give --oracle-lengths from a run of the same model and flags, "
+                                     "or use --reserve max)")  # and the fix
 
 
 def test_oracle_without_lengths_for_a_model_that_stops_by_itself():

@@ -8,6 +8,7 @@ from pagedllama.engine.block_manager import BlockManager
 from pagedllama.engine.config import MAX_PREFILL_TOKENS, CacheLayout
 from pagedllama.engine.scheduler import Scheduler
 from pagedllama.engine.sequence import Status
+from pagedllama.engine.swap import SwapSpace
 
 
 def bookkeeping_cache(num_blocks: int, block_size: int = 4, max_seq_len: int = 512) -> BlockManager:
@@ -113,3 +114,40 @@ def test_finished_pruned_and_preempted_sequences_say_so():
     scheduler.prune(beam)
     assert (beam.status, beam.finish_reason, beams.finished) == (Status.FINISHED, "pruned", [])
     assert scheduler.done and scheduler.block_manager.allocator.num_free == 16
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_a_request_queued_while_admission_stops_for_memory_is_counted_once(preemption):
+    """Blocks of 4, a pool of 6. r0 (4 blocks) runs alone: r2 and r1 wait for memory. Once they
+    run, r3 waits for the prefill budget (not memory); then r1 is preempted and cannot come back
+    (swapped: it holds up admission itself): r3 is now queued while memory is short. Each of the
+    three counts once, r1 too, though it waited twice."""
+    cache = bookkeeping_cache(6)
+    swap = SwapSpace(cache, 8) if preemption == "swap" else None
+    scheduler = Scheduler(cache, max_prefill_tokens=28, watermark=0, swap=swap)
+    for tokens, new_tokens in ((16, 1), (12, 8), (8, 8)):  # r0, r2, r1
+        new_group(scheduler, tokens, new_tokens)
+    dry_step(scheduler)
+    new_group(scheduler, 12, 1)  # r3
+    while not scheduler.done:
+        dry_step(scheduler)
+    assert scheduler.stats.waited_for_memory == 3 and scheduler.stats.preemptions > 0
+    assert (scheduler.stats.swaps > 0) == (preemption == "swap")
+
+
+def test_a_preempted_request_readmitted_at_once_did_not_wait_for_memory():
+    """Blocks of 4, a pool of 6: r1 is preempted when both requests need a 4th block, and r0 ends
+    at that step, so r1 is admitted again with no step stopped for memory."""
+    scheduler = Scheduler(bookkeeping_cache(6), watermark=0)
+    for new_tokens in (2, 8):
+        new_group(scheduler, 12, new_tokens)
+    while not scheduler.done:
+        dry_step(scheduler)
+    assert scheduler.stats.preemptions == 1 and scheduler.stats.waited_for_memory == 0
+
+
+def test_rows_reserved_at_admission_keep_no_watermark():
+    """The naive twin's rows never grow: a pool of 100 of them keeps none free for growth."""
+    rows = BlockManager(CacheLayout(64, 100, preallocated=True), 64, 100)
+    assert Scheduler(rows, watermark=0.01).watermark_blocks == 0
+    assert Scheduler(bookkeeping_cache(100), watermark=0.01).watermark_blocks == 1

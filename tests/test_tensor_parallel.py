@@ -25,6 +25,8 @@ from checkpoint_writers import meta_params, save_hf, save_meta
 from pagedllama.app import cli
 from pagedllama.app.launch import WATCHDOG_THREAD
 from pagedllama.io.checkpoint import load_weights, random_state_dict, shard_state_dict
+from pagedllama.model.config import ModelArgs
+from pagedllama.model.model import Transformer
 from pagedllama.model.parallel import TensorParallel
 from pagedllama.units import human_bytes
 from test_gguf import write_gguf
@@ -74,6 +76,19 @@ def write_meta_shards(dest: Path, num_shards: int) -> dict[str, torch.Tensor]:
     save_meta(sd, meta_params(BYTE_ARGS, multiple_of=32, ffn_dim_multiplier=None), dest, num_shards)
     (dest / "tokenizer.model").write_bytes(tokenizer_bytes())
     return sd
+
+
+def test_a_rank_embeds_the_ids_of_its_vocabulary_range_and_zeros_for_the_others(monkeypatch):
+    """Each of 3 ranks holds 100 of 300 embedding rows: an id in its range gets its row, any other
+    id zeros (the all-reduce, here left out, sums the ranks' rows into the whole table's)."""
+    monkeypatch.setattr(TensorParallel, "all_reduce", lambda self, x: x)
+    args = ModelArgs(dim=48, n_layers=1, n_heads=3, n_kv_heads=3, vocab_size=300, hidden_dim=96)
+    ids = torch.arange(300)
+    for rank in range(3):
+        model = Transformer(args, 8, TensorParallel(rank, 3))
+        want = torch.zeros(300, 48)
+        want[rank * 100:(rank + 1) * 100] = model.tok_embeddings.weight
+        assert torch.equal(model._embed_vocab_slice(ids), want)
 
 
 def test_a_rank_reads_only_its_own_meta_shard(tmp_path):

@@ -1,4 +1,4 @@
-"""Mutation testing of the model, attention, block bookkeeping and scheduler modules (mutmut).
+"""Mutation testing (mutmut) of the model and engine modules that decide what the engine computes.
 
 Each module is mutated one small change at a time (an operator, a number, a condition, a
 string...), and each mutant is run against the tests that judge that module, only those of them
@@ -6,8 +6,8 @@ that execute the mutated function. A mutant the tests let through ("survived") i
 code that no test notices. docs/mutation.md records the scores and explains every survivor.
 
     pip install mutmut==3.8.1                 # not in requirements-dev.txt: CI does not run this
-    python tools/mutation.py                  # all five modules, one worker: about 15 minutes on 2 cores
-    python tools/mutation.py scheduler        # one module
+    python tools/mutation.py                  # all seven modules, one worker: about 35 minutes on 2 cores
+    python tools/mutation.py engine/scheduler # one module
 
 Each module runs in its own copy of the repository under --workdir (default build/mutation), with
 mutmut's configuration written there, so the checkout is left as it was. The hypothesis tests run
@@ -29,22 +29,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MUTMUT_VERSION = "3.8.1"
 
+# The one test of the warm-up forward that sizes the CUDA KV budget (the rest of its file is capacity arithmetic).
+WARMUP_TEST = "tests/test_capacity.py::test_budget_warm_up_runs_the_backend_and_block_size_that_will_run"
+# The naive twin's reservation policies run by the engine (contiguous pools, the waste trace); not their CLI.
+RESERVE_TESTS = [f"tests/test_reserve.py::{name}" for name in (
+    "test_a_hole_that_fits_no_request_is_external_fragmentation",
+    "test_reservation_and_internal_fragmentation_per_policy", "test_paged_twin_reserves_only_inside_its_last_block",
+    "test_parts_sum_to_the_budget_and_agree_with_the_memory_tracker",
+    "test_paged_units_count_a_shared_block_once", "test_a_dry_run_equals_the_real_run_step_for_step",
+    "test_tokens_are_the_same_under_every_policy", "test_a_request_outgrowing_its_reservation_is_an_error")]
 # The tests that judge each module: those written for it, and the engine runs that exercise it
 # against the float64 reference. The slow hypothesis sweeps of test_engine.py are left out (the same
 # paths are in test_engine_reference.py and the per-module tests), as is anything about the CLI,
 # checkpoints or benchmarks beyond what the module is used for there.
 TESTS = {
-    "model/model": ["tests/test_reference.py", "tests/test_engine_reference.py", "tests/test_checkpoint.py"],
-    "model/attention": ["tests/test_attention.py", "tests/test_engine_reference.py", "tests/test_triton_attention.py"],
+    "model/kv_cache": ["tests/test_model_runner.py", "tests/test_attention.py", "tests/test_swap.py",
+                       "tests/test_sharing.py", "tests/test_scheduler_state_machine.py",
+                       "tests/test_engine_reference.py", WARMUP_TEST],
     "engine/block_allocator": ["tests/test_block_allocator.py", "tests/test_swap.py", "tests/test_sharing.py",
-                        "tests/test_prefix_cache.py", "tests/test_scheduler_state_machine.py"],
-    "engine/block_manager": ["tests/test_block_allocator.py", "tests/test_attention.py", "tests/test_engine_reference.py",
-                 "tests/test_sharing.py", "tests/test_prefix_cache.py", "tests/test_swap.py",
-                 "tests/test_beam_search.py", "tests/test_scheduler_policy.py",
-                 "tests/test_scheduler_state_machine.py"],
-    "engine/scheduler": ["tests/test_scheduler_policy.py", "tests/test_scheduler_state_machine.py", "tests/test_swap.py",
-                  "tests/test_sharing.py", "tests/test_prefix_cache.py", "tests/test_beam_search.py",
-                  "tests/test_engine_reference.py"],
+                               "tests/test_prefix_cache.py", "tests/test_scheduler_state_machine.py"],
+    "model/model": ["tests/test_reference.py", "tests/test_engine_reference.py", "tests/test_checkpoint.py",
+                    "tests/test_gguf.py::test_rope_freqs_tensor_is_llama31_scaling",
+                    "tests/test_tensor_parallel.py::"
+                    "test_a_rank_embeds_the_ids_of_its_vocabulary_range_and_zeros_for_the_others"],
+    "model/model_runner": ["tests/test_model_runner.py", "tests/test_attention.py", "tests/test_attention_rows.py",
+                           "tests/test_engine_reference.py", "tests/test_prefix_cache.py", "tests/test_swap.py",
+                           "tests/test_cuda_graphs.py", WARMUP_TEST],
+    "engine/scheduler": ["tests/test_scheduler_policy.py", "tests/test_scheduler_state_machine.py",
+                         "tests/test_swap.py", "tests/test_sharing.py", "tests/test_prefix_cache.py",
+                         "tests/test_beam_search.py", "tests/test_engine_reference.py"],
+    "engine/block_manager": ["tests/test_block_allocator.py", "tests/test_attention.py",
+                             "tests/test_engine_reference.py", "tests/test_sharing.py", "tests/test_prefix_cache.py",
+                             "tests/test_swap.py", "tests/test_beam_search.py", "tests/test_scheduler_policy.py",
+                             "tests/test_scheduler_state_machine.py", "tests/test_waste.py", *RESERVE_TESTS],
+    "model/attention": ["tests/test_attention.py", "tests/test_attention_rows.py", "tests/test_engine_reference.py",
+                        "tests/test_triton_attention.py"],
 }
 KILLED = {1, 3}  # pytest failed (3: an internal error, as a mutant may cause)
 SURVIVED = {0}
