@@ -114,8 +114,9 @@ def runner_for(args, dtype, batch: int, context: int, backend, model=None,
     return runner, manager
 
 
-def attention_case(args, dtype, batch: int, context: int, rounds: int, block: int = BLOCK) -> dict:
-    """Per-layer decode attention time, each backend on its own copy of one cache state."""
+def attention_case(args, dtype, batch: int, context: int, rounds: int, bandwidth: float, block: int = BLOCK) -> dict:
+    """Per-layer decode attention time, each backend on its own copy of one cache state, and the
+    bytes floor (K/V bytes / read bandwidth)."""
     runs = {}
     for name, cls in BACKENDS.items():  # every layer its own K/V, as in a step: no layer reads another's from cache
         runner, manager = runner_for(args, dtype, batch, context, cls(), block=block)
@@ -136,8 +137,11 @@ def attention_case(args, dtype, batch: int, context: int, rounds: int, block: in
             if r:
                 times[name].append((time.perf_counter() - t0) / args.n_layers * 1e3)
     kv_bytes = batch * (context + 1) * 2 * hkv * d * dtype.itemsize
-    return {"batch": batch, "context": context, "block_size": block, "kv_bytes_per_layer": kv_bytes,
-            "ms": {name: median_range(t) for name, t in times.items()}}
+    case = {"batch": batch, "context": context, "block_size": block, "kv_bytes_per_layer": kv_bytes,
+            "floor_ms": kv_bytes / bandwidth * 1e3, "ms": {name: median_range(t) for name, t in times.items()}}
+    log(f"  attention B={batch:3d} ctx={context:4d} block {block}: " + ", ".join(
+        f"{n} {case['ms'][n]['median']:.3f} ms" for n in BACKENDS) + f" (floor {case['floor_ms']:.3f})")
+    return case
 
 
 def chunk_case(args, dtype, cached: int, chunk: int, rounds: int) -> dict:
@@ -253,18 +257,10 @@ def run(quick: bool, dtypes: list[str], parts: tuple[str, ...] = PARTS) -> dict:
             for batch in batches:
                 if batch * context > MAX_CACHED_TOKENS:
                     continue
-                case = attention_case(args, dtype, batch, context, rounds)
-                case["floor_ms"] = case["kv_bytes_per_layer"] / bandwidth * 1e3
-                out["attention"].append(case)
-                log(f"  attention B={batch:3d} ctx={context:4d}: " + ", ".join(
-                    f"{n} {case['ms'][n]['median']:.3f} ms" for n in BACKENDS) + f" (floor {case['floor_ms']:.3f})")
+                out["attention"].append(attention_case(args, dtype, batch, context, rounds, bandwidth))
         for batch, context in BLOCK_CASES if "blocks" in parts else []:
-            for block in BLOCK_SIZES:
-                case = attention_case(args, dtype, batch, context, rounds, block)
-                case["floor_ms"] = case["kv_bytes_per_layer"] / bandwidth * 1e3
-                out["blocks"].append(case)
-                log(f"  attention B={batch:3d} ctx={context:4d} block {block}: " + ", ".join(
-                    f"{n} {case['ms'][n]['median']:.3f} ms" for n in BACKENDS))
+            out["blocks"] += [attention_case(args, dtype, batch, context, rounds, bandwidth, block)
+                              for block in BLOCK_SIZES]
         for cached in [1024, 4096] if "chunk" in parts else []:
             for chunk in (64, 512):
                 out["chunk"].append(chunk_case(args, dtype, cached, chunk, rounds))

@@ -424,7 +424,8 @@ def correct_part(plan: dict, device: torch.device, dtype: torch.dtype, attention
     del sd
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    rows += correctness(f"large {str(dtype).removeprefix('torch.')}", model, reference, args, reqs, device, dtype, max_seq_len, attentions)
+    rows += correctness(f"large {str(dtype).removeprefix('torch.')}", model, reference, args, reqs, device, dtype,
+                        max_seq_len, attentions)
     return rows, model
 
 

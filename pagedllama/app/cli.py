@@ -126,8 +126,9 @@ def build_parser(twin: str) -> argparse.ArgumentParser:
     g.add_argument("--find-max-batch", action="store_true",
                    help="print the largest batch that fits in the KV budget: no request waits for blocks "
                         "and none is preempted (dry runs)")
-    g.add_argument("--simulate", metavar="CONFIG", help=f"plan for a model that is not here: {', '.join(NAMED_SHAPES)}, "
-                                                        "a params.json / config.json, or a GGUF (its metadata only)")
+    g.add_argument("--simulate", metavar="CONFIG",
+                   help=f"plan for a model that is not here: {', '.join(NAMED_SHAPES)}, a params.json / "
+                        "config.json, or a GGUF (its metadata only)")
     g.add_argument("--gpu-memory-gb", type=float, help="with --simulate: the GPU's memory in GB")
     g = p.add_argument_group("tensor parallelism (docs/tensor-parallel.md)")
     g.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",

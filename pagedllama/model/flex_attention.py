@@ -136,7 +136,7 @@ class FlexAttention(TorchAttention):
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if self._decode_mask is None or self._decode_mask[0] is not meta:  # built by the first layer
             group = q.shape[1] // k_cache.shape[2]
-            self._decode_mask = meta, self._decode_block_mask(meta, *k_cache.shape[:2], group, q.device)
+            self._decode_mask = meta, self._decode_block_mask(meta, k_cache, group)
         # The query heads of each KV head as the rows of one query: the kernel reads each KV head
         # once for all of them (0.75x the time of one row per head, enable_gqa, at batch 64).
         rows = q.view(q.shape[0], k_cache.shape[2], -1, q.shape[-1])
@@ -145,12 +145,12 @@ class FlexAttention(TorchAttention):
                     kernel_options=kernel_options(q.device, *mask.BLOCK_SIZE))
         return out.view(q.shape)
 
-    def _decode_block_mask(self, meta: StepMetadata, num_blocks: int, block_size: int, group: int,
-                           device: torch.device) -> BlockMask:
+    def _decode_block_mask(self, meta: StepMetadata, cache: torch.Tensor, group: int) -> BlockMask:
         """One tile of `group` query rows per sequence and KV head; sequence b reads its whole blocks
         unmasked and its last, partly written block through `mask_mod`, which keeps the slots below
         that block's fill."""
-        tile, num_tiles, tables = _tiled(meta.block_tables, num_blocks, block_size)
+        tile, num_tiles, tables = _tiled(meta.block_tables, cache)
+        device = cache.device
         b = len(tables)
         lens = meta.context_lens.long()
         num_full = lens // tile
@@ -185,7 +185,7 @@ class FlexAttention(TorchAttention):
         backend's way: torch.compile would specialize a kernel for a length of 1."""
         if not self.chunks_in_place or meta.query_lens[i] == 1:
             return super()._prefill_after_cache(qi, k_cache, v_cache, meta, i, scale)
-        tile, num_tiles, tables = _tiled(meta.block_tables[i:i + 1], *k_cache.shape[:2])
+        tile, num_tiles, tables = _tiled(meta.block_tables[i:i + 1], k_cache)
         table = tables[0]
         cached, q_len = meta.cached_lens[i], meta.query_lens[i]
         used = -(-(cached + q_len) // tile)
@@ -228,17 +228,19 @@ def kernel_options(device: torch.device, query_tile: int, kv_tile: int) -> dict 
     return {"BLOCK_M": min(query_tile, CUDA_MAX_KERNEL_ROWS), "BLOCK_N": kv_tile, "FORCE_USE_FLEX_ATTENTION": True}
 
 
-def _tiled(block_tables: torch.Tensor, num_blocks: int, block_size: int) -> tuple[int, int, torch.Tensor]:
-    """The kernel's tile, the number of tiles in the cache, and `block_tables` in tiles."""
+def _tiled(block_tables: torch.Tensor, cache: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """The kernel's tile, the number of tiles in a layer's (num_blocks, block_size, Hkv, D) cache, and
+    `block_tables` in tiles; checked once per step, a cache the kernel cannot address is refused."""
+    if problem := pool_problem(tuple(cache.shape), cache.device):
+        raise UsageError(problem)
+    num_blocks, block_size = cache.shape[:2]
     tile = kernel_block_size(block_size)
     return tile, num_blocks * (block_size // tile), expand_block_tables(block_tables, block_size // tile)
 
 
 def _as_one_sequence(cache: torch.Tensor) -> torch.Tensor:
     """(num_blocks, block_size, Hkv, D) as one sequence of every slot, (1, Hkv, slots, D): a view,
-    its sizes static (see the module's docstring); a pool the kernel cannot address is refused."""
-    if problem := pool_problem(tuple(cache.shape), cache.device):
-        raise UsageError(problem)
+    its sizes static (see the module's docstring)."""
     return _static(cache.view(1, -1, *cache.shape[2:]).transpose(1, 2))
 
 
